@@ -1,0 +1,225 @@
+"""Config dataclasses and the preset registry.
+
+One dataclass per thing: `VQVAEConfig` (the tokenizer), `VARConfig` (the transformer),
+`SSGConfig` (guidance), `SamplerConfig` (sampling). Presets are looked up by exact name.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence, Tuple
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+TRT_TOPK_LIMIT = 3840   # TensorRT's documented max K for TopK (10.x and 11.x)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (bad preset, bad schedule, ...)."""
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    vocab_size: int = 4096          # V
+    z_channels: int = 32            # Cvae
+    ch: int = 160
+    ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    share_quant_resi: int = 4
+    quant_resi: float = 0.5
+    patch_nums: Tuple[int, ...] = PATCH_NUMS_256
+
+    def __post_init__(self):
+        if self.ch % 32:
+            raise ConfigError(f"VQVAE ch must be a multiple of 32 (GroupNorm groups), got {self.ch}")
+        if self.share_quant_resi < 2:
+            raise ConfigError("only partially shared phi (share_quant_resi >= 2) is supported, as in the official VQVAE")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.patch_nums[-1] * self.downsample
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    depth: int
+    vae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    attn_l2_norm: bool = True
+    shared_aln: bool = False
+    name: str = ""
+    # derived
+    width: int = field(init=False)
+    num_heads: int = field(init=False)
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.depth < 1:
+            raise ConfigError(f"depth must be >= 1, got {self.depth}")
+        if self.shared_aln:
+            raise ConfigError("shared AdaLN (var-d36) is not supported yet")
+        object.__setattr__(self, "width", 64 * self.depth)
+        object.__setattr__(self, "num_heads", self.depth)
+        object.__setattr__(self, "head_dim", 64)
+
+    @property
+    def patch_nums(self) -> Tuple[int, ...]:
+        return self.vae.patch_nums
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def L(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+    @property
+    def begin_ends(self) -> Tuple[Tuple[int, int], ...]:
+        out, cur = [], 0
+        for p in self.patch_nums:
+            out.append((cur, cur + p * p))
+            cur += p * p
+        return tuple(out)
+
+    @property
+    def V(self) -> int:
+        return self.vae.vocab_size
+
+    @property
+    def Cvae(self) -> int:
+        return self.vae.z_channels
+
+
+# Small VQVAE used by tests: official architecture, fewer channels and codes.
+TINY_VAE = VQVAEConfig(vocab_size=64, z_channels=8, ch=32)
+OFFICIAL_CKPTS = {16: "var_d16.pth", 20: "var_d20.pth", 24: "var_d24.pth", 30: "var_d30.pth"}
+OFFICIAL_VAE_CKPT = "vae_ch160v4096z32.pth"
+
+_PRESET_RE = re.compile(r"^var-d([1-9][0-9]?)(-tiny)?$")
+_EXAMPLES = "var-d16, var-d20, var-d24, var-d30 (official), var-dN for any depth N (e.g. var-d2), var-dN-tiny (small VQVAE, tests)"
+
+
+def get_preset(name: str) -> VARConfig:
+    """`var-dN` follows the official builder for any depth N; `var-dN-tiny` adds a small VQVAE."""
+    m = _PRESET_RE.match(name or "")
+    if not m:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {_EXAMPLES}")
+    depth = int(m.group(1))
+    vae = TINY_VAE if m.group(2) else VQVAEConfig()
+    return VARConfig(depth=depth, vae=vae, name=name)
+
+
+def list_presets() -> str:
+    return _EXAMPLES
+
+
+@dataclass(frozen=True)
+class SSGConfig:
+    """Scaled Spatial Guidance. `betas[k-1]` is the strength at scale k (k = 1..K-1)."""
+    betas: Tuple[float, ...]
+    transform: str = "dct"          # "dct" | "dft"
+    spec: str = ""                  # the string the schedule was parsed from
+
+    def __post_init__(self):
+        if self.transform not in ("dct", "dft"):
+            raise ConfigError(f"--dse must be 'dct' or 'dft', got {self.transform!r}")
+        if any(not math.isfinite(b) for b in self.betas):
+            raise ConfigError("SSG beta values must be finite")
+
+    @property
+    def enabled(self) -> bool:
+        return any(b != 0.0 for b in self.betas)
+
+    def beta(self, k: int) -> float:
+        return 0.0 if k == 0 else self.betas[k - 1]
+
+
+# Ours: the paper publishes no schedule. A mild linear ramp that grows with resolution.
+DEFAULT_SSG_BETA = "linear:0.1,0.3"
+_BETA_FORMS = ("accepted --ssg-beta forms: '0' (off), a float like '0.2', "
+               "'linear:START,END' like 'linear:0.1,0.3', or K-1 comma-separated floats like "
+               "'0.1,0.1,0.2,0.2,0.2,0.3,0.3,0.3,0.3'")
+
+
+def parse_ssg_beta(spec: str, num_scales: int = 10) -> Tuple[float, ...]:
+    """Parse a beta schedule string into K-1 per-scale values."""
+    n = num_scales - 1
+    s = str(spec).strip()
+
+    def num(t: str) -> float:
+        try:
+            v = float(t)
+        except ValueError:
+            raise ConfigError(f"malformed --ssg-beta {spec!r}: {t!r} is not a number; {_BETA_FORMS}") from None
+        if not math.isfinite(v):
+            raise ConfigError(f"malformed --ssg-beta {spec!r}: values must be finite; {_BETA_FORMS}")
+        return v
+
+    if not s:
+        raise ConfigError(f"empty --ssg-beta; {_BETA_FORMS}")
+    if s.startswith("linear:"):
+        parts = s[len("linear:"):].split(",")
+        if len(parts) != 2:
+            raise ConfigError(f"malformed --ssg-beta {spec!r}: linear needs START,END; {_BETA_FORMS}")
+        a, b = num(parts[0]), num(parts[1])
+        if n == 1:
+            return (a,)
+        return tuple(a + (b - a) * i / (n - 1) for i in range(n))
+    if "," in s:
+        vals = tuple(num(t) for t in s.split(","))
+        if len(vals) != n:
+            raise ConfigError(f"malformed --ssg-beta {spec!r}: a list needs exactly {n} values "
+                              f"(one per scale 1..{n}), got {len(vals)}; {_BETA_FORMS}")
+        return vals
+    return (num(s),) * n
+
+
+def make_ssg(spec: str = DEFAULT_SSG_BETA, transform: str = "dct", num_scales: int = 10) -> SSGConfig:
+    return SSGConfig(betas=parse_ssg_beta(spec, num_scales), transform=transform, spec=str(spec))
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampling as in SPEC section 3. `top_k_max` is what a graph bakes in (TopK's K);
+    `top_k` <= top_k_max is chosen per run. top_k 0 means no top-k (all V)."""
+    top_k: int = 900
+    top_p: float = 0.96
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0 (0 = no top-k), got {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0.0 <= self.top_p <= 1.0):
+            raise ConfigError(f"--top-p must be in [0, 1] (0 = off), got {self.top_p}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"--temperature must be a finite number > 0, got {self.temperature}")
+
+    @property
+    def top_p_threshold(self) -> float:
+        """The value fed to graphs: 0 ("off") becomes a mass no prefix can reach."""
+        return 2.0 if self.top_p <= 0 or self.top_p >= 1 else self.top_p
+
+
+def topk_bake(top_k: int, vocab: int) -> int:
+    """K baked into a sampler graph. 0 means the sort-free bisection sampler (no top-k)."""
+    if top_k <= 0 or top_k >= vocab:
+        return 0 if vocab > TRT_TOPK_LIMIT else vocab
+    return top_k
+
+
+def cfg_scale(cfg: float, k: int, num_scales: int) -> float:
+    """VAR's CFG ramp: t_k = cfg * k / (K-1)."""
+    return cfg * k / (num_scales - 1)
+
+
+def check_cfg(cfg: float) -> float:
+    if not math.isfinite(cfg):
+        raise ConfigError(f"--cfg must be a finite number, got {cfg}")
+    return cfg

@@ -1,0 +1,61 @@
+"""Sampling from supplied uniform noise (SPEC section 3), identical on every backend.
+
+temperature -> top-k -> top-p (inside the top-k set) -> inverse-CDF with one u in [0, 1) per
+token. Two exportable forms, chosen by the K baked into the graph:
+
+* sorted (`k_max` > 0): TopK(k_max) sorted descending; the run's `top_k` <= k_max masks ranks.
+* bisection (`k_max` == 0, "no top-k" with V above TensorRT's TopK limit): no sort; the top-p
+  threshold is found by a fixed number of bisection steps on the probability mass, then the
+  inverse CDF runs over the vocabulary in id order.
+"""
+from __future__ import annotations
+
+import torch
+
+BISECT_STEPS = 24
+
+
+def _inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """p: ... N (unnormalised, >= 0), u: ... in [0, 1) -> index of the bin u*sum(p) falls in."""
+    cdf = p.cumsum(dim=-1)
+    target = u.unsqueeze(-1) * cdf[..., -1:]
+    j = (cdf <= target).to(torch.int64).sum(dim=-1, keepdim=True)
+    # u*total can round up to total: stay on the last bin with mass
+    last = ((p > 0).to(torch.int64) * torch.arange(p.shape[-1], device=p.device)).amax(dim=-1, keepdim=True)
+    return torch.minimum(j, last)
+
+
+def sample_sorted(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
+                  top_k: torch.Tensor, top_p: torch.Tensor, k_max: int) -> torch.Tensor:
+    """logits: B n V (fp32); u: B n; temperature/top_p: (1,) float; top_k: (1,) int64 <= k_max."""
+    vals, idx = torch.topk(logits / temperature, k_max, dim=-1, largest=True, sorted=True)   # B n K
+    rank = torch.arange(k_max, device=logits.device)
+    vals = torch.where(rank < top_k, vals, torch.full_like(vals, -torch.inf))
+    p = vals.softmax(dim=-1)
+    keep = (p.cumsum(dim=-1) - p) < top_p                     # exclusive mass before this token
+    p = torch.where(keep, p, torch.zeros_like(p))
+    j = _inverse_cdf(p, u)                                    # B n 1
+    return idx.gather(-1, j).squeeze(-1)
+
+
+def sample_bisect(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
+                  top_p: torch.Tensor, steps: int = BISECT_STEPS) -> torch.Tensor:
+    """No top-k. Keeps {p >= t} with t the largest threshold (to 2^-steps of max p) whose mass
+    reaches top_p, i.e. the nucleus, without sorting V."""
+    p = (logits / temperature).softmax(dim=-1)                # B n V
+    lo = torch.zeros_like(p[..., :1])
+    hi = p.amax(dim=-1, keepdim=True)
+    for _ in range(steps):                                    # unrolled: no Loop op
+        mid = (lo + hi) * 0.5
+        mass = torch.where(p >= mid, p, torch.zeros_like(p)).sum(dim=-1, keepdim=True)
+        ok = mass >= top_p
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    p = torch.where(p >= lo, p, torch.zeros_like(p))
+    return _inverse_cdf(p, u).squeeze(-1)
+
+
+def sample(logits, u, temperature, top_k, top_p, k_max: int) -> torch.Tensor:
+    if k_max > 0:
+        return sample_sorted(logits, u, temperature, top_k, top_p, k_max)
+    return sample_bisect(logits, u, temperature, top_p)

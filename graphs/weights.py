@@ -1,0 +1,253 @@
+"""Building VAR + VQVAE with weights: official checkpoints (strict), safetensors, the Hugging
+Face cache, or seeded random weights.
+
+Models are built on the meta device and materialised by `load_state_dict(assign=True)` from a
+memory-mapped `torch.load(weights_only=True)`, so a 4 GB checkpoint costs no extra copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, ConfigError, VARConfig
+from .var import VAR
+from .vqvae import VQVAE
+
+log = logging.getLogger(__name__)
+HF_REPO = "FoundationVision/var"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used (unreadable, wrong keys or shapes, wrong preset)."""
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where the weights came from; recorded in every artifact and output."""
+    kind: str                        # "checkpoint" | "random"
+    seed: Optional[int] = None
+    ckpt: Optional[str] = None
+    vae_ckpt: Optional[str] = None
+    ckpt_sha256: Optional[str] = None
+    vae_sha256: Optional[str] = None
+
+    @property
+    def random(self) -> bool:
+        return self.kind == "random"
+
+    def describe(self) -> str:
+        if self.random:
+            return f"RANDOM WEIGHTS (seed {self.seed}) - not a trained model"
+        return f"checkpoint {self.ckpt} + {self.vae_ckpt}"
+
+    def to_json(self) -> Dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- reading files
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file (check the path, or use --random-init SEED)")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(p))
+        else:
+            try:
+                sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:       # old (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is the same user-facing problem
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              f"the file is truncated, corrupt or not a PyTorch/safetensors state dict") from None
+    if isinstance(sd, dict):
+        for wrap in ("state_dict", "model"):
+            if wrap in sd and isinstance(sd[wrap], dict):
+                sd = sd[wrap]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {path}: not a state dict of tensors")
+    return sd
+
+
+def _guess_var_depth(sd: Dict[str, torch.Tensor]) -> Optional[int]:
+    blocks = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+    return max(blocks) + 1 if blocks else None
+
+
+def check_state_dict(module: torch.nn.Module, sd: Dict[str, torch.Tensor], path: str, what: str,
+                     preset: str = "") -> None:
+    """Strict key/shape check with a message that names the file, the first bad key and, for VAR,
+    the preset the file looks like."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    hint = ""
+    if what == "VAR":
+        depth = _guess_var_depth(sd)
+        if depth is not None and depth != getattr(module.cfg, "depth", depth):
+            hint = f"; the file looks like var-d{depth} but the preset is {preset or 'var-d' + str(module.cfg.depth)} (pass --model var-d{depth})"
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    if missing:
+        raise CheckpointError(f"{what} checkpoint {path}: missing key {missing[0]!r} ({len(missing)} missing){hint}")
+    if unexpected:
+        raise CheckpointError(f"{what} checkpoint {path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected){hint}")
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(f"{what} checkpoint {path}: key {k!r} has shape {tuple(sd[k].shape)}, "
+                                  f"expected {shape}{hint or ' (wrong preset or VQVAE size?)'}")
+        if not sd[k].is_floating_point() and sd[k].dtype != torch.int64:
+            raise CheckpointError(f"{what} checkpoint {path}: key {k!r} has dtype {sd[k].dtype}")
+
+
+# --------------------------------------------------------------------------- building
+def _meta_models(cfg: VARConfig) -> Tuple[VAR, VQVAE]:
+    with torch.device("meta"):
+        return VAR(cfg), VQVAE(cfg.vae)
+
+
+def _load_into(module, sd, path, what, preset):
+    check_state_dict(module, sd, path, what, preset)
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+def official_files(cfg: VARConfig) -> Tuple[str, str]:
+    if cfg.depth not in OFFICIAL_CKPTS or cfg.V != 4096:
+        raise CheckpointError(f"no published checkpoint for {cfg.name}: pass --ckpt and --vae-ckpt, or --random-init SEED")
+    return OFFICIAL_CKPTS[cfg.depth], OFFICIAL_VAE_CKPT
+
+
+def download_official(cfg: VARConfig) -> Tuple[str, str]:
+    """Fetch the official files into the Hugging Face cache (no test needs this)."""
+    var_file, vae_file = official_files(cfg)
+    try:
+        from huggingface_hub import hf_hub_download
+        return (hf_hub_download(repo_id=HF_REPO, filename=var_file),
+                hf_hub_download(repo_id=HF_REPO, filename=vae_file))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"could not fetch {var_file} and {vae_file} from Hugging Face ({HF_REPO}): {type(e).__name__}. "
+            f"Without network, pass local files with --ckpt {var_file} --vae-ckpt {vae_file}, "
+            f"or use --random-init SEED for seeded random weights") from None
+
+
+def load_models(cfg: VARConfig, ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None,
+                random_init: Optional[int] = None, hash_files: bool = True) -> Tuple[VAR, VQVAE, WeightSource]:
+    """Return (var, vae, source) in eval mode, fp32, on the CPU."""
+    if random_init is not None:
+        if ckpt or vae_ckpt:
+            raise ConfigError("use either --ckpt/--vae-ckpt or --random-init, not both")
+        var, vae = random_models(cfg, random_init)
+        return var, vae, WeightSource(kind="random", seed=int(random_init))
+    if bool(ckpt) != bool(vae_ckpt):
+        raise ConfigError("--ckpt and --vae-ckpt go together (VAR weights and VQVAE weights)")
+    if not ckpt:
+        ckpt, vae_ckpt = download_official(cfg)
+    var, vae = _meta_models(cfg)
+    _load_into(var, read_state_dict(ckpt), ckpt, "VAR", cfg.name)
+    _load_into(vae, read_state_dict(vae_ckpt), vae_ckpt, "VQVAE", cfg.name)
+    src = WeightSource(kind="checkpoint", ckpt=str(ckpt), vae_ckpt=str(vae_ckpt),
+                       ckpt_sha256=sha256_file(ckpt) if hash_files else None,
+                       vae_sha256=sha256_file(vae_ckpt) if hash_files else None)
+    return var.eval().requires_grad_(False), vae.eval().requires_grad_(False), src
+
+
+# --------------------------------------------------------------------------- random weights
+def random_state_dicts(cfg: VARConfig, seed: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Seeded random weights with the official key names, in the spirit of VAR's init
+    (truncated normal, std sqrt(1/3C)); the head is scaled so logits have std ~2, which keeps
+    top-k/top-p meaningful on a random model."""
+    var_m, vae_m = _meta_models(cfg)
+    g = torch.Generator().manual_seed(int(seed))
+    C = cfg.width
+    std = math.sqrt(1 / C / 3)
+
+    def fill(name: str, shape) -> torch.Tensor:
+        t = torch.empty(shape)
+        if name.endswith(".bias") or name in ("q_bias", "v_bias") or name.endswith("_bias"):
+            return t.normal_(0, 0.02, generator=g)
+        if name.endswith("scale_mul_1H11"):
+            return t.fill_(math.log(4.0))
+        if "norm" in name and name.endswith("weight"):
+            return t.fill_(1.0)
+        return torch.nn.init.trunc_normal_(t, 0, std, -2 * std, 2 * std, generator=g)
+
+    var_sd = {}
+    for k, v in var_m.state_dict().items():
+        if k in ("lvl_1L", "attn_bias_for_masking") or k.endswith("zero_k_bias"):
+            continue
+        var_sd[k] = fill(k, v.shape)
+    var_sd["head.weight"] = torch.randn(cfg.V, C, generator=g) * (2.0 / math.sqrt(C))
+    var_sd.update(_var_buffers(cfg))
+    vae_sd = {}
+    for k, v in vae_m.state_dict().items():
+        if k == "quantize.ema_vocab_hit_SV":
+            vae_sd[k] = torch.zeros(v.shape)
+        elif k == "quantize.embedding.weight":
+            vae_sd[k] = torch.randn(v.shape, generator=g) * 0.5
+        elif k.endswith("bias"):
+            vae_sd[k] = torch.zeros(v.shape)
+        elif "norm" in k:
+            vae_sd[k] = torch.ones(v.shape)
+        else:   # conv weights: fan-in scaled normal
+            fan_in = math.prod(v.shape[1:])
+            vae_sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(1.0 / fan_in)
+    return var_sd, vae_sd
+
+
+def _var_buffers(cfg: VARConfig) -> Dict[str, torch.Tensor]:
+    L = cfg.L
+    d = torch.cat([torch.full((p * p,), i) for i, p in enumerate(cfg.patch_nums)]).view(1, L, 1)
+    dT = d.transpose(1, 2)
+    out = {"lvl_1L": dT[:, 0].contiguous(),
+           "attn_bias_for_masking": torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, L, L).contiguous()}
+    for i in range(cfg.depth):
+        out[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(cfg.width)
+    return out
+
+
+def random_models(cfg: VARConfig, seed: int) -> Tuple[VAR, VQVAE]:
+    var_sd, vae_sd = random_state_dicts(cfg, seed)
+    var, vae = _meta_models(cfg)
+    var.load_state_dict(var_sd, strict=True, assign=True)
+    vae.load_state_dict(vae_sd, strict=True, assign=True)
+    return var.eval().requires_grad_(False), vae.eval().requires_grad_(False)
+
+
+def save_checkpoints(var: VAR, vae: VQVAE, var_path: str, vae_path: str) -> None:
+    """Write state dicts in the official format (plain torch.save of the state dict)."""
+    torch.save(var.state_dict(), var_path)
+    torch.save(vae.state_dict(), vae_path)
+
+
+def weights_fingerprint(var: VAR, vae: VQVAE) -> str:
+    """A content hash of every tensor (used as a cache key when no file hash exists)."""
+    h = hashlib.sha256()
+    for m in (var, vae):
+        for k, v in m.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()

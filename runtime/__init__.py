@@ -1,0 +1,1 @@
+"""runtime: runs artifacts through their manifest (eager, ONNX Runtime, TensorRT)."""

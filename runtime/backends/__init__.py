@@ -1,0 +1,26 @@
+"""Backend factory. Backends are imported lazily so a missing optional package (tensorrt) only
+matters when that backend is asked for."""
+from __future__ import annotations
+
+from graphs.config import ConfigError
+
+BACKENDS = ("eager", "onnxruntime", "tensorrt")
+
+
+def open_backend(name: str, artifacts: str = None, **kw):
+    """Open a backend over an artifacts directory (eager: rebuilds the modules from the
+    manifest's weight source)."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if artifacts is None:
+        raise ConfigError(f"--backend {name} needs --artifacts DIR (made by scripts/export.py)")
+    from ..manifest import load_manifest
+    man = load_manifest(artifacts)
+    if name == "eager":
+        from .eager import EagerBackend
+        return EagerBackend.from_manifest(man, **kw)
+    if name == "onnxruntime":
+        from .ort import OrtBackend
+        return OrtBackend(man, **kw)
+    from .trt import TrtBackend
+    return TrtBackend(man, **kw)

@@ -1,0 +1,56 @@
+"""The eager PyTorch backend: the reference. The only runtime code that touches nn.Modules."""
+from __future__ import annotations
+
+from typing import Dict
+
+import copy
+import torch
+
+from graphs.config import ConfigError, VARConfig
+from graphs.step import StepSpec, build_steps
+from graphs.var import VAR
+from graphs.vqvae import VQVAE
+
+from ..pipeline import BackendInfo
+
+
+class EagerBackend:
+    def __init__(self, var: VAR, vae: VQVAE, transform: str = "dct", k_max: int = 900,
+                 dtype: torch.dtype = torch.float32, dse: str = "fft", resample: str = "interp",
+                 device: str = "cpu", source_note: str = ""):
+        cfg: VARConfig = var.cfg
+        if device != "cpu" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device visible to PyTorch (use --device cpu)")
+        if dtype != torch.float32:
+            var = copy.deepcopy(var).to(dtype)
+        var, vae = var.to(device), vae.to(device)
+        self.device, self.source_note = device, source_note
+        self.var, self.vae = var, vae
+        self.spec = StepSpec(transform=transform, dse=dse, resample=resample, k_max=k_max, dtype=dtype)
+        self.steps = [s.to(device) for s in build_steps(var, vae, self.spec)]
+        self.info = BackendInfo(name="eager", cfg=cfg, k_max=k_max, transform=transform,
+                                kv_dtype=dtype, max_batch=None, device=device)
+
+    @classmethod
+    def from_manifest(cls, man, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        """The reference for a set of artifacts: same weights (hash-checked), same baked
+        sampler K and DSE transform, computed the eager way (torch.fft, F.interpolate)."""
+        from graphs.weights import load_models
+        var, vae, src = load_models(man.cfg, man.weights.get("ckpt"), man.weights.get("vae_ckpt"),
+                                    man.weights.get("seed") if man.weights["kind"] == "random" else None)
+        for key in ("ckpt_sha256", "vae_sha256"):
+            if man.weights.get(key) and getattr(src, key) != man.weights[key]:
+                raise ConfigError(f"the checkpoint files changed since export ({key} differs): re-export")
+        return cls(var, vae, transform=man.transform, k_max=man.k_max, dtype=dtype, device=device,
+                   source_note=src.describe())
+
+    @torch.inference_mode()
+    def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
+        feeds = {n: t.to(self.device) for n, t in feeds.items()}
+        tokens, logits, logits_cfg, f_hat, new_kv = self.steps[k](**feeds)
+        kv_out.copy_(new_kv)                      # the one copy into the preallocated cache
+        return dict(tokens=tokens, logits=logits, logits_cfg=logits_cfg, f_hat_out=f_hat)
+
+    @torch.inference_mode()
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        return self.vae.fhat_to_img(f_hat)

@@ -1,0 +1,147 @@
+"""ONNX Runtime backend: one session per scale graph plus the decoder.
+
+* Weights: every session's external initializers are OrtValues over one read-only memory map
+  of weights.bin (`SessionOptions.add_initializer`), so ten sessions hold one copy; weight
+  pre-packing (a per-session copy) is off unless `prepack=True`.
+* IO binding: inputs and outputs are bound to torch tensors (the KV cache prefix view as
+  `past_kv`, the cache slice for this scale as `new_kv`), so no per-scale copies are made.
+* CUDA: `device="cuda"` requires the CUDA provider to be active on every session; a silent
+  fall back to the CPU is an error.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import onnx
+import torch
+
+from graphs.config import ConfigError
+
+from ..manifest import Manifest
+from ..pipeline import BackendInfo
+
+log = logging.getLogger(__name__)
+_NP = {"float": np.float32, "float32": np.float32, "float16": np.float16, "int64": np.int64,
+       "int32": np.int32, "bool": np.bool_}
+_ONNX_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+            onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
+            onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BOOL: np.bool_}
+_TORCH = {"float": torch.float32, "float32": torch.float32, "float16": torch.float16,
+          "int64": torch.int64, "int32": torch.int32, "bfloat16": torch.bfloat16}
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime-gpu "
+                          "(or onnxruntime for CPU only)") from None
+    return ort
+
+
+class OrtBackend:
+    def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = False,
+                 share_weights: bool = True, trt_provider: bool = False):
+        ort = _import_ort()
+        self.ort, self.man, self.device = ort, man, device
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ConfigError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
+                                  "pip install onnxruntime-gpu (and a CUDA 12 runtime)")
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda: PyTorch sees no CUDA device (it holds the I/O buffers)")
+            providers = (["TensorrtExecutionProvider"] if trt_provider else []) + ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self._mm = None
+        wpath = man.path(man.data["external_data"]["file"])
+        if share_weights and os.path.getsize(wpath) > 0:
+            with open(wpath, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.sessions: List = []
+        for g in man.data["graphs"]:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if threads:
+                so.intra_op_num_threads = threads
+            if not prepack:
+                so.add_session_config_entry("session.disable_prepacking", "1")
+            keep = []
+            if self._mm is not None:
+                keep = self._share(so, man.path(g["file"]))
+            sess = ort.InferenceSession(man.path(g["file"]), sess_options=so, providers=providers)
+            if device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+                raise ConfigError(f"{g['file']}: onnxruntime fell back to the CPU (providers {sess.get_providers()}); "
+                                  f"check the CUDA/cuDNN libraries that onnxruntime-gpu needs")
+            sess._var_ssg_keep = keep     # the OrtValues must outlive the session
+            self.sessions.append(sess)
+        self.io = {g["name"]: g for g in man.data["graphs"]}
+        cfg = man.cfg
+        self.info = BackendInfo(name="onnxruntime", cfg=cfg, k_max=man.k_max, transform=man.transform,
+                                kv_dtype=_TORCH[man.data["kv_dtype"]], max_batch=man.batch, fixed_batch=True,
+                                device=device)
+        self.source_note = man.source_note
+
+    def _share(self, so, path: str) -> list:
+        """Point this session's external initializers at the shared memory map."""
+        m = onnx.load(path, load_external_data=False)
+        keep = []
+        for t in m.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in _ONNX_NP:
+                continue
+            ext = {e.key: e.value for e in t.external_data}
+            arr = np.frombuffer(self._mm, dtype=_ONNX_NP[t.data_type], count=int(ext["length"]) // np.dtype(_ONNX_NP[t.data_type]).itemsize,
+                                offset=int(ext.get("offset", 0))).reshape(tuple(t.dims))
+            ov = self.ort.OrtValue.ortvalue_from_numpy(arr)
+            so.add_initializer(t.name, ov)
+            keep.append((arr, ov))
+        return keep
+
+    def _bind(self, binding, name: str, t: torch.Tensor, output: bool):
+        t = t if t.is_contiguous() else t.contiguous()
+        dev = "cuda" if t.is_cuda else "cpu"
+        dt = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}[t.dtype]
+        fn = binding.bind_output if output else binding.bind_input
+        fn(name, dev, t.device.index or 0, dt, tuple(t.shape), t.data_ptr())
+        return t
+
+    def _run(self, idx: int, feeds: Dict[str, torch.Tensor], outs: Dict[str, torch.Tensor]):
+        sess = self.sessions[idx]
+        g = self.man.data["graphs"][idx]
+        b = sess.io_binding()
+        alive = []
+        for spec in g["inputs"]:
+            t = feeds[spec["name"]]
+            if list(t.shape) != spec["shape"]:
+                raise ConfigError(f"{g['file']}: input {spec['name']} has shape {list(t.shape)}, "
+                                  f"the graph was exported for {spec['shape']}")
+            want = _TORCH[spec["dtype"]]
+            alive.append(self._bind(b, spec["name"], t.to(want), False))
+        for spec in g["outputs"]:
+            alive.append(self._bind(b, spec["name"], outs[spec["name"]], True))
+        sess.run_with_iobinding(b)
+        return outs
+
+    def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
+        g = self.man.data["graphs"][k]
+        dev = kv_out.device
+        outs = {}
+        for spec in g["outputs"]:
+            if spec["name"] == "new_kv":
+                outs["new_kv"] = kv_out            # written in place into the cache slice
+            else:
+                outs[spec["name"]] = torch.empty(spec["shape"], dtype=_TORCH[spec["dtype"]], device=dev)
+        self._run(k, feeds, outs)
+        return outs
+
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        idx = len(self.sessions) - 1
+        g = self.man.data["graphs"][idx]
+        out = torch.empty(g["outputs"][0]["shape"], dtype=torch.float32, device=f_hat.device)
+        self._run(idx, {"f_hat": f_hat}, {"image": out})
+        return out

@@ -1,0 +1,67 @@
+"""Shared command-line pieces for scripts/: flags every backend shares, and one error policy
+(a user error prints one line and exits 2; nothing half-written is left behind)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from typing import Callable
+
+from graphs.config import DEFAULT_SSG_BETA, ConfigError
+
+
+def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=model_required, help="preset, e.g. var-d16, var-d24, var-d2-tiny")
+    g.add_argument("--ckpt", help="VAR checkpoint (.pth or .safetensors, official format)")
+    g.add_argument("--vae-ckpt", help="VQVAE checkpoint (vae_ch160v4096z32.pth)")
+    g.add_argument("--random-init", type=int, metavar="SEED", help="seeded random weights (no checkpoint)")
+
+
+def finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{s!r} is not finite")
+    return v
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling and guidance")
+    g.add_argument("--class", dest="classes", type=int, nargs="+", default=[207], metavar="ID",
+                   help="ImageNet class ids 0..999 (several make a grid)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cfg", type=finite_float, default=1.5, help="classifier-free guidance (ramped k/(K-1))")
+    g.add_argument("--top-k", type=int, default=900, help="0 = no top-k")
+    g.add_argument("--top-p", type=float, default=0.96, help="0 = off")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--ssg-beta", default=DEFAULT_SSG_BETA,
+                   help="'0' off, a float, 'linear:START,END', or K-1 comma-separated values "
+                        f"(default {DEFAULT_SSG_BETA}: ours, the paper publishes none)")
+    g.add_argument("--dse", choices=("dct", "dft"), default="dct", help="DSE transform")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit 2 (argparse's own code)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    return _Parser(description=description)
+
+
+def run_main(main: Callable[[], int]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        rc = main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(rc or 0)

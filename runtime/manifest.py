@@ -1,0 +1,133 @@
+"""manifest.json: the contract between export and runtime. The runtime reads only this."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from graphs.config import ConfigError, VARConfig, VQVAEConfig
+
+FORMAT = "var-ssg-artifacts"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ManifestError(ConfigError):
+    pass
+
+
+def sha256_path(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 24), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def config_to_json(cfg: VARConfig) -> Dict[str, Any]:
+    v = cfg.vae
+    return dict(name=cfg.name, depth=cfg.depth, width=cfg.width, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                num_classes=cfg.num_classes, L=cfg.L, patch_nums=list(cfg.patch_nums),
+                vae=dict(vocab_size=v.vocab_size, z_channels=v.z_channels, ch=v.ch, ch_mult=list(v.ch_mult),
+                         num_res_blocks=v.num_res_blocks, share_quant_resi=v.share_quant_resi,
+                         quant_resi=v.quant_resi))
+
+
+def config_from_json(d: Dict[str, Any]) -> VARConfig:
+    v = d["vae"]
+    vae = VQVAEConfig(vocab_size=v["vocab_size"], z_channels=v["z_channels"], ch=v["ch"], ch_mult=tuple(v["ch_mult"]),
+                      num_res_blocks=v["num_res_blocks"], share_quant_resi=v["share_quant_resi"],
+                      quant_resi=v["quant_resi"], patch_nums=tuple(d["patch_nums"]))
+    return VARConfig(depth=d["depth"], vae=vae, num_classes=d["num_classes"], name=d["name"])
+
+
+@dataclass
+class Manifest:
+    root: str
+    data: Dict[str, Any]
+
+    @property
+    def cfg(self) -> VARConfig:
+        return config_from_json(self.data["config"])
+
+    @property
+    def batch(self) -> int:
+        return int(self.data["batch"])
+
+    @property
+    def precision(self) -> str:
+        return self.data["precision"]
+
+    @property
+    def transform(self) -> str:
+        return self.data["dse"]["transform"]
+
+    @property
+    def k_max(self) -> int:
+        return int(self.data["sampler"]["k_max"])
+
+    @property
+    def weights(self) -> Dict[str, Any]:
+        return self.data["weights"]
+
+    def graph(self, name: str) -> Dict[str, Any]:
+        for g in self.data["graphs"]:
+            if g["name"] == name:
+                return g
+        raise ManifestError(f"{self.root}/{MANIFEST}: no graph named {name!r}")
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    @property
+    def source_note(self) -> str:
+        w = self.weights
+        if w["kind"] == "random":
+            return f"RANDOM WEIGHTS (seed {w['seed']}) - not a trained model"
+        return f"checkpoint {w.get('ckpt')} + {w.get('vae_ckpt')}"
+
+
+def load_manifest(root: str, verify_hashes: bool = True) -> Manifest:
+    p = os.path.join(root, MANIFEST)
+    if not os.path.isdir(root):
+        raise ManifestError(f"artifacts directory {root} does not exist (run scripts/export.py --out {root})")
+    if not os.path.isfile(p):
+        raise ManifestError(f"{p} is missing: {root} is not an artifacts directory (run scripts/export.py --out {root})")
+    try:
+        with open(p) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{p} is corrupt ({type(e).__name__}); re-export with scripts/export.py --force") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{p} is not a var-ssg manifest; re-export with scripts/export.py --force")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{p} has format version {data.get('format_version')}, this runtime reads "
+                            f"{FORMAT_VERSION}: re-export with this version of scripts/export.py")
+    for key in ("config", "batch", "precision", "dse", "sampler", "weights", "graphs", "files"):
+        if key not in data:
+            raise ManifestError(f"{p} lacks {key!r}; re-export with scripts/export.py --force")
+    for rel, meta in data["files"].items():
+        fp = os.path.join(root, rel)
+        if not os.path.isfile(fp):
+            raise ManifestError(f"{fp} is missing (listed in the manifest); re-export with --force")
+        if os.path.getsize(fp) != meta["bytes"]:
+            raise ManifestError(f"{fp} has {os.path.getsize(fp)} bytes, the manifest says {meta['bytes']}: "
+                                f"the file was changed or truncated; re-export with --force")
+        if verify_hashes and sha256_path(fp) != meta["sha256"]:
+            raise ManifestError(f"{fp}: sha256 does not match the manifest (the file was modified); re-export with --force")
+    return Manifest(root=os.path.abspath(root), data=data)
+
+
+def write_manifest(root: str, data: Dict[str, Any]) -> None:
+    files = {}
+    for name in sorted(os.listdir(root)):
+        fp = os.path.join(root, name)
+        if name != MANIFEST and os.path.isfile(fp):
+            files[name] = dict(bytes=os.path.getsize(fp), sha256=sha256_path(fp))
+    data = dict(data, files=files)
+    tmp = os.path.join(root, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, os.path.join(root, MANIFEST))

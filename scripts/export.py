@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Export VAR + SSG to ONNX artifacts (and TensorRT engines with --target trt).
+
+  python scripts/export.py --model var-d24 --random-init 0 --out build/var-d24
+  python scripts/export.py --model var-d16 --ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth --out build/d16
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from graphs.config import get_preset  # noqa: E402
+from runtime.cli import add_model_args, parser, run_main  # noqa: E402
+
+
+def main() -> int:
+    p = parser("Export VAR + SSG to ONNX artifacts.")
+    add_model_args(p, model_required=True)
+    p.add_argument("--out", required=True, help="artifacts directory (written atomically)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (transformer + KV; DSE/SSG stay fp32)")
+    p.add_argument("--batch", type=int, default=1, help="images per run, fixed at export (2x rows with CFG)")
+    p.add_argument("--top-k", type=int, default=900, help="TopK K baked in; runs may use any top-k <= it; 0 = none")
+    p.add_argument("--dse", choices=("dct", "dft"), default="dct")
+    p.add_argument("--dse-form", choices=("folded", "chain"), default="folded",
+                   help="folded: one MatMul per scale pair; chain: interp -> transform -> band -> inverse")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--target", choices=("onnx", "trt"), default="onnx")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    a = p.parse_args()
+
+    from tqdm import tqdm
+    from export.onnx_export import ExportConfig, export_artifacts, prepare_out
+    from graphs.weights import load_models
+
+    t0 = time.time()
+    cfg = get_preset(a.model)
+    ec = ExportConfig(precision=a.precision, batch=a.batch, transform=a.dse, dse_form=a.dse_form,
+                      top_k=a.top_k, opset=a.opset, target=a.target)
+    if os.path.isdir(a.out) and os.listdir(a.out) and not a.force and not os.path.isfile(os.path.join(a.out, "manifest.json")):
+        prepare_out(a.out, False, "")          # fails fast with the clear message
+    var, vae, src = load_models(cfg, a.ckpt, a.vae_ckpt, a.random_init)
+    stages = [f"step_{k}" for k in range(cfg.num_scales)] + ["decoder", "check"]
+    with tqdm(total=len(stages), desc=f"export {cfg.name}", unit="graph", file=sys.stderr) as bar:
+        man = export_artifacts(var, vae, src, a.out, ec, force=a.force,
+                               progress=lambda s: (bar.set_postfix_str(s), bar.update(1 if s != "step_0" else 0)))
+        bar.update(bar.total - bar.n)
+    ext = man["external_data"]
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(f"wrote {a.out}: {len(man['graphs'])} graphs, {ext['file']} {ext['bytes'] / 2**20:.1f} MiB "
+          f"(parameters {ext['parameter_bytes'] / 2**20:.1f} MiB, referenced {ext['referenced_bytes'] / 2**20:.1f} MiB), "
+          f"{time.time() - t0:.0f} s, peak RSS {peak_gb:.2f} GiB; weights: {src.describe()}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
