@@ -25,23 +25,26 @@ def _inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(j, last)
 
 
-def sample_sorted(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
-                  top_k: torch.Tensor, top_p: torch.Tensor, k_max: int) -> torch.Tensor:
-    """logits: B n V (fp32); u: B n; temperature/top_p: (1,) float; top_k: (1,) int64 <= k_max."""
+def sorted_candidates(logits, temperature, top_k, top_p, k_max: int):
+    """-> (p, idx): unnormalised kept probabilities over the k_max best, sorted descending."""
     vals, idx = torch.topk(logits / temperature, k_max, dim=-1, largest=True, sorted=True)   # B n K
     rank = torch.arange(k_max, device=logits.device)
     vals = torch.where(rank < top_k, vals, torch.full_like(vals, -torch.inf))
     p = vals.softmax(dim=-1)
     keep = (p.cumsum(dim=-1) - p) < top_p                     # exclusive mass before this token
-    p = torch.where(keep, p, torch.zeros_like(p))
+    return torch.where(keep, p, torch.zeros_like(p)), idx
+
+
+def sample_sorted(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
+                  top_k: torch.Tensor, top_p: torch.Tensor, k_max: int) -> torch.Tensor:
+    """logits: B n V (fp32); u: B n; temperature/top_p: (1,) float; top_k: (1,) int64 <= k_max."""
+    p, idx = sorted_candidates(logits, temperature, top_k, top_p, k_max)
     j = _inverse_cdf(p, u)                                    # B n 1
     return idx.gather(-1, j).squeeze(-1)
 
 
-def sample_bisect(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
-                  top_p: torch.Tensor, steps: int = BISECT_STEPS) -> torch.Tensor:
-    """No top-k. Keeps {p >= t} with t the largest threshold (to 2^-steps of max p) whose mass
-    reaches top_p, i.e. the nucleus, without sorting V."""
+def bisect_candidates(logits, temperature, top_p, steps: int = BISECT_STEPS) -> torch.Tensor:
+    """-> unnormalised kept probabilities over V (vocabulary order)."""
     p = (logits / temperature).softmax(dim=-1)                # B n V
     lo = torch.zeros_like(p[..., :1])
     hi = p.amax(dim=-1, keepdim=True)
@@ -51,8 +54,14 @@ def sample_bisect(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tens
         ok = mass >= top_p
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
-    p = torch.where(p >= lo, p, torch.zeros_like(p))
-    return _inverse_cdf(p, u).squeeze(-1)
+    return torch.where(p >= lo, p, torch.zeros_like(p))
+
+
+def sample_bisect(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
+                  top_p: torch.Tensor, steps: int = BISECT_STEPS) -> torch.Tensor:
+    """No top-k. Keeps {p >= t} with t the largest threshold (to 2^-steps of max p) whose mass
+    reaches top_p, i.e. the nucleus, without sorting V."""
+    return _inverse_cdf(bisect_candidates(logits, temperature, top_p, steps), u).squeeze(-1)
 
 
 def sample(logits, u, temperature, top_k, top_p, k_max: int) -> torch.Tensor:

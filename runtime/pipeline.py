@@ -72,11 +72,14 @@ class Pipeline:
                               f"use --dse {info.transform} or re-export with --dse {ssg.transform}")
         V = info.cfg.V
         want_all = sampler.top_k == 0 or sampler.top_k >= V
-        if info.k_max == 0:
-            if not want_all:
-                raise ConfigError(f"these artifacts sample without top-k (bisection sampler); "
-                                  f"--top-k {sampler.top_k} needs artifacts exported with --top-k {sampler.top_k} or more")
-        elif (want_all and info.k_max < V) or sampler.top_k > info.k_max:
+        if want_all:
+            if 0 < info.k_max < V:
+                raise ConfigError(f"--top-k {sampler.top_k} (no top-k) but the artifacts bake top-k {info.k_max}: "
+                                  f"use --top-k <= {info.k_max} or re-export with --top-k 0")
+        elif info.k_max == 0:
+            raise ConfigError(f"these artifacts sample without top-k (bisection sampler); --top-k {sampler.top_k} "
+                              f"needs artifacts exported with --top-k {sampler.top_k} or more")
+        elif sampler.top_k > info.k_max:
             raise ConfigError(f"--top-k {sampler.top_k} exceeds the top-k of {info.k_max} baked into the artifacts: "
                               f"use --top-k <= {info.k_max} or re-export with a larger --top-k")
         if len(ssg.betas) != info.cfg.num_scales - 1:

@@ -1,0 +1,49 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from graphs.config import get_preset  # noqa: E402
+from graphs.weights import random_models  # noqa: E402
+
+TINY = "var-d2-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(cfg, var, vae) with seeded random weights."""
+    cfg = get_preset(TINY)
+    var, vae = random_models(cfg, 0)
+    return cfg, var, vae
+
+
+_ARTIFACTS = {}
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Export (once per configuration) and return the directory."""
+    from export.onnx_export import ExportConfig, export_artifacts
+    from graphs.weights import WeightSource
+
+    def make(**kw):
+        ec = ExportConfig(**{"top_k": 64, **kw})
+        if ec not in _ARTIFACTS:
+            cfg = get_preset(TINY)
+            var, vae = random_models(cfg, 0)
+            out = str(tmp_path_factory.mktemp("art") / "a")
+            export_artifacts(var, vae, WeightSource(kind="random", seed=0), out, ec)
+            _ARTIFACTS[ec] = out
+        return _ARTIFACTS[ec]
+    return make
+
+
+def run_script(name, *args, env=None):
+    import subprocess
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *map(str, args)],
+                          capture_output=True, text=True, env=e, cwd=ROOT)

@@ -1,0 +1,142 @@
+"""The eager reference: KV cache vs teacher forcing, official greedy semantics, SSG."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graphs.config import ConfigError, SamplerConfig, SSGConfig, make_ssg, parse_ssg_beta
+from runtime.backends.eager import EagerBackend
+from runtime.pipeline import Pipeline
+
+GREEDY = SamplerConfig(top_k=1, top_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def eager(tiny):
+    cfg, var, vae = tiny
+    return Pipeline(EagerBackend(var, vae, transform="dct", k_max=64))
+
+
+def test_kv_cache_matches_teacher_forcing(tiny, eager):
+    """Run the cached loop, then feed the same per-scale inputs through one full-sequence
+    forward with the block-causal mask: logits agree at every scale."""
+    cfg, var, vae = tiny
+    res = eager.run([3, 7], seed=1, cfg=0.0, sampler=SamplerConfig(top_k=30), keep_logits=True)
+    # teacher-forcing input from the sampled tokens (VAR's idxBl_to_var_input semantics)
+    B, P = 2, cfg.patch_nums[-1]
+    f_hat = torch.zeros(B, cfg.Cvae, P, P)
+    xs = []
+    for k, pn in enumerate(cfg.patch_nums[:-1]):
+        h = vae.quantize.embedding.weight[res.tokens[k]].transpose(1, 2).reshape(B, cfg.Cvae, pn, pn)
+        f_hat = f_hat + vae.phi(k)(F.interpolate(h, size=(P, P), mode="bicubic"))
+        nxt = cfg.patch_nums[k + 1]
+        xs.append(F.interpolate(f_hat, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2))
+    with torch.no_grad():
+        full = var.forward_teacher(torch.tensor([3, 7]), torch.cat(xs, 1))    # 2B L V
+    for k, (b, e) in enumerate(cfg.begin_ends):
+        # cfg=0: the CFG logits are the conditional rows
+        assert (full[:B, b:e] - res.logits_cfg[k]).abs().max() <= 1e-5, k
+
+
+def official_greedy(var, vae, labels, cfg_w):
+    """FoundationVision/VAR's autoregressive_infer_cfg(top_k=1), derived independently:
+    per-block torch.cat KV cache, t = cfg*k/(K-1), F.interpolate bicubic up / area down,
+    phi chosen by the nearest of linspace(1/12, 11/12, 4) ticks to k/(K-1), decoder clamp."""
+    c = var.cfg
+    K, P, B = c.num_scales, c.patch_nums[-1], len(labels)
+    label = torch.tensor(labels)
+    cond = var.class_emb(torch.cat((label, torch.full_like(label, c.num_classes))))
+    lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
+    x = cond.unsqueeze(1) + var.pos_start + lvl_pos[:, :1]
+    ticks = np.linspace(1 / 12, 11 / 12, 4)
+    f_hat = torch.zeros(B, c.Cvae, P, P)
+    cache = [None] * c.depth
+    cur, toks = 0, []
+    for k, pn in enumerate(c.patch_nums):
+        cur += pn * pn
+        for i, blk in enumerate(var.blocks):
+            past = cache[i]
+            x, kk, vv = blk(x, cond, past)
+            cache[i] = (kk, vv) if past is None else (torch.cat((past[0], kk), 2), torch.cat((past[1], vv), 2))
+        lg = var.logits(x, cond)
+        t = cfg_w * k / (K - 1)
+        lg = (1 + t) * lg[:B] - t * lg[B:]
+        idx = lg.argmax(-1)
+        toks.append(idx)
+        h = vae.quantize.embedding.weight[idx].transpose(1, 2).reshape(B, c.Cvae, pn, pn)
+        phi = vae.quantize.quant_resi.qresi_ls[int(np.argmin(np.abs(ticks - k / (K - 1))))]
+        if k != K - 1:
+            f_hat = f_hat + phi(F.interpolate(h, size=(P, P), mode="bicubic"))
+            nxt = c.patch_nums[k + 1]
+            x = F.interpolate(f_hat, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2)
+            x = var.word_embed(x) + lvl_pos[:, cur:cur + nxt * nxt]
+            x = x.repeat(2, 1, 1)
+        else:
+            f_hat = f_hat + phi(h)
+    img = vae.decoder(vae.post_quant_conv(f_hat)).clamp_(-1, 1).add_(1).mul_(0.5)
+    return toks, img
+
+
+def test_greedy_beta0_follows_official(tiny, eager):
+    cfg, var, vae = tiny
+    with torch.no_grad():
+        toks, img = official_greedy(var, vae, [1, 999], 1.5)
+    res = eager.run([1, 999], seed=123, cfg=1.5, sampler=GREEDY, ssg=make_ssg("0", "dct"))
+    for k in range(cfg.num_scales):
+        assert torch.equal(res.tokens[k], toks[k]), k
+    assert (res.images - img).abs().max() <= 1e-5
+
+
+def test_same_seed_same_image(eager):
+    a = eager.run([5], seed=7)
+    b = eager.run([5], seed=7)
+    c = eager.run([5], seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+    assert torch.equal(a.images, b.images)
+    assert any(not torch.equal(x, y) for x, y in zip(a.tokens, c.tokens))
+
+
+def test_beta0_leaves_logits_untouched(eager):
+    res = eager.run([4], seed=3, ssg=make_ssg("0"), keep_logits=True)
+    for lg, lc in zip(res.logits, res.logits_cfg):
+        assert torch.equal(lg, lc)
+
+
+@pytest.mark.parametrize("transform", ["dct", "dft"])
+def test_nonzero_beta_changes_tokens_and_follows_formula(tiny, transform):
+    cfg, var, vae = tiny
+    pipe = Pipeline(EagerBackend(var, vae, transform=transform, k_max=64))
+    off = pipe.run([4], seed=3, ssg=make_ssg("0", transform))
+    on = pipe.run([4], seed=3, ssg=make_ssg("1.0", transform), keep_logits=True)
+    assert sum((a != b).sum().item() for a, b in zip(off.tokens, on.tokens)) > 0
+    # logits_k = l + beta (l - DSE(l_{k-1})) with the previous scale's CFG logits
+    from graphs.dse import dse_fft
+    k = 4
+    pn, src = cfg.patch_nums[k], cfg.patch_nums[k - 1]
+    prev = on.logits_cfg[k - 1].transpose(1, 2).reshape(1, cfg.V, src, src)
+    prior = dse_fft(prev, (pn, pn), transform).reshape(1, cfg.V, -1).transpose(1, 2)
+    want = on.logits_cfg[k] + 1.0 * (on.logits_cfg[k] - prior)
+    assert torch.allclose(on.logits[k], want, atol=1e-5)
+    assert torch.equal(on.logits[0], on.logits_cfg[0])     # scale 0 has no prior
+
+
+def test_schedules():
+    assert parse_ssg_beta("0") == (0.0,) * 9
+    assert parse_ssg_beta("0.25") == (0.25,) * 9
+    lin = parse_ssg_beta("linear:0,0.8")
+    assert lin[0] == 0 and abs(lin[-1] - 0.8) < 1e-12 and len(lin) == 9
+    assert parse_ssg_beta(",".join(["0.1"] * 9)) == (0.1,) * 9
+    assert not SSGConfig(betas=(0.0,) * 9).enabled
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "linear:1", "linear:a,b", "0.1,0.2", "nan", "inf", "linear:0,inf"])
+def test_bad_schedule_shows_accepted_forms(bad):
+    with pytest.raises(ConfigError, match="accepted --ssg-beta forms: '0' \\(off\\), a float"):
+        parse_ssg_beta(bad)
+
+
+def test_bad_run_inputs(eager):
+    with pytest.raises(ConfigError, match="outside 0..999"):
+        eager.run([1000], seed=0)
+    with pytest.raises(ConfigError, match="--cfg must be a finite"):
+        eager.run([1], seed=0, cfg=float("nan"))
