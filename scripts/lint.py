@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""TensorRT-compatibility lint of an artifacts directory (or .onnx files); exit 1 on findings.
+
+  python scripts/lint.py build/var-d24
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from graphs.config import ConfigError  # noqa: E402
+from runtime.cli import parser, run_main  # noqa: E402
+
+
+def main() -> int:
+    p = parser("TensorRT-compatibility lint for ONNX graphs.")
+    p.add_argument("paths", nargs="+", help="artifacts directories or .onnx files")
+    p.add_argument("--max-opset", type=int, default=20)
+    a = p.parse_args()
+    from export.lint import lint_files
+    files = []
+    for path in a.paths:
+        if os.path.isdir(path):
+            files += sorted(glob.glob(os.path.join(path, "*.onnx")))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise ConfigError(f"{path}: no such file or directory")
+    if not files:
+        raise ConfigError(f"no .onnx files in {' '.join(a.paths)}")
+    issues = lint_files(files, max_opset=a.max_opset)
+    for i in issues:
+        print(i)
+    print(f"{len(files)} graphs, {len(issues)} issues")
+    return 1 if issues else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,221 @@
+"""Export: checker, lint, per-step parity with eager, fp16, shared weights, bad input."""
+import json
+import os
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+import torch
+from onnx import TensorProto
+
+from export.lint import lint_model
+from graphs.config import get_preset
+from graphs.step import ScaleStep, StepSpec
+from tests.conftest import TINY, run_script
+
+
+def test_fp32_export_is_valid_and_lint_clean(artifacts, tiny):
+    d = artifacts()
+    var_bytes = sum(p.numel() * 4 for p in tiny[1].parameters())
+    man = json.load(open(os.path.join(d, "manifest.json")))
+    assert [g["name"] for g in man["graphs"]] == [f"step_{k}" for k in range(10)] + ["decoder"]
+    for g in man["graphs"]:
+        p = os.path.join(d, g["file"])
+        onnx.checker.check_model(p, full_check=True)
+        m = onnx.load(p, load_external_data=False)
+        assert not lint_model(m, g["name"])
+        ops = {n.op_type for n in m.graph.node}
+        assert not ops & {"DFT", "STFT", "Loop", "Scan", "If"}
+        ext = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+        assert ext <= {"weights.bin"}
+    # one copy of the weights: the shared file is close to the parameter bytes even though
+    # ten graphs reference the transformer
+    e = man["external_data"]
+    assert e["referenced_bytes"] - e["bytes"] >= 8 * var_bytes
+    assert e["bytes"] <= 1.05 * e["parameter_bytes"] + 200_000   # + DSE/resampling matrices
+    assert man["weights"]["kind"] == "random" and man["sampler"]["k_max"] == 64
+
+
+def _feeds(cfg, k, B, dtype=torch.float32):
+    g = torch.Generator().manual_seed(k)
+    b, _ = cfg.begin_ends[k]
+    f = dict(label=torch.tensor([11, 500, 3][:B]), f_hat=torch.randn(B, cfg.Cvae, 16, 16, generator=g),
+             noise=torch.rand(B, cfg.patch_nums[k] ** 2, generator=g), cfg=torch.tensor([1.5]),
+             temperature=torch.tensor([1.0]), top_k=torch.tensor([50]), top_p=torch.tensor([0.9]))
+    if k:
+        f.update(past_kv=(torch.randn(b, cfg.depth, 2, 2 * B, cfg.num_heads, 64, generator=g) * 0.3).to(dtype),
+                 prev_logits=torch.randn(B, cfg.patch_nums[k - 1] ** 2, cfg.V, generator=g) * 2,
+                 beta=torch.tensor([0.7]))
+    return f
+
+
+@pytest.mark.parametrize("k", [0, 1, 6, 9])
+def test_each_step_matches_eager(artifacts, tiny, k):
+    """Same inputs and noise: ONNX Runtime's step == the eager reference step (torch.fft DSE,
+    F.interpolate resampling)."""
+    import onnxruntime as ort
+    cfg, var, vae = tiny
+    d = artifacts()
+    sess = ort.InferenceSession(os.path.join(d, f"step_{k}.onnx"), providers=["CPUExecutionProvider"])
+    feeds = _feeds(cfg, k, 1)
+    ref = ScaleStep(var, vae, k, StepSpec(transform="dct", dse="fft", resample="interp", k_max=64))(**feeds)
+    got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})
+    tokens, logits, logits_cfg, f_hat, new_kv = [torch.from_numpy(x) for x in got]
+    assert (logits - ref[1]).abs().max() <= 1e-4 * ref[1].abs().max()
+    assert torch.equal(tokens, ref[0])
+    assert (f_hat - ref[3]).abs().max() <= 1e-4
+    assert (new_kv - ref[4]).abs().max() <= 1e-4
+
+
+def test_fp16_export_within_bounds(artifacts, tiny):
+    import onnxruntime as ort
+    cfg, var, vae = tiny
+    d = artifacts(precision="fp16")
+    man = json.load(open(os.path.join(d, "manifest.json")))
+    assert man["kv_dtype"] == "float16"
+    # DSE/SSG arithmetic stays fp32: logits outputs are float
+    step = next(g for g in man["graphs"] if g["name"] == "step_3")
+    assert {o["name"]: o["dtype"] for o in step["outputs"]}["logits"] == "float"
+    k = 3
+    feeds = _feeds(cfg, k, 1, torch.float16)
+    sess = ort.InferenceSession(os.path.join(d, f"step_{k}.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})[0]
+    f32 = dict(feeds, past_kv=feeds["past_kv"].float())
+    ref = ScaleStep(var, vae, k, StepSpec(dse="fft", resample="interp", k_max=64))(**f32)[1]
+    rel = (torch.from_numpy(got) - ref).abs().max() / ref.abs().max()
+    assert rel <= 1e-2
+
+
+def _graph(nodes, inputs, outputs, inits=(), opset=18):
+    g = oh.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", opset)])
+
+
+F = TensorProto.FLOAT
+
+
+def vi(name, shape, t=F):
+    return oh.make_tensor_value_info(name, t, shape)
+
+
+def test_lint_accepts_a_clean_graph():
+    m = _graph([oh.make_node("Relu", ["x"], ["y"])], [vi("x", [2, 3])], [vi("y", [2, 3])])
+    assert lint_model(m) == []
+
+
+@pytest.mark.parametrize("case", ["DFT", "STFT", "complex", "Loop", "Scan", "If", "sequence", "topk", "dynamic", "opset"])
+def test_lint_rejects(case):
+    x, y = vi("x", [4, 8]), vi("y", [4, 8])
+    if case == "DFT":
+        m = _graph([oh.make_node("DFT", ["x"], ["y"])], [x], [y])
+    elif case == "STFT":
+        m = _graph([oh.make_node("STFT", ["x", "s"], ["y"])], [x], [y],
+                   [oh.make_tensor("s", TensorProto.INT64, [], [1])])
+    elif case == "complex":
+        m = _graph([oh.make_node("Identity", ["x"], ["y"])], [vi("x", [2], TensorProto.COMPLEX64)],
+                   [vi("y", [2], TensorProto.COMPLEX64)])
+    elif case in ("Loop", "Scan", "If"):
+        body = oh.make_graph([oh.make_node("Identity", ["x"], ["z"])], "b", [], [vi("z", [4, 8])])
+        attr = {"Loop": "body", "Scan": "body", "If": "then_branch"}[case]
+        m = _graph([oh.make_node(case, ["x"], ["y"], **{attr: body})], [x], [y])
+    elif case == "sequence":
+        m = _graph([oh.make_node("SequenceConstruct", ["x"], ["s"]),
+                    oh.make_node("SequenceAt", ["s", "i"], ["y"])], [x], [y],
+                   [oh.make_tensor("i", TensorProto.INT64, [], [0])])
+    elif case == "topk":
+        m = _graph([oh.make_node("TopK", ["x", "k"], ["y", "i"])], [vi("x", [1, 4096])],
+                   [vi("y", [1, 4096]), vi("i", [1, 4096], TensorProto.INT64)],
+                   [oh.make_tensor("k", TensorProto.INT64, [1], [4096])])
+    elif case == "dynamic":
+        m = _graph([oh.make_node("Relu", ["x"], ["y"])], [vi("x", ["B", 8])], [vi("y", ["B", 8])])
+    else:
+        m = _graph([oh.make_node("Relu", ["x"], ["y"])], [x], [y], opset=21)
+    issues = lint_model(m)
+    assert issues, case
+    text = " ".join(map(str, issues))
+    want = {"DFT": "DFT is not allowed", "STFT": "STFT is not allowed", "complex": "complex",
+            "Loop": "control flow", "Scan": "control flow", "If": "control flow", "sequence": "sequence",
+            "topk": "exceeds TensorRT's limit 3840", "dynamic": "dynamic shape", "opset": "opset 21"}[case]
+    assert want in text
+
+
+def test_bisection_sampler_exports_for_v4096():
+    """'No top-k' with V=4096 must still export for TensorRT: the bisection sampler has no
+    TopK, and ONNX Runtime agrees with torch."""
+    import onnxruntime as ort
+    from graphs.sampling import sample
+    from export.onnx_export import _export_one
+    import onnx_ir as ir
+
+    class S(torch.nn.Module):
+        def forward(self, logits, u, temperature, top_p):
+            return sample(logits, u, temperature, None, top_p, 0)
+    lg = torch.randn(1, 16, 4096) * 3
+    u = torch.rand(1, 16)
+    t, p = torch.tensor([1.0]), torch.tensor([0.9])
+    model = _export_one(S(), dict(logits=lg, u=u, temperature=t, top_p=p), ["logits", "u", "temperature", "top_p"], ["tokens"], 18)
+    proto = ir.serde.serialize_model(model)
+    assert lint_model(proto) == []
+    assert "TopK" not in {n.op_type for n in proto.graph.node}
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, dict(logits=lg.numpy(), u=u.numpy(), temperature=t.numpy(), top_p=p.numpy()))[0]
+    assert np.array_equal(got, S()(lg, u, t, p).numpy())
+
+
+# ------------------------------------------------------------------ CLI and bad input
+def test_export_cli_bad_inputs(tmp_path, artifacts):
+    d = artifacts()
+    # non-empty --out without --force
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("keep me")
+    r = run_script("export.py", "--model", TINY, "--random-init", "0", "--out", tmp_path / "full")
+    assert r.returncode == 2 and "not empty" in r.stderr and "--force" in r.stderr
+    assert (tmp_path / "full" / "x.txt").read_text() == "keep me"
+    # unwritable location (a parent that is a file)
+    (tmp_path / "afile").write_text("")
+    r = run_script("export.py", "--model", TINY, "--random-init", "0", "--out", tmp_path / "afile" / "out")
+    assert r.returncode == 2 and "error:" in r.stderr
+    # missing checkpoint
+    r = run_script("export.py", "--model", TINY, "--ckpt", tmp_path / "no.pth", "--vae-ckpt", tmp_path / "no2.pth",
+                   "--out", tmp_path / "o")
+    assert r.returncode == 2 and "no.pth: no such file" in r.stderr
+    assert not (tmp_path / "o").exists()
+    # unknown preset lists valid ones
+    r = run_script("export.py", "--model", "var-big", "--random-init", "0", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "valid presets" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_export_failing_half_way_leaves_nothing(tmp_path, tiny, monkeypatch):
+    from export import store
+    from export.onnx_export import ExportConfig, ExportError, export_artifacts
+    from graphs.weights import WeightSource
+    cfg, var, vae = tiny
+    calls = {"n": 0}
+    real = store.SharedWeights._put
+
+    def flaky(self, data):
+        calls["n"] += 1
+        if calls["n"] > 30:
+            raise OSError(28, "No space left on device", self.path)
+        return real(self, data)
+    monkeypatch.setattr(store.SharedWeights, "_put", flaky)
+    out = tmp_path / "art"
+    with pytest.raises(ExportError, match="No space left on device.*nothing was written"):
+        export_artifacts(var, vae, WeightSource(kind="random", seed=0), str(out), ExportConfig(top_k=64))
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []          # no temporary directory left either
+
+
+def test_reexport_is_cached(artifacts, tiny):
+    from export.onnx_export import ExportConfig, export_artifacts
+    from graphs.weights import WeightSource
+    cfg, var, vae = tiny
+    d = artifacts()
+    before = os.path.getmtime(os.path.join(d, "manifest.json"))
+    export_artifacts(var, vae, WeightSource(kind="random", seed=0), d, ExportConfig(top_k=64))
+    assert os.path.getmtime(os.path.join(d, "manifest.json")) == before
+    # a different seed is a different cache key: refused without --force
+    from graphs.config import ConfigError
+    with pytest.raises(ConfigError, match="not empty"):
+        export_artifacts(var, vae, WeightSource(kind="random", seed=1), d, ExportConfig(top_k=64))
