@@ -29,7 +29,7 @@ from graphs.step import OUTPUT_NAMES, ScaleStep, StepSpec, input_names
 from graphs.var import VAR
 from graphs.vqvae import VQVAE, FhatDecoder
 from graphs.weights import WeightSource
-from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, config_to_json, load_manifest, write_manifest
+from runtime.manifest import FORMAT, FORMAT_VERSION, config_to_json, load_manifest, write_manifest
 
 from .lint import MAX_OPSET, lint_files
 from .store import SharedWeights
@@ -152,8 +152,6 @@ def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: Expo
     if prepare_out(out, force, key):
         log.info("%s is up to date (cache key %s); nothing to do", out, key[:12])
         return load_manifest(out, verify_hashes=False).data
-    if ec.batch > 1 and cfg.num_classes < ec.batch:
-        raise ExportError("batch larger than the number of classes")
     parent = os.path.dirname(os.path.abspath(out)) or "."
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
     try:
@@ -175,7 +173,6 @@ def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: Expo
 
 
 def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
-    import onnx_ir as ir
     import onnx
     cfg: VARConfig = var.cfg
     dtype = PRECISIONS[ec.precision]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Tuple
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 TRT_TOPK_LIMIT = 3840   # TensorRT's documented max K for TopK (10.x and 11.x)
@@ -116,10 +116,6 @@ def get_preset(name: str) -> VARConfig:
     return VARConfig(depth=depth, vae=vae, name=name)
 
 
-def list_presets() -> str:
-    return _EXAMPLES
-
-
 @dataclass(frozen=True)
 class SSGConfig:
     """Scaled Spatial Guidance. `betas[k-1]` is the strength at scale k (k = 1..K-1)."""
@@ -212,11 +208,6 @@ def topk_bake(top_k: int, vocab: int) -> int:
     if top_k <= 0 or top_k >= vocab:
         return 0 if vocab > TRT_TOPK_LIMIT else vocab
     return top_k
-
-
-def cfg_scale(cfg: float, k: int, num_scales: int) -> float:
-    """VAR's CFG ramp: t_k = cfg * k / (K-1)."""
-    return cfg * k / (num_scales - 1)
 
 
 def check_cfg(cfg: float) -> float:

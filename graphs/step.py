@@ -20,13 +20,13 @@ is the next contiguous slice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VARConfig, cfg_scale
+from .config import VARConfig
 from .dse import dse_chain_matrices, dse_fft, dse_matrix
 from .resample import area_matrix, bicubic_matrix
 from .sampling import sample
@@ -75,19 +75,19 @@ class ScaleStep(nn.Module):
         self.P = P
         self.phi = vae.phi(k)
         self.t_ratio = k / (self.K - 1)
-        f64 = dict(dtype=torch.float32)
+        f32 = dict(dtype=torch.float32)
         if spec.resample == "matrix":
             if k > 0:
-                self.register_buffer("down", torch.tensor(area_matrix(P, self.pn), **f64), persistent=False)
-            self.register_buffer("up", torch.tensor(bicubic_matrix(self.pn, P), **f64), persistent=False)
+                self.register_buffer("down", torch.tensor(area_matrix(P, self.pn), **f32), persistent=False)
+            self.register_buffer("up", torch.tensor(bicubic_matrix(self.pn, P), **f32), persistent=False)
         if k > 0:
             src = cfg.patch_nums[k - 1]
             if spec.dse == "folded":
                 M = dse_matrix((src, src), (self.pn, self.pn), spec.transform)
-                self.register_buffer("dse_M", torch.tensor(M, **f64), persistent=False)
+                self.register_buffer("dse_M", torch.tensor(M, **f32), persistent=False)
             elif spec.dse == "chain":
                 for name, m in dse_chain_matrices((src, src), (self.pn, self.pn), spec.transform).items():
-                    self.register_buffer(f"dse_{name}", torch.tensor(m, **f64), persistent=False)
+                    self.register_buffer(f"dse_{name}", torch.tensor(m, **f32), persistent=False)
 
     # ------------------------------------------------------------------ pieces
     def _down(self, f_hat):                       # B Cv P P -> B n Cv

@@ -16,6 +16,15 @@ import torch.nn.functional as F
 from .config import VARConfig
 
 
+def block_causal_buffers(cfg: VARConfig):
+    """The official non-parameter tensors: lvl_1L (scale index of each token) and the
+    block-causal attention bias (a token sees every token of its own and earlier scales)."""
+    L = cfg.L
+    d = torch.cat([torch.full((p * p,), i) for i, p in enumerate(cfg.patch_nums)]).view(1, L, 1)
+    dT = d.transpose(1, 2)
+    return dT[:, 0].contiguous(), torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, L, L).contiguous()
+
+
 class FFN(nn.Module):
     def __init__(self, C: int, hidden: int):
         super().__init__()
@@ -116,11 +125,9 @@ class VAR(nn.Module):
         self.lvl_embed = nn.Embedding(cfg.num_scales, C)
         self.blocks = nn.ModuleList([AdaLNSelfAttn(cfg) for _ in range(cfg.depth)])
         # buffers present in the official state dict
-        d = torch.cat([torch.full((p * p,), i) for i, p in enumerate(cfg.patch_nums)]).view(1, L, 1)
-        dT = d.transpose(1, 2)
-        self.register_buffer("lvl_1L", dT[:, 0].contiguous())
-        self.register_buffer("attn_bias_for_masking",
-                             torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, L, L).contiguous())
+        lvl_1L, attn_bias = block_causal_buffers(cfg)
+        self.register_buffer("lvl_1L", lvl_1L)
+        self.register_buffer("attn_bias_for_masking", attn_bias)
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.V)
 

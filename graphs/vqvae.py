@@ -5,8 +5,6 @@ official checkpoints load strictly (and for completeness).
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import numpy as np
 import torch
 import torch.nn as nn

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, ConfigError, VARConfig
-from .var import VAR
+from .var import VAR, block_causal_buffers
 from .vqvae import VQVAE
 
 log = logging.getLogger(__name__)
@@ -219,11 +218,8 @@ def random_state_dicts(cfg: VARConfig, seed: int) -> Tuple[Dict[str, torch.Tenso
 
 
 def _var_buffers(cfg: VARConfig) -> Dict[str, torch.Tensor]:
-    L = cfg.L
-    d = torch.cat([torch.full((p * p,), i) for i, p in enumerate(cfg.patch_nums)]).view(1, L, 1)
-    dT = d.transpose(1, 2)
-    out = {"lvl_1L": dT[:, 0].contiguous(),
-           "attn_bias_for_masking": torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, L, L).contiguous()}
+    lvl_1L, attn_bias = block_causal_buffers(cfg)
+    out = {"lvl_1L": lvl_1L, "attn_bias_for_masking": attn_bias}
     for i in range(cfg.depth):
         out[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(cfg.width)
     return out
@@ -235,19 +231,3 @@ def random_models(cfg: VARConfig, seed: int) -> Tuple[VAR, VQVAE]:
     var.load_state_dict(var_sd, strict=True, assign=True)
     vae.load_state_dict(vae_sd, strict=True, assign=True)
     return var.eval().requires_grad_(False), vae.eval().requires_grad_(False)
-
-
-def save_checkpoints(var: VAR, vae: VQVAE, var_path: str, vae_path: str) -> None:
-    """Write state dicts in the official format (plain torch.save of the state dict)."""
-    torch.save(var.state_dict(), var_path)
-    torch.save(vae.state_dict(), vae_path)
-
-
-def weights_fingerprint(var: VAR, vae: VQVAE) -> str:
-    """A content hash of every tensor (used as a cache key when no file hash exists)."""
-    h = hashlib.sha256()
-    for m in (var, vae):
-        for k, v in m.state_dict().items():
-            h.update(k.encode())
-            h.update(v.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()

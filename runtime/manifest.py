@@ -1,13 +1,15 @@
 """manifest.json: the contract between export and runtime. The runtime reads only this."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
+
+import torch
 
 from graphs.config import ConfigError, VARConfig, VQVAEConfig
+from graphs.weights import sha256_file
 
 FORMAT = "var-ssg-artifacts"
 FORMAT_VERSION = 1
@@ -18,12 +20,10 @@ class ManifestError(ConfigError):
     pass
 
 
-def sha256_path(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 24), b""):
-            h.update(b)
-    return h.hexdigest()
+# dtype names as the manifest writes them: graph I/O in onnx_ir's names ("float", ...),
+# kv_dtype in torch's ("float32", ...)
+TORCH_DTYPES = {"float": torch.float32, "float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32}
 
 
 def config_to_json(cfg: VARConfig) -> Dict[str, Any]:
@@ -82,6 +82,16 @@ class Manifest:
         return os.path.join(self.root, rel)
 
     @property
+    def kv_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.data["kv_dtype"]]
+
+    def alloc_outputs(self, idx: int, device, kv_out: torch.Tensor = None) -> Dict[str, torch.Tensor]:
+        """Output buffers of graph `idx`; a step's `new_kv` is the cache slice itself."""
+        return {o["name"]: (kv_out if o["name"] == "new_kv" else
+                            torch.empty(o["shape"], dtype=TORCH_DTYPES[o["dtype"]], device=device))
+                for o in self.data["graphs"][idx]["outputs"]}
+
+    @property
     def source_note(self) -> str:
         w = self.weights
         if w["kind"] == "random":
@@ -115,7 +125,7 @@ def load_manifest(root: str, verify_hashes: bool = True) -> Manifest:
         if os.path.getsize(fp) != meta["bytes"]:
             raise ManifestError(f"{fp} has {os.path.getsize(fp)} bytes, the manifest says {meta['bytes']}: "
                                 f"the file was changed or truncated; re-export with --force")
-        if verify_hashes and sha256_path(fp) != meta["sha256"]:
+        if verify_hashes and sha256_file(fp) != meta["sha256"]:
             raise ManifestError(f"{fp}: sha256 does not match the manifest (the file was modified); re-export with --force")
     return Manifest(root=os.path.abspath(root), data=data)
 
@@ -125,7 +135,7 @@ def write_manifest(root: str, data: Dict[str, Any]) -> None:
     for name in sorted(os.listdir(root)):
         fp = os.path.join(root, name)
         if name != MANIFEST and os.path.isfile(fp):
-            files[name] = dict(bytes=os.path.getsize(fp), sha256=sha256_path(fp))
+            files[name] = dict(bytes=os.path.getsize(fp), sha256=sha256_file(fp))
     data = dict(data, files=files)
     tmp = os.path.join(root, MANIFEST + ".tmp")
     with open(tmp, "w") as f:

@@ -5,8 +5,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-import torch
-
 from .pipeline import RunResult
 
 BOUNDS = {

@@ -26,7 +26,6 @@ class RunResult:
     tokens: List[torch.Tensor]              # K x (B, n_k) int64
     logits: List[torch.Tensor] = field(default_factory=list)      # after CFG + SSG (on request)
     logits_cfg: List[torch.Tensor] = field(default_factory=list)  # after CFG only (on request)
-    kv_allocations: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,7 @@ class BackendInfo:
     k_max: int                 # TopK K the backend's sampler bakes in (0 = bisection)
     transform: str             # DSE transform
     kv_dtype: torch.dtype
-    max_batch: Optional[int]   # None = any (eager); artifacts: the exported batch
-    fixed_batch: bool = False  # exported graphs have static shapes: the batch must match
+    batch: Optional[int]       # None = any (eager); artifacts: the exported batch (static shapes)
     device: str = "cpu"        # where the pipeline keeps the KV cache and f_hat
 
 
@@ -64,9 +62,9 @@ class Pipeline:
 
     def check(self, batch: int, sampler: SamplerConfig, ssg: SSGConfig) -> None:
         info = self.info
-        if info.max_batch is not None and (batch > info.max_batch or (info.fixed_batch and batch != info.max_batch)):
-            raise ConfigError(f"batch {batch} does not match the artifacts, exported for batch {info.max_batch}: "
-                              f"give {info.max_batch} class ids, or re-export with --batch {batch}")
+        if info.batch is not None and batch != info.batch:
+            raise ConfigError(f"batch {batch} does not match the artifacts, exported for batch {info.batch}: "
+                              f"give {info.batch} class ids, or re-export with --batch {batch}")
         if ssg.transform != info.transform:
             raise ConfigError(f"--dse {ssg.transform} but the artifacts bake DSE transform {info.transform}: "
                               f"use --dse {info.transform} or re-export with --dse {ssg.transform}")
@@ -106,7 +104,7 @@ class Pipeline:
                        temperature=torch.tensor([sampler.temperature], dtype=torch.float32, device=dev),
                        top_k=torch.tensor([top_k], dtype=torch.int64, device=dev),
                        top_p=torch.tensor([sampler.top_p_threshold], dtype=torch.float32, device=dev))
-        res = RunResult(images=torch.empty(0), tokens=[], kv_allocations=1)
+        res = RunResult(images=torch.empty(0), tokens=[])
         prev = None
         for k, (b, e) in enumerate(mc.begin_ends):
             feeds: Dict[str, torch.Tensor] = dict(label=labels, f_hat=f_hat, noise=noise[k], **scalars)

@@ -21,24 +21,11 @@ from runtime.cli import parser, run_main  # noqa: E402
 
 
 def timed_run(pipe, classes, seed, ssg):
-    """One image batch; per-scale times from wrapping the backend's step."""
-    be = pipe.backend
-    real = be.step
-    per = []
-
-    def step(k, feeds, kv_out):
-        t = time.perf_counter()
-        out = real(k, feeds, kv_out)
-        per.append(time.perf_counter() - t)
-        return out
-    be.step = step
-    try:
-        t0 = time.perf_counter()
-        pipe.run(classes, seed, 1.5, SamplerConfig(), ssg)
-        total = time.perf_counter() - t0
-    finally:
-        del be.step
-    return total, per
+    """One image batch; per-scale times from the pipeline's per-scale progress callback."""
+    marks = [time.perf_counter()]
+    pipe.run(classes, seed, 1.5, SamplerConfig(), ssg, progress=lambda k: marks.append(time.perf_counter()))
+    total = time.perf_counter() - marks[0]
+    return total, [b - a for a, b in zip(marks, marks[1:])]
 
 
 def bench_dse(repeats=50):
@@ -92,7 +79,7 @@ def main() -> int:
     names = [b.strip() for b in a.backends.split(",") if b.strip()]
     if not names:
         raise ConfigError("--backends is empty")
-    pipes = {n: Pipeline(open_backend(n, a.artifacts, device=a.device)) for n in names}
+    pipes = {n: Pipeline(open_backend(n, man, device=a.device)) for n in names}
     classes = [(7 * i + 1) % cfg.num_classes for i in range(man.batch)]
     on, off = make_ssg("linear:0.1,0.3", man.transform), make_ssg("0", man.transform)
     for pipe in pipes.values():          # warm-up

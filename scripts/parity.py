@@ -37,19 +37,19 @@ def main() -> int:
     others = [b for b in names if b != "eager"]
     if not others:
         raise ConfigError("--backends needs at least one backend besides eager (e.g. eager,onnxruntime)")
-    ref_be = open_backend("eager", a.artifacts, device=a.device)
-    cfg = ref_be.info.cfg
-    man_batch = ref_be_batch = None
     from runtime.manifest import load_manifest
-    man = load_manifest(a.artifacts, verify_hashes=False)
+    man = load_manifest(a.artifacts)          # validated and hashed once for every backend
+    cfg = man.cfg
+    ref_be = open_backend("eager", man, device=a.device)
     classes = a.classes or [(7 * i + 1) % cfg.num_classes for i in range(man.batch)]
-    sampler = SamplerConfig(top_k=a.top_k if a.top_k <= max(man.k_max, 1) or man.k_max == 0 else man.k_max,
+    # the default --top-k (900) is clipped to what the artifacts bake in
+    sampler = SamplerConfig(top_k=min(a.top_k, man.k_max) if man.k_max else a.top_k,
                             top_p=a.top_p, temperature=a.temperature)
     ssg = make_ssg(a.ssg_beta, man.transform, cfg.num_scales)
     ref = Pipeline(ref_be).run(classes, a.seed, a.cfg, sampler, ssg, keep_logits=True)
     reports = []
     for name in others:
-        be = open_backend(name, a.artifacts, device=a.device)
+        be = open_backend(name, man, device=a.device)
         got = Pipeline(be).run(classes, a.seed, a.cfg, sampler, ssg, keep_logits=True)
         rep = compare(ref, got, name, man.precision)
         print(rep.table())

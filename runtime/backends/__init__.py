@@ -7,15 +7,15 @@ from graphs.config import ConfigError
 BACKENDS = ("eager", "onnxruntime", "tensorrt")
 
 
-def open_backend(name: str, artifacts: str = None, **kw):
-    """Open a backend over an artifacts directory (eager: rebuilds the modules from the
-    manifest's weight source)."""
+def open_backend(name: str, artifacts=None, **kw):
+    """Open a backend over an artifacts directory or a loaded Manifest (eager: rebuilds the
+    modules from the manifest's weight source)."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if artifacts is None:
         raise ConfigError(f"--backend {name} needs --artifacts DIR (made by scripts/export.py)")
-    from ..manifest import load_manifest
-    man = load_manifest(artifacts)
+    from ..manifest import Manifest, load_manifest
+    man = artifacts if isinstance(artifacts, Manifest) else load_manifest(artifacts)
     if name == "eager":
         from .eager import EagerBackend
         return EagerBackend.from_manifest(man, **kw)

@@ -29,7 +29,7 @@ class EagerBackend:
         self.spec = StepSpec(transform=transform, dse=dse, resample=resample, k_max=k_max, dtype=dtype)
         self.steps = [s.to(device) for s in build_steps(var, vae, self.spec)]
         self.info = BackendInfo(name="eager", cfg=cfg, k_max=k_max, transform=transform,
-                                kv_dtype=dtype, max_batch=None, device=device)
+                                kv_dtype=dtype, batch=None, device=device)
 
     @classmethod
     def from_manifest(cls, man, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import onnx
@@ -21,17 +21,13 @@ import torch
 
 from graphs.config import ConfigError
 
-from ..manifest import Manifest
+from ..manifest import TORCH_DTYPES, Manifest
 from ..pipeline import BackendInfo
 
 log = logging.getLogger(__name__)
-_NP = {"float": np.float32, "float32": np.float32, "float16": np.float16, "int64": np.int64,
-       "int32": np.int32, "bool": np.bool_}
 _ONNX_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
             onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
             onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BOOL: np.bool_}
-_TORCH = {"float": torch.float32, "float32": torch.float32, "float16": torch.float16,
-          "int64": torch.int64, "int32": torch.int32, "bfloat16": torch.bfloat16}
 
 
 def _import_ort():
@@ -83,8 +79,7 @@ class OrtBackend:
         self.io = {g["name"]: g for g in man.data["graphs"]}
         cfg = man.cfg
         self.info = BackendInfo(name="onnxruntime", cfg=cfg, k_max=man.k_max, transform=man.transform,
-                                kv_dtype=_TORCH[man.data["kv_dtype"]], max_batch=man.batch, fixed_batch=True,
-                                device=device)
+                                kv_dtype=man.kv_dtype, batch=man.batch, device=device)
         self.source_note = man.source_note
 
     def _share(self, so, path: str) -> list:
@@ -120,7 +115,7 @@ class OrtBackend:
             if list(t.shape) != spec["shape"]:
                 raise ConfigError(f"{g['file']}: input {spec['name']} has shape {list(t.shape)}, "
                                   f"the graph was exported for {spec['shape']}")
-            want = _TORCH[spec["dtype"]]
+            want = TORCH_DTYPES[spec["dtype"]]
             alive.append(self._bind(b, spec["name"], t.to(want), False))
         for spec in g["outputs"]:
             alive.append(self._bind(b, spec["name"], outs[spec["name"]], True))
@@ -128,20 +123,9 @@ class OrtBackend:
         return outs
 
     def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
-        g = self.man.data["graphs"][k]
-        dev = kv_out.device
-        outs = {}
-        for spec in g["outputs"]:
-            if spec["name"] == "new_kv":
-                outs["new_kv"] = kv_out            # written in place into the cache slice
-            else:
-                outs[spec["name"]] = torch.empty(spec["shape"], dtype=_TORCH[spec["dtype"]], device=dev)
-        self._run(k, feeds, outs)
-        return outs
+        # new_kv is bound to the cache slice: written in place
+        return self._run(k, feeds, self.man.alloc_outputs(k, kv_out.device, kv_out))
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         idx = len(self.sessions) - 1
-        g = self.man.data["graphs"][idx]
-        out = torch.empty(g["outputs"][0]["shape"], dtype=torch.float32, device=f_hat.device)
-        self._run(idx, {"f_hat": f_hat}, {"image": out})
-        return out
+        return self._run(idx, {"f_hat": f_hat}, self.man.alloc_outputs(idx, f_hat.device))["image"]

@@ -11,10 +11,9 @@ import torch
 from export.trt_build import import_tensorrt
 from graphs.config import ConfigError
 
-from ..manifest import Manifest
+from ..manifest import TORCH_DTYPES, Manifest
 from ..pipeline import BackendInfo
 
-_TORCH = {"float": torch.float32, "float16": torch.float16, "int64": torch.int64, "bfloat16": torch.bfloat16}
 
 
 class TrtBackend:
@@ -42,8 +41,7 @@ class TrtBackend:
             self.contexts.append(eng.create_execution_context())
         self.stream = torch.cuda.Stream()
         self.info = BackendInfo(name="tensorrt", cfg=man.cfg, k_max=man.k_max, transform=man.transform,
-                                kv_dtype=_TORCH[man.data["kv_dtype"]], max_batch=man.batch, fixed_batch=True,
-                                device="cuda")
+                                kv_dtype=man.kv_dtype, batch=man.batch, device="cuda")
         self.source_note = man.source_note
 
     def _run(self, idx: int, feeds: Dict[str, torch.Tensor], outs: Dict[str, torch.Tensor]):
@@ -51,7 +49,7 @@ class TrtBackend:
         ctx = self.contexts[idx]
         alive = []
         for spec in g["inputs"]:
-            t = feeds[spec["name"]].to(device="cuda", dtype=_TORCH[spec["dtype"]]).contiguous()
+            t = feeds[spec["name"]].to(device="cuda", dtype=TORCH_DTYPES[spec["dtype"]]).contiguous()
             alive.append(t)
             ctx.set_tensor_address(spec["name"], t.data_ptr())
         for name, t in outs.items():
@@ -62,13 +60,8 @@ class TrtBackend:
         return outs
 
     def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
-        g = self.man.data["graphs"][k]
-        outs = {o["name"]: (kv_out if o["name"] == "new_kv" else
-                            torch.empty(o["shape"], dtype=_TORCH[o["dtype"]], device="cuda")) for o in g["outputs"]}
-        return self._run(k, feeds, outs)
+        return self._run(k, feeds, self.man.alloc_outputs(k, "cuda", kv_out))
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         idx = len(self.engines) - 1
-        g = self.man.data["graphs"][idx]
-        out = torch.empty(g["outputs"][0]["shape"], dtype=torch.float32, device="cuda")
-        return self._run(idx, {"f_hat": f_hat}, {"image": out})["image"]
+        return self._run(idx, {"f_hat": f_hat}, self.man.alloc_outputs(idx, "cuda"))["image"]
