@@ -2,13 +2,13 @@
 
 Rules (SPEC section 4): every op is one the TensorRT ONNX parser supports at the chosen opset;
 no DFT/STFT/complex/sequence/control-flow ops; static shapes on every graph input and output
-(one static graph per scale); int64 only in ops that TensorRT 10 accepts it for; TopK's K a
+(one static graph per scale; step_all.onnx may name dynamic inputs, pinned by profiles); int64 only in ops that TensorRT 10 accepts it for; TopK's K a
 constant within TensorRT's limit; opset no newer than the target parser documents.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import AbstractSet, List, Sequence
 
 import onnx
 from onnx import numpy_helper
@@ -65,7 +65,10 @@ def _static(vi) -> bool:
 
 
 def lint_model(model: onnx.ModelProto, name: str = "graph", topk_limit: int = TRT_TOPK_LIMIT,
-               max_opset: int = MAX_OPSET) -> List[LintIssue]:
+               max_opset: int = MAX_OPSET, dynamic: AbstractSet[str] = frozenset()) -> List[LintIssue]:
+    """`dynamic`: inputs allowed symbolic dims (step_all.onnx, whose shapes come from one
+    TensorRT optimization profile per scale); every other input and output must be static
+    or, for outputs, derived from those inputs."""
     out: List[LintIssue] = []
     g = model.graph
     for imp in model.opset_import:
@@ -85,8 +88,8 @@ def lint_model(model: onnx.ModelProto, name: str = "graph", topk_limit: int = TR
     for init in g.initializer:
         types[init.name] = init.data_type
         consts[init.name] = init
-    for vi in list(g.input) + list(g.output):
-        if not _static(vi):
+    for vi in list(g.input) + ([] if dynamic else list(g.output)):
+        if not _static(vi) and vi.name not in dynamic:
             out.append(LintIssue(name, vi.name, "dynamic shape on a graph input/output; export one static graph per scale"))
     for vi in list(inferred.graph.value_info) + list(g.input) + list(g.output):
         if vi.type.tensor_type.elem_type in COMPLEX:

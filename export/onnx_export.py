@@ -3,6 +3,8 @@ one shared external-data file, and manifest.json.
 
     out.tmp-XXXX/                      (written first, renamed to --out at the very end)
       step_0.onnx ... step_9.onnx      per-scale graphs (static shapes), weights by reference
+      step_all.onnx                    (--unified / --target trt) one graph for every scale,
+                                       dynamic token axis; per-scale constants in scale_consts.npz
       decoder.onnx                     f_hat -> image in [0, 1]
       weights.bin                      every initializer once (content-deduplicated)
       manifest.json                    the runtime's contract (runtime/manifest.py)
@@ -51,6 +53,13 @@ class ExportConfig:
     top_k: int = 900                  # baked TopK K (runtime top_k <= this); 0 = no top-k
     opset: int = 18
     target: str = "onnx"              # "onnx" | "trt"
+    unified: bool = False             # also export step_all.onnx (always with target "trt")
+    trt_hardware_compatible: bool = False   # engines run on Ampere and newer, not only this GPU
+    trt_version_compatible: bool = False    # engines run on later TensorRT of the same major
+
+    @property
+    def with_unified(self) -> bool:
+        return self.unified or self.target == "trt"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -94,16 +103,21 @@ def sample_feeds(cfg: VARConfig, k: int, batch: int, kv_dtype: torch.dtype) -> D
     return feeds
 
 
+def _dim(d):
+    return d if isinstance(d, int) else str(d)     # symbolic dims (step_all.onnx) by name
+
+
 def _io(values) -> List[Dict]:
-    return [dict(name=v.name, shape=[int(d) for d in v.shape], dtype=str(v.dtype).lower()) for v in values]
+    return [dict(name=v.name, shape=[_dim(d) for d in v.shape], dtype=str(v.dtype).lower()) for v in values]
 
 
 def _export_one(module: torch.nn.Module, feeds: Dict[str, torch.Tensor], in_names: List[str],
-                out_names: List[str], opset: int):
+                out_names: List[str], opset: int, dynamic_shapes=None):
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(module, (), kwargs=feeds, dynamo=True, input_names=in_names,
-                                 output_names=out_names, opset_version=opset, optimize=True, verbose=False)
+                                 output_names=out_names, opset_version=opset, optimize=True, verbose=False,
+                                 dynamic_shapes=dynamic_shapes)
     return prog.model
 
 
@@ -149,12 +163,18 @@ def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: Expo
     """Export everything into `out` atomically. Returns the manifest dict."""
     cfg = var.cfg
     key = cache_key(cfg, ec, weights_id(src))
+    if ec.target == "trt":            # fail before a long export, not after it
+        from .trt_build import require_gpu
+        require_gpu()
     if prepare_out(out, force, key):
         log.info("%s is up to date (cache key %s); nothing to do", out, key[:12])
         return load_manifest(out, verify_hashes=False).data
     parent = os.path.dirname(os.path.abspath(out)) or "."
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
     try:
+        old_cache = os.path.join(out, "timing.cache")
+        if ec.target == "trt" and os.path.isfile(old_cache):     # reuse the TensorRT timing cache
+            shutil.copyfile(old_cache, os.path.join(tmp, "timing.cache"))
         man = _export_into(var, vae, src, tmp, ec, key, progress)
         if os.path.isdir(out):
             trash = tempfile.mkdtemp(prefix=".old-", dir=parent)
@@ -189,6 +209,11 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
             model = _export_one(step, sample_feeds(cfg, k, ec.batch, dtype), input_names(k), OUTPUT_NAMES, ec.opset)
             graphs.append(_save(model, store, tmp, f"step_{k}", dict(kind="step", scale=k)))
             del model, step
+        unified = None
+        if ec.with_unified:
+            if progress:
+                progress("step_all")
+            unified = _export_unified(var_x, vae, tmp, store, ec, spec)
         if progress:
             progress("decoder")
         f_hat = torch.zeros(ec.batch, cfg.Cvae, cfg.patch_nums[-1], cfg.patch_nums[-1])
@@ -200,9 +225,12 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         sum(p.numel() * p.element_size() for n, p in vae.named_parameters() if not n.startswith("encoder."))
     if progress:
         progress("check")
-    for g in graphs:
+    for g in graphs + ([unified["graph"]] if unified else []):
         onnx.checker.check_model(os.path.join(tmp, g["file"]), full_check=True)
     issues = lint_files([os.path.join(tmp, g["file"]) for g in graphs], max_opset=MAX_OPSET)
+    if unified:
+        issues += lint_files([os.path.join(tmp, unified["graph"]["file"])], max_opset=MAX_OPSET,
+                             dynamic=set(unified["dynamic_inputs"]))
     if issues:
         raise ExportError("TensorRT-compatibility lint failed:\n  " + "\n  ".join(map(str, issues)))
     data = dict(
@@ -215,15 +243,45 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
                                                   referenced_bytes=store.bytes_referenced,
                                                   parameter_bytes=param_bytes),
         graphs=graphs, kv_layout="(L, depth, 2, 2B, heads, head_dim)", kv_dtype=str(dtype).replace("torch.", ""),
-        tools=_versions(), cache_key=key,
+        unified=unified, tools=_versions(), cache_key=key,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         export=asdict(ec),
     )
     if ec.target == "trt":
         from .trt_build import build_engines
-        data["tensorrt"] = build_engines(tmp, data)
+        data["tensorrt"] = build_engines(tmp, data, hardware_compat=ec.trt_hardware_compatible,
+                                         version_compat=ec.trt_version_compatible)
     write_manifest(tmp, data)
     return data
+
+
+def _export_unified(var_x, vae, tmp: str, store: SharedWeights, ec: ExportConfig, spec: StepSpec) -> Dict:
+    """step_all.onnx + scale_consts.npz, and the per-scale shapes (TensorRT's profiles)."""
+    import numpy as np
+    from graphs.unified import (UNIFIED_INPUTS, UNIFIED_OUTPUTS, UnifiedStep, dynamic_shapes,
+                                scale_constants, unified_feeds)
+    cfg = var_x.cfg
+    dtype = PRECISIONS[ec.precision]
+    ex = 3 if cfg.num_scales > 3 else cfg.num_scales - 1      # an example scale with n, m, Lp all > 1
+    model = _export_one(UnifiedStep(var_x, vae, spec).eval(), unified_feeds(cfg, vae, ec.transform, ex, ec.batch, dtype),
+                        UNIFIED_INPUTS, UNIFIED_OUTPUTS, ec.opset, dynamic_shapes=dynamic_shapes(cfg))
+    g = _save(model, store, tmp, "step_all", dict(kind="step_unified"))
+    consts = {f"k{k}/{n}": v for k in range(cfg.num_scales)
+              for n, v in scale_constants(cfg, vae, ec.transform, k).items()}
+    with open(os.path.join(tmp, "scale_consts.npz"), "wb") as f:
+        np.savez(f, **consts)
+    profiles, out_shapes = [], []
+    for k in range(cfg.num_scales):
+        feeds = unified_feeds(cfg, vae, ec.transform, k, ec.batch, dtype)
+        profiles.append({n: list(feeds[n].shape) for n in UNIFIED_INPUTS})
+        b, e = cfg.begin_ends[k]
+        n, B = e - b, ec.batch
+        out_shapes.append(dict(tokens=[B, n], logits=[B, n, cfg.V], logits_cfg=[B, n, cfg.V],
+                               f_hat_out=[B, cfg.Cvae, cfg.patch_nums[-1], cfg.patch_nums[-1]],
+                               new_kv=[n, cfg.depth, 2, 2 * B, cfg.num_heads, cfg.head_dim]))
+    dyn = sorted({name for name, spec_ in dynamic_shapes(cfg).items() if spec_})
+    return dict(graph=g, consts="scale_consts.npz", profiles=profiles, output_shapes=out_shapes,
+                dynamic_inputs=dyn)
 
 
 def _save(model, store: SharedWeights, tmp: str, name: str, extra: Dict) -> Dict:

@@ -91,6 +91,41 @@ class Manifest:
                             torch.empty(o["shape"], dtype=TORCH_DTYPES[o["dtype"]], device=device))
                 for o in self.data["graphs"][idx]["outputs"]}
 
+    # ---- the unified graph (step_all.onnx: every scale, one graph; TensorRT's layout) ----
+    @property
+    def unified(self) -> Dict[str, Any]:
+        u = self.data.get("unified")
+        if not u:
+            raise ManifestError(f"{self.root} has no unified step graph (step_all.onnx): re-export with "
+                                f"--unified (or --target trt)")
+        return u
+
+    def scale_consts(self, device="cpu") -> list:
+        """Per scale, the unified graph's `scale_*` inputs as tensors."""
+        import numpy as np
+        with np.load(self.path(self.unified["consts"]), allow_pickle=False) as z:
+            arrs = {key: z[key] for key in z.files}
+        K = len(self.unified["profiles"])
+        return [{key.split("/", 1)[1]: torch.from_numpy(v).to(device) for key, v in arrs.items()
+                 if key.startswith(f"k{k}/")} for k in range(K)]
+
+    def unified_feeds(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor,
+                      consts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A static step's feeds -> the unified graph's at scale k (scale 0: empty past, one zero
+        prior row with beta 0, which leaves the logits untouched)."""
+        out = dict(feeds, **consts)
+        if k == 0:
+            prof = self.unified["profiles"][0]
+            dev = kv_out.device
+            out.update(past_kv=kv_out[:0], beta=torch.zeros(1, device=dev),
+                       prev_logits=torch.zeros(prof["prev_logits"], device=dev))
+        return out
+
+    def alloc_unified_outputs(self, k: int, device, kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
+        dt = {o["name"]: TORCH_DTYPES[o["dtype"]] for o in self.unified["graph"]["outputs"]}
+        return {name: (kv_out if name == "new_kv" else torch.empty(shape, dtype=dt[name], device=device))
+                for name, shape in self.unified["output_shapes"][k].items()}
+
     @property
     def source_note(self) -> str:
         w = self.weights

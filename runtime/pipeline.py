@@ -1,7 +1,8 @@
 """The K-scale loop over any backend, with one preallocated KV cache per run.
 
     noise  = one seeded host generator, u_k (B x n_k) drawn in scale order (shared by backends)
-    cache  = empty(L, depth, 2, 2B, H, hd)            allocated once per run
+    cache  = empty(L, depth, 2, 2B, H, hd)            allocated once per run (or owned by the
+                                                       backend: TensorRT keeps its addresses fixed)
     for k: past = cache[:L_k]  (contiguous prefix view)
            outs = backend.step(k, feeds, kv_out=cache[L_k:L_k+n_k])   (written in place / one copy)
     image  = backend.decode(f_hat)
@@ -96,7 +97,9 @@ class Pipeline:
         self.check(B, sampler, ssg)
         dev = info.device
         noise = [u.to(dev) for u in draw_noise(seed, B, mc.patch_nums)]
-        kv = torch.empty(mc.L, mc.depth, 2, 2 * B, mc.num_heads, mc.head_dim, dtype=info.kv_dtype, device=dev)   # the one cache
+        shape = (mc.L, mc.depth, 2, 2 * B, mc.num_heads, mc.head_dim)
+        alloc_kv = getattr(self.backend, "alloc_kv", None)      # backends that bind fixed addresses own it
+        kv = alloc_kv(shape, info.kv_dtype) if alloc_kv else torch.empty(shape, dtype=info.kv_dtype, device=dev)
         f_hat = torch.zeros(B, mc.Cvae, mc.patch_nums[-1], mc.patch_nums[-1], device=dev)
         labels = labels.to(dev)
         top_k = sampler.top_k if 0 < sampler.top_k < mc.V else max(info.k_max, 1)

@@ -29,6 +29,10 @@ def main() -> int:
                    help="folded: one MatMul per scale pair; chain: interp -> transform -> band -> inverse")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--target", choices=("onnx", "trt"), default="onnx")
+    p.add_argument("--unified", action="store_true",
+                   help="also export step_all.onnx, one graph for every scale (always on with --target trt)")
+    p.add_argument("--trt-hardware-compatible", action="store_true", help="engines for Ampere and newer GPUs")
+    p.add_argument("--trt-version-compatible", action="store_true", help="engines for later TensorRT of this major")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     a = p.parse_args()
 
@@ -39,11 +43,12 @@ def main() -> int:
     t0 = time.time()
     cfg = get_preset(a.model)
     ec = ExportConfig(precision=a.precision, batch=a.batch, transform=a.dse, dse_form=a.dse_form,
-                      top_k=a.top_k, opset=a.opset, target=a.target)
+                      top_k=a.top_k, opset=a.opset, target=a.target, unified=a.unified,
+                      trt_hardware_compatible=a.trt_hardware_compatible, trt_version_compatible=a.trt_version_compatible)
     if os.path.isdir(a.out) and os.listdir(a.out) and not a.force and not os.path.isfile(os.path.join(a.out, "manifest.json")):
         prepare_out(a.out, False, "")          # fails fast with the clear message
     var, vae, src = load_models(cfg, a.ckpt, a.vae_ckpt, a.random_init)
-    stages = [f"step_{k}" for k in range(cfg.num_scales)] + ["decoder", "check"]
+    stages = [f"step_{k}" for k in range(cfg.num_scales)] + (["step_all"] if ec.with_unified else []) + ["decoder", "check"]
     with tqdm(total=len(stages), desc=f"export {cfg.name}", unit="graph", file=sys.stderr) as bar:
         man = export_artifacts(var, vae, src, a.out, ec, force=a.force,
                                progress=lambda s: (bar.set_postfix_str(s), bar.update(1 if s != "step_0" else 0)))

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sys
 
@@ -21,17 +22,25 @@ def main() -> int:
     p.add_argument("--max-opset", type=int, default=20)
     a = p.parse_args()
     from export.lint import lint_files
-    files = []
+    files, dynamic = [], {}
     for path in a.paths:
         if os.path.isdir(path):
             files += sorted(glob.glob(os.path.join(path, "*.onnx")))
+            man = os.path.join(path, "manifest.json")
+            if os.path.isfile(man):       # step_all.onnx: dynamic inputs pinned by per-scale profiles
+                with open(man) as f:
+                    uni = json.load(f).get("unified")
+                if uni:
+                    dynamic[os.path.join(path, uni["graph"]["file"])] = set(uni["dynamic_inputs"])
         elif os.path.isfile(path):
             files.append(path)
         else:
             raise ConfigError(f"{path}: no such file or directory")
     if not files:
         raise ConfigError(f"no .onnx files in {' '.join(a.paths)}")
-    issues = lint_files(files, max_opset=a.max_opset)
+    issues = []
+    for f in files:
+        issues += lint_files([f], max_opset=a.max_opset, dynamic=dynamic.get(f, frozenset()))
     for i in issues:
         print(i)
     print(f"{len(files)} graphs, {len(issues)} issues")

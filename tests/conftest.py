@@ -31,7 +31,7 @@ def artifacts(tmp_path_factory):
     from graphs.weights import WeightSource
 
     def make(**kw):
-        ec = ExportConfig(**{"top_k": 64, **kw})
+        ec = ExportConfig(**{"top_k": 64, "unified": True, **kw})
         if ec not in _ARTIFACTS:
             cfg = get_preset(TINY)
             var, vae = random_models(cfg, 0)

@@ -219,3 +219,53 @@ def test_reexport_is_cached(artifacts, tiny):
     from graphs.config import ConfigError
     with pytest.raises(ConfigError, match="not empty"):
         export_artifacts(var, vae, WeightSource(kind="random", seed=1), d, ExportConfig(top_k=64))
+
+
+def test_unified_graph_is_valid_and_lint_clean_with_its_profiles(artifacts, tiny):
+    cfg = tiny[0]
+    d = artifacts()
+    man = json.load(open(os.path.join(d, "manifest.json")))
+    u = man["unified"]
+    p = os.path.join(d, u["graph"]["file"])
+    onnx.checker.check_model(p, full_check=True)
+    m = onnx.load(p, load_external_data=False)
+    assert not lint_model(m, "step_all", dynamic=set(u["dynamic_inputs"]))
+    # the dynamic axes are exactly the ones the profiles pin (and the outputs that follow them);
+    # without them the lint objects
+    flagged = {i.node for i in lint_model(m, "step_all")}
+    assert set(u["dynamic_inputs"]) == {"noise", "past_kv", "prev_logits", "scale_pos", "scale_down",
+                                        "scale_up", "scale_dse"}
+    assert flagged == set(u["dynamic_inputs"]) | {"tokens", "logits", "logits_cfg", "new_kv"}
+    assert len(u["profiles"]) == cfg.num_scales
+    for k, prof in enumerate(u["profiles"]):
+        n, (b, _) = cfg.patch_nums[k] ** 2, cfg.begin_ends[k]
+        assert prof["noise"] == [1, n] and prof["past_kv"][0] == b
+        assert prof["prev_logits"] == [1, 1 if k == 0 else cfg.patch_nums[k - 1] ** 2, cfg.V]
+        assert u["output_shapes"][k]["new_kv"][0] == n
+    # weights are shared with the static graphs, not stored twice
+    e = man["external_data"]
+    var_bytes = sum(p.numel() * 4 for p in tiny[1].parameters())
+    assert e["bytes"] <= 1.05 * e["parameter_bytes"] + 2_000_000 and e["referenced_bytes"] - e["bytes"] >= 9 * var_bytes
+    r = run_script("lint.py", d)
+    assert r.returncode == 0 and f"{len(man['graphs']) + 1} graphs, 0 issues" in r.stdout
+
+
+@pytest.mark.parametrize("k", [0, 1, 9])
+def test_unified_step_matches_eager(artifacts, tiny, k):
+    """step_all.onnx at scale k == the eager reference step at scale k (scale 0: empty past)."""
+    import onnxruntime as ort
+    from graphs.unified import prev_rows, scale_constants
+    cfg, var, vae = tiny
+    d = artifacts()
+    sess = ort.InferenceSession(os.path.join(d, "step_all.onnx"), providers=["CPUExecutionProvider"])
+    feeds = _feeds(cfg, k, 1)
+    ref = ScaleStep(var, vae, k, StepSpec(transform="dct", dse="fft", resample="interp", k_max=64))(**feeds)
+    uf = dict(feeds, **{n: torch.from_numpy(v) for n, v in scale_constants(cfg, vae, "dct", k).items()})
+    if k == 0:
+        uf.update(past_kv=torch.zeros(0, cfg.depth, 2, 2, cfg.num_heads, 64), beta=torch.zeros(1),
+                  prev_logits=torch.randn(1, prev_rows(cfg, 0), cfg.V))      # ignored: zero DSE row, beta 0
+    got = sess.run(None, {i.name: uf[i.name].numpy() for i in sess.get_inputs()})
+    tokens, logits, _, f_hat, new_kv = [torch.from_numpy(x) for x in got]
+    assert torch.equal(tokens, ref[0])
+    assert (logits - ref[1]).abs().max() <= 1e-4 * ref[1].abs().max()
+    assert (f_hat - ref[3]).abs().max() <= 1e-4 and (new_kv - ref[4]).abs().max() <= 1e-4

@@ -28,7 +28,7 @@ def b1(artifacts):
 
 @pytest.fixture(scope="module")
 def b3(artifacts):
-    d = artifacts(batch=3, transform="dft")
+    d = artifacts(batch=3, transform="dft", unified=False)
     return d, Pipeline(open_backend("eager", d)), Pipeline(open_backend("onnxruntime", d))
 
 
@@ -212,3 +212,24 @@ def test_generate_cli_bad_input(tmp_path):
     r = run_script("generate.py", "--model", "var-d2-tiny", "--ckpt", tmp_path / "var_d3.pth", "--vae-ckpt",
                    tmp_path / "vae.pth", "--out", tmp_path / "o.png")
     assert r.returncode == 2 and "looks like var-d3" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unified_graph_equals_static_graphs_end_to_end(b1):
+    """step_all.onnx (one graph, every scale, per-scale constants as inputs) gives the same
+    images as the ten static graphs and the eager reference."""
+    d, eager, ort = b1
+    uni = Pipeline(open_backend("onnxruntime", d, graph="unified"))
+    s = SamplerConfig(top_k=40, top_p=0.9)
+    ssg = make_ssg("linear:0.1,0.3", "dct")
+    a = eager.run([207], 5, 1.5, s, ssg, keep_logits=True)
+    b = uni.run([207], 5, 1.5, s, ssg, keep_logits=True)
+    _same(a, b)
+    _same(ort.run([207], 5, 1.5, s, ssg), b)
+    for x, y in zip(a.logits, b.logits):
+        assert (x - y).abs().max() <= 1e-4 * x.abs().max()
+
+
+def test_unified_graph_missing_is_clear(artifacts):
+    d = artifacts(batch=3, transform="dft", unified=False)
+    with pytest.raises(ConfigError, match="no unified step graph.*--unified"):
+        open_backend("onnxruntime", d, graph="unified")

@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: one session per scale graph plus the decoder.
+"""ONNX Runtime backend: one session per scale graph plus the decoder (or, with
+graph="unified", one session over step_all.onnx fed each scale's constants).
 
 * Weights: every session's external initializers are OrtValues over one read-only memory map
   of weights.bin (`SessionOptions.add_initializer`), so ten sessions hold one copy; weight
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import onnx
@@ -41,7 +42,7 @@ def _import_ort():
 
 class OrtBackend:
     def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = False,
-                 share_weights: bool = True, trt_provider: bool = False):
+                 share_weights: bool = True, trt_provider: bool = False, graph: str = "static"):
         ort = _import_ort()
         self.ort, self.man, self.device = ort, man, device
         if device not in ("cpu", "cuda"):
@@ -59,28 +60,41 @@ class OrtBackend:
         if share_weights and os.path.getsize(wpath) > 0:
             with open(wpath, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.sessions: List = []
-        for g in man.data["graphs"]:
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads:
-                so.intra_op_num_threads = threads
-            if not prepack:
-                so.add_session_config_entry("session.disable_prepacking", "1")
-            keep = []
-            if self._mm is not None:
-                keep = self._share(so, man.path(g["file"]))
-            sess = ort.InferenceSession(man.path(g["file"]), sess_options=so, providers=providers)
-            if device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
-                raise ConfigError(f"{g['file']}: onnxruntime fell back to the CPU (providers {sess.get_providers()}); "
-                                  f"check the CUDA/cuDNN libraries that onnxruntime-gpu needs")
-            sess._var_ssg_keep = keep     # the OrtValues must outlive the session
-            self.sessions.append(sess)
-        self.io = {g["name"]: g for g in man.data["graphs"]}
+        self._so_args = (threads, prepack, providers)
+        if graph not in ("static", "unified"):
+            raise ConfigError(f"graph must be static or unified, got {graph!r}")
+        self.graph = graph
+        graphs = man.data["graphs"]
+        self.decoder_graph = graphs[-1]
+        if graph == "unified":
+            self.step_graphs = [man.unified["graph"]]
+            self.consts = man.scale_consts(device)
+        else:
+            self.step_graphs = graphs[:-1]
+        self.sessions = {g["name"]: self._session(g) for g in self.step_graphs + [self.decoder_graph]}
         cfg = man.cfg
         self.info = BackendInfo(name="onnxruntime", cfg=cfg, k_max=man.k_max, transform=man.transform,
                                 kv_dtype=man.kv_dtype, batch=man.batch, device=device)
         self.source_note = man.source_note
+
+    def _session(self, g: Dict):
+        ort, man = self.ort, self.man
+        threads, prepack, providers = self._so_args
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        keep = []
+        if self._mm is not None:
+            keep = self._share(so, man.path(g["file"]))
+        sess = ort.InferenceSession(man.path(g["file"]), sess_options=so, providers=providers)
+        if self.device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+            raise ConfigError(f"{g['file']}: onnxruntime fell back to the CPU (providers {sess.get_providers()}); "
+                              f"check the CUDA/cuDNN libraries that onnxruntime-gpu needs")
+        sess._var_ssg_keep = keep     # the OrtValues must outlive the session
+        return sess
 
     def _share(self, so, path: str) -> list:
         """Point this session's external initializers at the shared memory map."""
@@ -105,14 +119,14 @@ class OrtBackend:
         fn(name, dev, t.device.index or 0, dt, tuple(t.shape), t.data_ptr())
         return t
 
-    def _run(self, idx: int, feeds: Dict[str, torch.Tensor], outs: Dict[str, torch.Tensor]):
-        sess = self.sessions[idx]
-        g = self.man.data["graphs"][idx]
+    def _run(self, g: Dict, feeds: Dict[str, torch.Tensor], outs: Dict[str, torch.Tensor]):
+        sess = self.sessions[g["name"]]
         b = sess.io_binding()
         alive = []
         for spec in g["inputs"]:
             t = feeds[spec["name"]]
-            if list(t.shape) != spec["shape"]:
+            if len(t.shape) != len(spec["shape"]) or any(
+                    isinstance(d, int) and d != s for d, s in zip(spec["shape"], t.shape)):
                 raise ConfigError(f"{g['file']}: input {spec['name']} has shape {list(t.shape)}, "
                                   f"the graph was exported for {spec['shape']}")
             want = TORCH_DTYPES[spec["dtype"]]
@@ -124,8 +138,11 @@ class OrtBackend:
 
     def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
         # new_kv is bound to the cache slice: written in place
-        return self._run(k, feeds, self.man.alloc_outputs(k, kv_out.device, kv_out))
+        if self.graph == "unified":
+            return self._run(self.step_graphs[0], self.man.unified_feeds(k, feeds, kv_out, self.consts[k]),
+                             self.man.alloc_unified_outputs(k, kv_out.device, kv_out))
+        return self._run(self.step_graphs[k], feeds, self.man.alloc_outputs(k, kv_out.device, kv_out))
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        idx = len(self.sessions) - 1
-        return self._run(idx, {"f_hat": f_hat}, self.man.alloc_outputs(idx, f_hat.device))["image"]
+        idx = len(self.man.data["graphs"]) - 1
+        return self._run(self.decoder_graph, {"f_hat": f_hat}, self.man.alloc_outputs(idx, f_hat.device))["image"]

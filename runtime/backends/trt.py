@@ -1,67 +1,172 @@
-"""TensorRT backend: one engine per scale graph (from `--target trt`), inputs and outputs bound
-to torch tensors with `set_tensor_address` (the KV cache prefix and slice in place), run with
-`execute_async_v3` on one CUDA stream. Guarded: without tensorrt it raises a clear error.
-Untested here (no GPU/TensorRT on the build machines); see the closing note of issue 5."""
+"""TensorRT backend over the engines of `--target trt` (export/trt_build.py). Guarded: without
+tensorrt it raises a clear error; nothing here is imported by the other backends.
+
+* One engine for every scale (step_all.plan) with one optimization profile per scale; one
+  execution context per profile, created USER_MANAGED and all pointed at ONE scratch buffer
+  (the scales run one after another on one stream, so they can share it).
+* The KV cache is owned by the backend (`alloc_kv`), so its address is stable across runs;
+  every input and output of a scale is bound once to a static torch tensor (the cache prefix as
+  past_kv, the cache slice as new_kv), and feeds are copied into those tensors before a run.
+* CUDA graphs: the first run of a scale executes normally, the second captures
+  `execute_async_v3` into a torch.cuda.CUDAGraph, later runs replay it.
+* The manifest's TensorRT version and GPU are checked against this machine first
+  (export.trt_build.check_compat).
+
+Not run on the build machines (no GPU, no TensorRT); scripts/gpu_check.sh exercises it.
+"""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
-from export.trt_build import import_tensorrt
+from export.trt_build import check_compat, import_tensorrt, plan
 from graphs.config import ConfigError
 
 from ..manifest import TORCH_DTYPES, Manifest
 from ..pipeline import BackendInfo
 
 
+class _Engine:
+    """One deserialized engine, a context per profile sharing `scratch`, static I/O tensors."""
+
+    def __init__(self, trt, rt, path: str, n_profiles: int, stream: torch.cuda.Stream):
+        with open(path, "rb") as f:
+            self.engine = rt.deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise ConfigError(f"{path}: TensorRT could not deserialize the engine (built for another TensorRT/GPU?); "
+                              f"re-export with --target trt")
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts = [self.engine.create_execution_context(strategy) for _ in range(max(n_profiles, 1))]
+        size = self._scratch_bytes(max(n_profiles, 1))
+        self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
+        for i, ctx in enumerate(self.contexts):
+            if n_profiles:
+                ctx.set_optimization_profile_async(i, stream.cuda_stream)
+            if hasattr(ctx, "set_device_memory"):
+                ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+            else:                                        # TensorRT 10.0
+                ctx.device_memory = self.scratch.data_ptr()
+        stream.synchronize()
+
+    def _scratch_bytes(self, n: int) -> int:
+        e = self.engine
+        if hasattr(e, "get_device_memory_size_for_profile_v2"):
+            return max(int(e.get_device_memory_size_for_profile_v2(i)) for i in range(n))
+        return int(getattr(e, "device_memory_size_v2", e.device_memory_size))
+
 
 class TrtBackend:
-    def __init__(self, man: Manifest, device: str = "cuda"):
+    def __init__(self, man: Manifest, device: str = "cuda", cuda_graphs: bool = True):
         trt = import_tensorrt()
         sec = man.data.get("tensorrt")
         if not sec:
             raise ConfigError(f"{man.root} has no TensorRT engines: re-export with --target trt on this GPU")
-        if not torch.cuda.is_available():
-            raise ConfigError("the tensorrt backend needs an NVIDIA GPU visible to PyTorch")
+        if device != "cuda" or not torch.cuda.is_available():
+            raise ConfigError("the tensorrt backend needs an NVIDIA GPU visible to PyTorch (--device cuda)")
         props = torch.cuda.get_device_properties(0)
-        cc = f"{props.major}.{props.minor}"
-        if sec["version"] != trt.__version__ and not sec.get("version_compatible"):
-            raise ConfigError(f"engines were built with TensorRT {sec['version']}, this is {trt.__version__}: re-export with --target trt")
-        if sec["compute_capability"] != cc and not sec.get("hardware_compatible"):
-            raise ConfigError(f"engines were built for {sec['gpu']} (sm {sec['compute_capability']}), "
-                              f"this GPU is {props.name} (sm {cc}): re-export with --target trt here")
-        self.man, self.trt = man, trt
-        rt = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines, self.contexts = [], []
-        for e in sec["engines"]:
-            with open(man.path(e["engine"]), "rb") as f:
-                eng = rt.deserialize_cuda_engine(f.read())
-            self.engines.append(eng)
-            self.contexts.append(eng.create_execution_context())
+        check_compat(sec, trt.__version__, props.name, f"{props.major}.{props.minor}")
+        self.man, self.trt, self.cuda_graphs = man, trt, cuda_graphs
+        step_plan, dec_plan = plan(man.data)
+        self.K = len(step_plan.profiles)
         self.stream = torch.cuda.Stream()
+        rt = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.step_engine = _Engine(trt, rt, man.path(step_plan.engine), self.K, self.stream)
+        self.dec_engine = _Engine(trt, rt, man.path(dec_plan.engine), 0, self.stream)
+        self.consts = man.scale_consts("cuda")
+        self.uni = man.unified
+        self.in_dtype = {i["name"]: TORCH_DTYPES[i["dtype"]] for i in self.uni["graph"]["inputs"]}
+        self.kv: Optional[torch.Tensor] = None
+        self.bound: Dict[int, Dict[str, torch.Tensor]] = {}     # scale (or -1: decoder) -> static tensors
+        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.runs: Dict[int, int] = {}
         self.info = BackendInfo(name="tensorrt", cfg=man.cfg, k_max=man.k_max, transform=man.transform,
                                 kv_dtype=man.kv_dtype, batch=man.batch, device="cuda")
         self.source_note = man.source_note
 
-    def _run(self, idx: int, feeds: Dict[str, torch.Tensor], outs: Dict[str, torch.Tensor]):
-        g = self.man.data["graphs"][idx]
-        ctx = self.contexts[idx]
-        alive = []
-        for spec in g["inputs"]:
-            t = feeds[spec["name"]].to(device="cuda", dtype=TORCH_DTYPES[spec["dtype"]]).contiguous()
-            alive.append(t)
-            ctx.set_tensor_address(spec["name"], t.data_ptr())
-        for name, t in outs.items():
-            ctx.set_tensor_address(name, t.data_ptr())
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution failed for {g['name']}")
-        self.stream.synchronize()
-        return outs
+    # the pipeline asks for the cache: one persistent buffer, so bound addresses stay valid
+    def alloc_kv(self, shape, dtype) -> torch.Tensor:
+        if self.kv is None or tuple(self.kv.shape) != tuple(shape) or self.kv.dtype != dtype:
+            self.kv = torch.empty(shape, dtype=dtype, device="cuda")
+            self.bound.clear()
+            self.graphs.clear()
+            self.runs.clear()
+        return self.kv
+
+    def _bind_static(self, key: int, ctx, tensors: Dict[str, torch.Tensor], shaped: Dict[str, list]):
+        for name, shape in shaped.items():
+            ctx.set_input_shape(name, tuple(shape))
+        for name, t in tensors.items():
+            if not ctx.set_tensor_address(name, t.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of {name}")
+        self.bound[key] = tensors
+
+    def _execute(self, key: int, ctx):
+        s = self.stream
+        if not self.cuda_graphs:
+            if not ctx.execute_async_v3(s.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            return
+        n = self.runs.get(key, 0)
+        self.runs[key] = n + 1
+        if key in self.graphs:
+            with torch.cuda.stream(s):
+                self.graphs[key].replay()
+        elif n == 0:                              # first run: plain (also updates TensorRT's state)
+            if not ctx.execute_async_v3(s.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+        else:                                     # second run: capture, then replay from now on
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=s):
+                if not ctx.execute_async_v3(s.cuda_stream):
+                    raise RuntimeError("TensorRT execution failed during CUDA graph capture")
+            self.graphs[key] = g
+            with torch.cuda.stream(s):
+                g.replay()
 
     def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self._run(k, feeds, self.man.alloc_outputs(k, "cuda", kv_out))
+        if self.kv is None or kv_out.untyped_storage().data_ptr() != self.kv.untyped_storage().data_ptr():
+            raise ConfigError("the tensorrt backend owns the KV cache: run it through runtime.pipeline.Pipeline")
+        ctx = self.step_engine.contexts[k]
+        full = self.man.unified_feeds(k, feeds, kv_out, self.consts[k])
+        if k not in self.bound:
+            prof = self.uni["profiles"][k]
+            tensors = {}
+            for name, shape in prof.items():
+                src = full[name]
+                if name == "past_kv" or name.startswith("scale_"):
+                    tensors[name] = src              # cache prefix view / constants: stable addresses
+                else:
+                    tensors[name] = torch.empty(shape, dtype=self.in_dtype[name], device="cuda")
+            outs = self.man.alloc_unified_outputs(k, "cuda", kv_out)
+            tensors.update(outs)
+            dyn = set(self.uni["dynamic_inputs"])
+            self._bind_static(k, ctx, tensors, {n: s for n, s in prof.items() if n in dyn})
+        t = self.bound[k]
+        cur = torch.cuda.current_stream()
+        self.stream.wait_stream(cur)
+        with torch.cuda.stream(self.stream):
+            for name in self.uni["profiles"][k]:
+                if name == "past_kv" or name.startswith("scale_"):
+                    continue
+                if t[name].data_ptr() != full[name].data_ptr():
+                    t[name].copy_(full[name], non_blocking=True)
+        self._execute(k, ctx)
+        cur.wait_stream(self.stream)
+        return {n: (t[n] if n == "new_kv" else t[n].clone()) for n in ("tokens", "logits", "logits_cfg", "f_hat_out", "new_kv")}
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        idx = len(self.engines) - 1
-        return self._run(idx, {"f_hat": f_hat}, self.man.alloc_outputs(idx, "cuda"))["image"]
+        ctx = self.dec_engine.contexts[0]
+        g = self.man.data["graphs"][-1]
+        if -1 not in self.bound:
+            tensors = {i["name"]: torch.empty(i["shape"], dtype=TORCH_DTYPES[i["dtype"]], device="cuda") for i in g["inputs"]}
+            tensors.update(self.man.alloc_outputs(len(self.man.data["graphs"]) - 1, "cuda"))
+            self._bind_static(-1, ctx, tensors, {})
+        t = self.bound[-1]
+        cur = torch.cuda.current_stream()
+        self.stream.wait_stream(cur)
+        with torch.cuda.stream(self.stream):
+            t["f_hat"].copy_(f_hat, non_blocking=True)
+        self._execute(-1, ctx)
+        cur.wait_stream(self.stream)
+        return t["image"].clone()
