@@ -3,7 +3,11 @@
 repeats. Prints per-image and per-scale latency, SSG on vs off, DSE folded vs chain vs
 torch.fft, peak memory, and a last `summary:` line.
 
-  python scripts/bench.py --artifacts build/var-d16 --backends eager,onnxruntime --repeats 3
+  python scripts/bench.py --model var-d16 --random-init 0 --backends eager,onnxruntime --batch 1,4 \
+      --repeats 3 --json build/bench.json --plot build/bench.png
+  python scripts/bench.py --artifacts build/var-d24 --repeats 1        (one existing artifacts dir)
+
+On a GPU (--device cuda) it also prints the roofline floor and each backend's distance from it.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from graphs.config import ConfigError, SamplerConfig, make_ssg  # noqa: E402
-from runtime.cli import parser, run_main  # noqa: E402
+from runtime.cli import add_model_args, parser, run_main  # noqa: E402
 
 
 def timed_run(pipe, classes, seed, ssg):
@@ -60,25 +64,30 @@ def bench_dse(repeats=50):
     return out
 
 
-def main() -> int:
-    p = parser("Benchmark backends side by side.")
-    p.add_argument("--artifacts", required=True, help="artifacts directory (scripts/export.py)")
-    p.add_argument("--backends", default="eager,onnxruntime")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", metavar="FILE")
-    p.add_argument("--plot", metavar="FILE.png")
-    a = p.parse_args()
+def artifacts_for(a, batch: int) -> str:
+    """--artifacts as given, else <root>/<model>-b<batch>, exported (or reused by cache key)."""
+    if a.artifacts:
+        return a.artifacts
+    if not a.model:
+        raise ConfigError("give --model (with --ckpt/--vae-ckpt or --random-init) or --artifacts DIR")
+    from export.onnx_export import ExportConfig, export_artifacts
+    from graphs.config import get_preset
+    from graphs.weights import load_models
+    out = os.path.join(a.artifacts_root, f"{a.model}-b{batch}")
+    var, vae, src = load_models(get_preset(a.model), a.ckpt, a.vae_ckpt, a.random_init)
+    print(f"artifacts {out} (exported unless up to date)", file=sys.stderr)
+    export_artifacts(var, vae, src, out, ExportConfig(batch=batch))
+    del var, vae
+    return out
+
+
+def bench_batch(a, art: str, names, rows: list) -> dict:
     import torch
     from runtime.backends import open_backend
     from runtime.manifest import load_manifest
     from runtime.pipeline import Pipeline
-
-    man = load_manifest(a.artifacts)
+    man = load_manifest(art)
     cfg = man.cfg
-    names = [b.strip() for b in a.backends.split(",") if b.strip()]
-    if not names:
-        raise ConfigError("--backends is empty")
     pipes = {n: Pipeline(open_backend(n, man, device=a.device)) for n in names}
     classes = [(7 * i + 1) % cfg.num_classes for i in range(man.batch)]
     on, off = make_ssg("linear:0.1,0.3", man.transform), make_ssg("0", man.transform)
@@ -91,18 +100,79 @@ def main() -> int:
             res[n]["total"].append(t)
             res[n]["per"].append(per)
             res[n]["off"].append(timed_run(pipe, classes, r, off)[0])
-    summary = {}
+    out = {}
     print(f"model {cfg.name} batch {man.batch} precision {man.precision} repeats {a.repeats} "
-          f"torch threads {torch.get_num_threads()} cpu count {os.cpu_count()}")
+          f"torch threads {torch.get_num_threads()} cpu count {os.cpu_count()} device {a.device}")
     for n in names:
         tot = statistics.median(res[n]["total"])
         toff = statistics.median(res[n]["off"])
         per = [statistics.median(x) for x in zip(*res[n]["per"])]
-        summary[n] = dict(per_image_s=tot / man.batch, total_s=tot, ssg_off_s=toff, per_scale_s=per,
-                          ssg_overhead_pct=100 * (tot - toff) / toff)
+        out[n] = dict(per_image_s=tot / man.batch, total_s=tot, ssg_off_s=toff, per_scale_s=per,
+                      ssg_overhead_pct=100 * (tot - toff) / toff, runs_s=res[n]["total"])
         print(f"{n:12s} per image {tot / man.batch * 1000:9.1f} ms  ssg off {toff / man.batch * 1000:9.1f} ms  "
-              f"ssg overhead {summary[n]['ssg_overhead_pct']:+.1f}%")
+              f"ssg overhead {out[n]['ssg_overhead_pct']:+.1f}%  (runs {', '.join(f'{x:.2f}' for x in res[n]['total'])} s)")
         print(f"{'':12s} per scale ms: " + " ".join(f"{x * 1000:.1f}" for x in per))
+    fl = floor_line(a, cfg, man)
+    if fl:
+        fl_s, note = fl
+        print(note)
+        for n in names:
+            print(f"{n:12s} {out[n]['total_s'] / fl_s:.1f}x the floor")
+            out[n]["x_floor"] = out[n]["total_s"] / fl_s
+    rows.append(dict(batch=man.batch, model=cfg.name, precision=man.precision, backends=out))
+    return out
+
+
+def floor_line(a, cfg, man):
+    """On a GPU (or with --peak-tflops and --bandwidth-gbs): the roofline floor of one batch."""
+    from runtime.roofline import floor, gpu_peaks
+    peak, bw, what = a.peak_tflops and a.peak_tflops * 1e12, a.bandwidth_gbs and a.bandwidth_gbs * 1e9, "given"
+    if not (peak and bw) and a.device == "cuda":
+        import torch
+        name = torch.cuda.get_device_name(0)
+        p = gpu_peaks(name)
+        if p:
+            key = "fp32" if man.precision == "fp32" else "fp16"
+            peak, bw, what = p[key], p["bandwidth"], f"{name} data sheet, {key}"
+    if not (peak and bw):
+        return None
+    bpp = 4 if man.precision == "fp32" else 2
+    f = floor(cfg, man.batch, peak, bw, bpp)
+    return f.seconds, (f"floor {f.seconds * 1000:.2f} ms per batch = sum over scales of max(FLOPs/{peak / 1e12:.0f} TFLOP/s, "
+                       f"weights {f.weight_bytes / cfg.num_scales / 2**20:.0f} MiB/{bw / 1e9:.0f} GB/s) ({what}); "
+                       f"{f.flops / 1e9:.1f} GFLOP, compute-bound scales {f.compute_bound_scales}")
+
+
+def main() -> int:
+    p = parser("Benchmark backends side by side.")
+    add_model_args(p)
+    p.add_argument("--artifacts", help="one artifacts directory; default <artifacts-root>/<model>-b<batch>, "
+                                       "exported when missing or out of date")
+    p.add_argument("--artifacts-root", default="build")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes, e.g. 1,4 (needs --model)")
+    p.add_argument("--backends", default="eager,onnxruntime")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--peak-tflops", type=float, help="roofline: peak compute (default on a known GPU: data sheet)")
+    p.add_argument("--bandwidth-gbs", type=float, help="roofline: memory bandwidth in GB/s")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--plot", metavar="FILE.png")
+    a = p.parse_args()
+    names = [b.strip() for b in a.backends.split(",") if b.strip()]
+    if not names:
+        raise ConfigError("--backends is empty")
+    if a.repeats < 1:
+        raise ConfigError("--repeats must be >= 1")
+    try:
+        batches = [int(b) for b in (a.batch or "1").split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch must be comma-separated integers, got {a.batch!r}") from None
+    if a.artifacts and a.batch:
+        raise ConfigError("--batch chooses artifacts per batch; with --artifacts the batch is the exported one")
+    if not batches or min(batches) < 1:
+        raise ConfigError("--batch sizes must be >= 1")
+    rows = []
+    summaries = [bench_batch(a, artifacts_for(a, b), names, rows) for b in batches]
     dse = bench_dse()
     print(f"DSE 13->16, V=4096: folded {dse['folded'] * 1e3:.3f} ms, chain {dse['chain'] * 1e3:.3f} ms, "
           f"torch.fft {dse['fft'] * 1e3:.3f} ms")
@@ -112,18 +182,25 @@ def main() -> int:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for n in names:
-            ax.plot(range(cfg.num_scales), [x * 1000 for x in summary[n]["per_scale_s"]], marker="o", label=n)
-        ax.set_xlabel("scale k")
-        ax.set_ylabel("ms")
-        ax.set_title(f"{cfg.name} per-scale latency")
-        ax.legend()
-        fig.savefig(a.plot, dpi=100)
+        fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4), squeeze=False)
+        for ax, row in zip(axes[0], rows):
+            for n in names:
+                per = row["backends"][n]["per_scale_s"]
+                ax.plot(range(len(per)), [x * 1000 for x in per], marker="o", label=n)
+            ax.set_xlabel("scale k")
+            ax.set_ylabel("ms")
+            ax.set_yscale("log")
+            ax.set_title(f"{row['model']} batch {row['batch']} per-scale latency")
+            ax.legend()
+        fig.tight_layout()
+        tmp = a.plot + ".tmp.png"
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, a.plot)
     if a.json:
         with open(a.json + ".tmp", "w") as f:
-            json.dump(dict(summary=summary, dse=dse, peak_rss_gib=peak), f, indent=2)
+            json.dump(dict(runs=rows, dse=dse, peak_rss_gib=peak, argv=sys.argv[1:]), f, indent=2)
         os.replace(a.json + ".tmp", a.json)
+    summary = summaries[0]                # the first batch size (batch 1 by default)
     parts = []
     if "eager" in summary and "onnxruntime" in summary:
         parts.append(f"onnxruntime/eager={summary['onnxruntime']['total_s'] / summary['eager']['total_s']:.2f}")

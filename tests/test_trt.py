@@ -113,3 +113,20 @@ def test_tensorrt_matches_eager_on_gpu(tmp_path):
         b = trt.run([207], 0, 1.5, s, ssg)
         assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a.tokens, b.tokens))
         assert (a.images.cpu() - b.images.cpu()).abs().max() <= 1e-3
+
+
+def test_gpu_check_script_runs_its_table_on_cpu(artifacts, tmp_path):
+    """scripts/gpu_check.py end to end on the CPU with the tiny model (the GPU run uses the same
+    code): eager row, ONNX Runtime row with parity, TensorRT listed as skipped with a reason."""
+    import shutil
+    root = tmp_path / "gc"
+    shutil.copytree(artifacts(), root / f"{TINY}-b1-fp32")          # reused by cache key, no export
+    r = run_script("gpu_check.py", "--device", "cpu", "--models", TINY, "--exported", TINY, "--precisions",
+                   "fp32", "--top-k", "64", "--repeats", "1", "--artifacts-root", root)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith(f"| {TINY}")]
+    assert [row.split("|")[2].strip() for row in rows] == ["eager (cpu)", "onnxruntime (cpu)"]
+    ort_row = rows[1].split("|")
+    assert ort_row[6].strip() == "100.0%" and float(ort_row[7]) < 1e-4        # same tokens, close logits
+    if not _have_trt():
+        assert f"skipped: {TINY} tensorrt: tensorrt is not installed" in r.stdout
