@@ -32,6 +32,60 @@ def timed_run(pipe, classes, seed, ssg):
     return total, [b - a for a, b in zip(marks, marks[1:])]
 
 
+def _median_time(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def ssg_cost(man, backend, repeats=20):
+    """Seconds per batch that SSG adds, measured in isolation (end-to-end on/off differences are
+    below this machine's run-to-run noise, and beta = 0 runs the same arithmetic): for every
+    scale k >= 1, the prior (DSE of the previous CFG logits) plus the fusion l + beta (l - prior),
+    computed the way the backend does it. eager: its own step's prior (torch.fft reference);
+    onnxruntime: the folded MatMul + fusion as an ONNX graph in an ONNX Runtime session with IO
+    binding. None for other backends."""
+    import numpy as np
+    import torch
+    from graphs.dse import dse_matrix
+    cfg, B, V = man.cfg, man.batch, man.cfg.V
+    total = 0.0
+    for k in range(1, cfg.num_scales):
+        n, m = cfg.patch_nums[k] ** 2, cfg.patch_nums[k - 1] ** 2
+        l, prev, beta = torch.randn(B, n, V), torch.randn(B, m, V), torch.tensor([0.3])
+        if backend.info.name == "eager":
+            step = backend.steps[k]
+            with torch.inference_mode():
+                total += _median_time(lambda: l + beta * (l - step.prior(prev)), repeats)
+        elif backend.info.name == "onnxruntime":
+            import onnx.helper as oh
+            import onnxruntime as ort
+            from onnx import TensorProto, numpy_helper
+            M = dse_matrix((cfg.patch_nums[k - 1],) * 2, (cfg.patch_nums[k],) * 2, man.transform).astype(np.float32)
+            F = TensorProto.FLOAT
+            g = oh.make_graph(
+                [oh.make_node("MatMul", ["M", "prev"], ["p"]), oh.make_node("Sub", ["l", "p"], ["d"]),
+                 oh.make_node("Mul", ["beta", "d"], ["e"]), oh.make_node("Add", ["l", "e"], ["out"])], "ssg",
+                [oh.make_tensor_value_info("l", F, [B, n, V]), oh.make_tensor_value_info("prev", F, [B, m, V]),
+                 oh.make_tensor_value_info("beta", F, [1])], [oh.make_tensor_value_info("out", F, [B, n, V])],
+                initializer=[numpy_helper.from_array(M, "M")])
+            model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)], ir_version=9)
+            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            out = torch.empty(B, n, V)
+            bind = sess.io_binding()
+            for name, t in (("l", l), ("prev", prev), ("beta", beta)):
+                bind.bind_input(name, "cpu", 0, np.float32, tuple(t.shape), t.data_ptr())
+            bind.bind_output("out", "cpu", 0, np.float32, tuple(out.shape), out.data_ptr())
+            total += _median_time(lambda: sess.run_with_iobinding(bind), repeats)
+        else:
+            return None
+    return total
+
+
 def bench_dse(repeats=50):
     """One DSE call (13x13 -> 16x16 over V=4096, batch 1) three ways."""
     import torch
@@ -52,16 +106,7 @@ def bench_dse(repeats=50):
 
     def fft():
         return dse_fft(l.transpose(1, 2).reshape(1, V, h, h), (H, H), "dct")
-    out = {}
-    for name, fn in (("folded", folded), ("chain", chain), ("fft", fft)):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        out[name] = statistics.median(ts)
-    return out
+    return {name: _median_time(fn, repeats) for name, fn in (("folded", folded), ("chain", chain), ("fft", fft))}
 
 
 def artifacts_for(a, batch: int) -> str:
@@ -94,23 +139,26 @@ def bench_batch(a, art: str, names, rows: list) -> dict:
     for pipe in pipes.values():          # warm-up
         timed_run(pipe, classes, 0, on)
     res = {n: dict(total=[], per=[], off=[]) for n in names}
-    for r in range(a.repeats):           # alternate backends, and SSG on/off, every repeat
+    for r in range(a.repeats):           # alternate backends, and beta on/0, every repeat
         for n, pipe in pipes.items():
             t, per = timed_run(pipe, classes, r, on)
             res[n]["total"].append(t)
             res[n]["per"].append(per)
             res[n]["off"].append(timed_run(pipe, classes, r, off)[0])
     out = {}
+    cost = {n: ssg_cost(man, pipes[n].backend) for n in names}
     print(f"model {cfg.name} batch {man.batch} precision {man.precision} repeats {a.repeats} "
           f"torch threads {torch.get_num_threads()} cpu count {os.cpu_count()} device {a.device}")
     for n in names:
         tot = statistics.median(res[n]["total"])
         toff = statistics.median(res[n]["off"])
         per = [statistics.median(x) for x in zip(*res[n]["per"])]
-        out[n] = dict(per_image_s=tot / man.batch, total_s=tot, ssg_off_s=toff, per_scale_s=per,
-                      ssg_overhead_pct=100 * (tot - toff) / toff, runs_s=res[n]["total"])
-        print(f"{n:12s} per image {tot / man.batch * 1000:9.1f} ms  ssg off {toff / man.batch * 1000:9.1f} ms  "
-              f"ssg overhead {out[n]['ssg_overhead_pct']:+.1f}%  (runs {', '.join(f'{x:.2f}' for x in res[n]['total'])} s)")
+        out[n] = dict(per_image_s=tot / man.batch, total_s=tot, beta0_s=toff, per_scale_s=per,
+                      beta0_delta_pct=100 * (tot - toff) / toff, runs_s=res[n]["total"],
+                      ssg_s=cost[n], ssg_overhead_pct=None if cost[n] is None else 100 * cost[n] / tot)
+        ssg = "n/a" if cost[n] is None else f"{cost[n] * 1000:.1f} ms = {out[n]['ssg_overhead_pct']:.2f}%"
+        print(f"{n:12s} per image {tot / man.batch * 1000:9.1f} ms  (runs {', '.join(f'{x:.2f}' for x in res[n]['total'])} s)  "
+              f"SSG cost {ssg} of the batch; beta=0 run {toff / man.batch * 1000:.1f} ms/image ({out[n]['beta0_delta_pct']:+.1f}%, noise)")
         print(f"{'':12s} per scale ms: " + " ".join(f"{x * 1000:.1f}" for x in per))
     fl = floor_line(a, cfg, man)
     if fl:
@@ -205,7 +253,8 @@ def main() -> int:
     if "eager" in summary and "onnxruntime" in summary:
         parts.append(f"onnxruntime/eager={summary['onnxruntime']['total_s'] / summary['eager']['total_s']:.2f}")
     exported = summary.get("onnxruntime") or summary[names[-1]]
-    parts.append(f"ssg_overhead={exported['ssg_overhead_pct']:.1f}%")
+    if exported["ssg_overhead_pct"] is not None:
+        parts.append(f"ssg_overhead={exported['ssg_overhead_pct']:.1f}%")
     parts.append(f"dse_speedup={dse['fft'] / dse['folded']:.1f}x")
     print("summary: " + " ".join(parts))
     return 0

@@ -16,7 +16,7 @@ def test_bench_side_by_side_summary_and_json(artifacts, tmp_path):
                    "--json", js, "--plot", png, "--peak-tflops", "1", "--bandwidth-gbs", "10")
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"summary: onnxruntime/eager=(\d+\.\d\d) ssg_overhead=(-?\d+\.\d)% dse_speedup=(\d+\.\d)x", last)
+    m = re.fullmatch(r"summary: onnxruntime/eager=(\d+\.\d\d) ssg_overhead=(\d+\.\d)% dse_speedup=(\d+\.\d)x", last)
     assert m, last
     data = json.loads(js.read_text())
     run = data["runs"][0]
@@ -24,6 +24,10 @@ def test_bench_side_by_side_summary_and_json(artifacts, tmp_path):
     ort, eager = run["backends"]["onnxruntime"], run["backends"]["eager"]
     assert len(ort["per_scale_s"]) == 10 and sum(ort["per_scale_s"]) <= ort["total_s"]
     assert float(m.group(1)) == pytest.approx(ort["total_s"] / eager["total_s"], abs=0.006)
+    # SSG's cost is measured in isolation, for both backends, as a share of the batch time
+    for b in (ort, eager):
+        assert 0 < b["ssg_s"] < b["total_s"] and b["ssg_overhead_pct"] == pytest.approx(100 * b["ssg_s"] / b["total_s"])
+    assert float(m.group(2)) == pytest.approx(ort["ssg_overhead_pct"], abs=0.06)
     assert data["dse"]["folded"] > 0 and "x the floor" in r.stdout and ort["x_floor"] > 1
     assert png.stat().st_size > 1000
 

@@ -213,12 +213,15 @@ def test_reexport_is_cached(artifacts, tiny):
     cfg, var, vae = tiny
     d = artifacts()
     before = os.path.getmtime(os.path.join(d, "manifest.json"))
-    export_artifacts(var, vae, WeightSource(kind="random", seed=0), d, ExportConfig(top_k=64))
+    export_artifacts(var, vae, WeightSource(kind="random", seed=0), d, ExportConfig(top_k=64, unified=True))
     assert os.path.getmtime(os.path.join(d, "manifest.json")) == before
     # a different seed is a different cache key: refused without --force
     from graphs.config import ConfigError
     with pytest.raises(ConfigError, match="not empty"):
-        export_artifacts(var, vae, WeightSource(kind="random", seed=1), d, ExportConfig(top_k=64))
+        export_artifacts(var, vae, WeightSource(kind="random", seed=1), d, ExportConfig(top_k=64, unified=True))
+    # so is a different export option (here: without the unified graph)
+    with pytest.raises(ConfigError, match="not empty"):
+        export_artifacts(var, vae, WeightSource(kind="random", seed=0), d, ExportConfig(top_k=64))
 
 
 def test_unified_graph_is_valid_and_lint_clean_with_its_profiles(artifacts, tiny):
