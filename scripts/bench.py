@@ -57,7 +57,7 @@ def ssg_cost(man, backend, repeats=20):
     for k in range(1, cfg.num_scales):
         n, m = cfg.patch_nums[k] ** 2, cfg.patch_nums[k - 1] ** 2
         l, prev, beta = torch.randn(B, n, V), torch.randn(B, m, V), torch.tensor([0.3])
-        if backend.info.name == "eager":
+        if getattr(backend, "steps", None) is not None and backend.info.name == "eager":
             step = backend.steps[k]
             with torch.inference_mode():
                 total += _median_time(lambda: l + beta * (l - step.prior(prev)), repeats)
@@ -126,14 +126,23 @@ def artifacts_for(a, batch: int) -> str:
     return out
 
 
+def open_backend_variant(name: str, man, device: str):
+    """'onnxruntime@static' / 'onnxruntime@unified' pick the ONNX Runtime step layout (default:
+    unified with pre-packed weights when the artifacts have it, else the ten static graphs)."""
+    from runtime.backends import open_backend
+    base, _, variant = name.partition("@")
+    if variant and base != "onnxruntime":
+        raise ConfigError(f"--backends {name}: only onnxruntime has variants (@static, @unified)")
+    return open_backend(base, man, device=device, **({"graph": variant} if variant else {}))
+
+
 def bench_batch(a, art: str, names, rows: list) -> dict:
     import torch
-    from runtime.backends import open_backend
     from runtime.manifest import load_manifest
     from runtime.pipeline import Pipeline
     man = load_manifest(art)
     cfg = man.cfg
-    pipes = {n: Pipeline(open_backend(n, man, device=a.device)) for n in names}
+    pipes = {n: Pipeline(open_backend_variant(n, man, a.device)) for n in names}
     classes = [(7 * i + 1) % cfg.num_classes for i in range(man.batch)]
     on, off = make_ssg("linear:0.1,0.3", man.transform), make_ssg("0", man.transform)
     for pipe in pipes.values():          # warm-up

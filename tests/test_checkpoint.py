@@ -1,5 +1,4 @@
 """Strict loading of official-format state dicts, and clear errors for bad ones."""
-import os
 
 import pytest
 import torch

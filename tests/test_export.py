@@ -10,7 +10,6 @@ import torch
 from onnx import TensorProto
 
 from export.lint import lint_model
-from graphs.config import get_preset
 from graphs.step import ScaleStep, StepSpec
 from tests.conftest import TINY, run_script
 
@@ -164,8 +163,7 @@ def test_bisection_sampler_exports_for_v4096():
 
 
 # ------------------------------------------------------------------ CLI and bad input
-def test_export_cli_bad_inputs(tmp_path, artifacts):
-    d = artifacts()
+def test_export_cli_bad_inputs(tmp_path):
     # non-empty --out without --force
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("keep me")

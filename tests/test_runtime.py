@@ -217,14 +217,16 @@ def test_generate_cli_bad_input(tmp_path):
 def test_unified_graph_equals_static_graphs_end_to_end(b1):
     """step_all.onnx (one graph, every scale, per-scale constants as inputs) gives the same
     images as the ten static graphs and the eager reference."""
-    d, eager, ort = b1
+    d, eager, _ = b1
     uni = Pipeline(open_backend("onnxruntime", d, graph="unified"))
+    static = Pipeline(open_backend("onnxruntime", d, graph="static"))
+    assert uni.backend.sessions.keys() == {"step_all", "decoder"} and len(static.backend.sessions) == 11
     s = SamplerConfig(top_k=40, top_p=0.9)
     ssg = make_ssg("linear:0.1,0.3", "dct")
     a = eager.run([207], 5, 1.5, s, ssg, keep_logits=True)
     b = uni.run([207], 5, 1.5, s, ssg, keep_logits=True)
     _same(a, b)
-    _same(ort.run([207], 5, 1.5, s, ssg), b)
+    _same(static.run([207], 5, 1.5, s, ssg), b)
     for x, y in zip(a.logits, b.logits):
         assert (x - y).abs().max() <= 1e-4 * x.abs().max()
 

@@ -41,8 +41,9 @@ def _import_ort():
 
 
 class OrtBackend:
-    def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = False,
-                 share_weights: bool = True, trt_provider: bool = False, graph: str = "static"):
+    def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0,
+                 share_weights: bool = True, trt_provider: bool = False, graph: str = "auto",
+                 prepack: bool = None):
         ort = _import_ort()
         self.ort, self.man, self.device = ort, man, device
         if device not in ("cpu", "cuda"):
@@ -60,9 +61,13 @@ class OrtBackend:
         if share_weights and os.path.getsize(wpath) > 0:
             with open(wpath, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if graph not in ("auto", "static", "unified"):
+            raise ConfigError(f"graph must be auto, static or unified, got {graph!r}")
+        if graph == "auto":
+            graph = "unified" if man.data.get("unified") else "static"
+        if prepack is None:          # one session holds the step weights: pre-pack them once
+            prepack = graph == "unified"
         self._so_args = (threads, prepack, providers)
-        if graph not in ("static", "unified"):
-            raise ConfigError(f"graph must be static or unified, got {graph!r}")
         self.graph = graph
         graphs = man.data["graphs"]
         self.decoder_graph = graphs[-1]
