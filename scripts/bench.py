@@ -121,7 +121,7 @@ def artifacts_for(a, batch: int) -> str:
     out = os.path.join(a.artifacts_root, f"{a.model}-b{batch}")
     var, vae, src = load_models(get_preset(a.model), a.ckpt, a.vae_ckpt, a.random_init)
     print(f"artifacts {out} (exported unless up to date)", file=sys.stderr)
-    export_artifacts(var, vae, src, out, ExportConfig(batch=batch))
+    export_artifacts(var, vae, src, out, ExportConfig(batch=batch, unified=True))   # both step layouts
     del var, vae
     return out
 

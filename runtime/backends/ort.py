@@ -71,12 +71,10 @@ class OrtBackend:
         self.graph = graph
         graphs = man.data["graphs"]
         self.decoder_graph = graphs[-1]
-        if graph == "unified":
-            self.step_graphs = [man.unified["graph"]]
-            self.consts = man.scale_consts(device)
-        else:
-            self.step_graphs = graphs[:-1]
+        self.step_graphs = [man.unified["graph"]] if graph == "unified" else graphs[:-1]
         self.sessions = {g["name"]: self._session(g) for g in self.step_graphs + [self.decoder_graph]}
+        if graph == "unified":
+            self.consts = man.scale_consts(device)
         cfg = man.cfg
         self.info = BackendInfo(name="onnxruntime", cfg=cfg, k_max=man.k_max, transform=man.transform,
                                 kv_dtype=man.kv_dtype, batch=man.batch, device=device)
