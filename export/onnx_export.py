@@ -3,7 +3,7 @@ one shared external-data file, and manifest.json.
 
     out.tmp-XXXX/                      (written first, renamed to --out at the very end)
       step_0.onnx ... step_9.onnx      per-scale graphs (static shapes), weights by reference
-      step_all.onnx                    (--unified / --target trt) one graph for every scale,
+      step_all.onnx                    (unless --no-unified) one graph for every scale,
                                        dynamic token axis; per-scale constants in scale_consts.npz
       decoder.onnx                     f_hat -> image in [0, 1]
       weights.bin                      every initializer once (content-deduplicated)
@@ -53,7 +53,7 @@ class ExportConfig:
     top_k: int = 900                  # baked TopK K (runtime top_k <= this); 0 = no top-k
     opset: int = 18
     target: str = "onnx"              # "onnx" | "trt"
-    unified: bool = False             # also export step_all.onnx (always with target "trt")
+    unified: bool = True              # also export step_all.onnx (ORT's fastest layout; TensorRT needs it)
     trt_hardware_compatible: bool = False   # engines run on Ampere and newer, not only this GPU
     trt_version_compatible: bool = False    # engines run on later TensorRT of the same major
 

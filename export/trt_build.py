@@ -82,7 +82,7 @@ def plan(man_data: Dict) -> List[EnginePlan]:
     uni = man_data.get("unified")
     if not uni:
         raise ConfigError("these artifacts have no step_all.onnx (the one-engine layout needs it): "
-                          "re-export with --target trt or --unified")
+                          "re-export without --no-unified (or with --target trt)")
     dyn = set(uni["dynamic_inputs"])
     profiles = [{name: list(shape) for name, shape in prof.items() if name in dyn} for prof in uni["profiles"]]
     f32, half = _dtypes(uni["graph"])

@@ -96,8 +96,8 @@ class Manifest:
     def unified(self) -> Dict[str, Any]:
         u = self.data.get("unified")
         if not u:
-            raise ManifestError(f"{self.root} has no unified step graph (step_all.onnx): re-export with "
-                                f"--unified (or --target trt)")
+            raise ManifestError(f"{self.root} has no unified step graph (step_all.onnx): re-export "
+                                f"without --no-unified (it is exported by default)")
         return u
 
     def scale_consts(self, device="cpu") -> list:

@@ -29,8 +29,9 @@ def main() -> int:
                    help="folded: one MatMul per scale pair; chain: interp -> transform -> band -> inverse")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--target", choices=("onnx", "trt"), default="onnx")
-    p.add_argument("--unified", action="store_true",
-                   help="also export step_all.onnx, one graph for every scale (always on with --target trt)")
+    p.add_argument("--no-unified", dest="unified", action="store_false",
+                   help="skip step_all.onnx, the one graph for every scale that ONNX Runtime runs by default "
+                        "(then it runs the ten static graphs); TensorRT always needs it")
     p.add_argument("--trt-hardware-compatible", action="store_true", help="engines for Ampere and newer GPUs")
     p.add_argument("--trt-version-compatible", action="store_true", help="engines for later TensorRT of this major")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")

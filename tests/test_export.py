@@ -219,7 +219,7 @@ def test_reexport_is_cached(artifacts, tiny):
         export_artifacts(var, vae, WeightSource(kind="random", seed=1), d, ExportConfig(top_k=64, unified=True))
     # so is a different export option (here: without the unified graph)
     with pytest.raises(ConfigError, match="not empty"):
-        export_artifacts(var, vae, WeightSource(kind="random", seed=0), d, ExportConfig(top_k=64))
+        export_artifacts(var, vae, WeightSource(kind="random", seed=0), d, ExportConfig(top_k=64, unified=False))
 
 
 def test_unified_graph_is_valid_and_lint_clean_with_its_profiles(artifacts, tiny):

@@ -233,5 +233,5 @@ def test_unified_graph_equals_static_graphs_end_to_end(b1):
 
 def test_unified_graph_missing_is_clear(artifacts):
     d = artifacts(batch=3, transform="dft", unified=False)
-    with pytest.raises(ConfigError, match="no unified step graph.*--unified"):
+    with pytest.raises(ConfigError, match="no unified step graph.*without --no-unified"):
         open_backend("onnxruntime", d, graph="unified")

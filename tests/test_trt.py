@@ -58,7 +58,7 @@ def test_plan_one_engine_one_profile_per_scale(artifacts):
 
 def test_plan_needs_the_unified_graph(artifacts):
     man = json.load(open(os.path.join(artifacts(batch=3, transform="dft", unified=False), "manifest.json")))
-    with pytest.raises(ConfigError, match="re-export with --target trt or --unified"):
+    with pytest.raises(ConfigError, match="re-export without --no-unified"):
         plan(man)
 
 
