@@ -121,16 +121,6 @@ class ScaleStep(nn.Module):
         out = dse_fft(m, (self.pn, self.pn), self.spec.transform)
         return out.reshape(B, V, self.n).transpose(1, 2)
 
-    def _blocks(self, x, cond, past_kv):
-        var, dt = self.var, self.spec.dtype
-        past = None
-        if past_kv is not None:
-            past = [(past_kv[:, i, 0].permute(1, 2, 0, 3), past_kv[:, i, 1].permute(1, 2, 0, 3))
-                    for i in range(var.cfg.depth)]                      # each 2B H Lp hd
-        x, ks, vs = var.blocks_forward(x.to(dt), cond.to(dt), past)
-        new_kv = torch.stack([torch.stack((k, v), dim=0) for k, v in zip(ks, vs)], dim=0)   # depth 2 2B H n hd
-        return x, new_kv.permute(4, 0, 1, 2, 3, 5).contiguous()       # n depth 2 2B H hd
-
     # ------------------------------------------------------------------ forward
     def forward(self, label, f_hat, noise, cfg, temperature, top_k, top_p,
                 past_kv: Optional[torch.Tensor] = None, prev_logits: Optional[torch.Tensor] = None,
@@ -142,7 +132,7 @@ class ScaleStep(nn.Module):
             x = var.first_tokens(cond)
         else:
             x = var.next_tokens(self.k, self._down(f_hat).to(var.word_embed.weight.dtype))
-        h, new_kv = self._blocks(x, cond, past_kv)
+        h, new_kv = blocks_with_cache(var, x, cond, past_kv, self.spec.dtype)
         lg = var.logits(h, cond.to(self.spec.dtype))                    # 2B n V, fp32
         t = cfg * self.t_ratio
         logits_cfg = (1 + t) * lg[:B] - t * lg[B:]
@@ -154,6 +144,18 @@ class ScaleStep(nn.Module):
         h_BChw = emb.transpose(1, 2).reshape(B, -1, self.pn, self.pn)
         f_hat_out = f_hat + self.phi(self._up(h_BChw))
         return tokens, logits, logits_cfg, f_hat_out, new_kv.to(self.spec.dtype)
+
+
+def blocks_with_cache(var: VAR, x, cond, past_kv: Optional[torch.Tensor], dt: torch.dtype):
+    """The transformer blocks over the cache layout: past_kv (Lp, depth, 2, 2B, H, hd) or None
+    -> (hidden states, new_kv (n, depth, 2, 2B, H, hd))."""
+    past = None
+    if past_kv is not None:
+        past = [(past_kv[:, i, 0].permute(1, 2, 0, 3), past_kv[:, i, 1].permute(1, 2, 0, 3))
+                for i in range(var.cfg.depth)]                      # each 2B H Lp hd
+    x, ks, vs = var.blocks_forward(x.to(dt), cond.to(dt), past)
+    new_kv = torch.stack([torch.stack((k, v), dim=0) for k, v in zip(ks, vs)], dim=0)   # depth 2 2B H n hd
+    return x, new_kv.permute(4, 0, 1, 2, 3, 5).contiguous()       # n depth 2 2B H hd
 
 
 def var_codebook(vae: VQVAE) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .config import VARConfig
 from .dse import dse_matrix
 from .resample import area_matrix, bicubic_matrix, kron2d
 from .sampling import sample
-from .step import OUTPUT_NAMES, StepSpec, var_codebook
+from .step import OUTPUT_NAMES, StepSpec, blocks_with_cache, var_codebook
 from .var import VAR
 from .vqvae import VQVAE
 
@@ -81,7 +81,6 @@ class UnifiedStep(nn.Module):
     def forward(self, label, f_hat, noise, cfg, temperature, top_k, top_p, beta, past_kv, prev_logits,
                 scale_first, scale_level, scale_pos, scale_down, scale_up, scale_dse, scale_phi, scale_t):
         var, dt = self.var, self.spec.dtype
-        c = var.cfg
         B = label.shape[0]
         cond = var.cond(label)                                                  # 2B D
         lvl_pos = (var.lvl_embed(scale_level) + var.pos_1LC[0][scale_pos]).unsqueeze(0)   # 1 n C
@@ -90,11 +89,7 @@ class UnifiedStep(nn.Module):
         x_word = torch.cat((x_word, x_word), dim=0)                             # 2B n C
         x_first = cond.unsqueeze(1) + var.pos_start[:, :1]                      # 2B 1 C (broadcast over n)
         x = torch.where(scale_first > 0.5, x_first, x_word) + lvl_pos
-        past = [(past_kv[:, i, 0].permute(1, 2, 0, 3), past_kv[:, i, 1].permute(1, 2, 0, 3))
-                for i in range(c.depth)]
-        h, ks, vs = var.blocks_forward(x.to(dt), cond.to(dt), past)
-        new_kv = torch.stack([torch.stack((k, v), dim=0) for k, v in zip(ks, vs)], dim=0)
-        new_kv = new_kv.permute(4, 0, 1, 2, 3, 5).contiguous()                  # n depth 2 2B H hd
+        h, new_kv = blocks_with_cache(var, x, cond, past_kv, dt)                # n depth 2 2B H hd
         lg = var.logits(h, cond.to(dt))
         t = cfg * scale_t
         logits_cfg = (1 + t) * lg[:B] - t * lg[B:]
