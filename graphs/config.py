@@ -35,6 +35,13 @@ class VQVAEConfig:
         if self.share_quant_resi < 2:
             raise ConfigError("only partially shared phi (share_quant_resi >= 2) is supported, as in the official VQVAE")
 
+    def phi_index(self, k: int) -> int:
+        """The phi used at scale k: the tick nearest k/(K-1) (ties go to the lower index)."""
+        import numpy as np      # the official ticks: np.linspace, np.argmin (exact ties decide k=2, k=7)
+        n, K = self.share_quant_resi, len(self.patch_nums)
+        ticks = np.linspace(1 / 3 / n, 1 - 1 / 3 / n, n) if n == 4 else np.linspace(1 / 2 / n, 1 - 1 / 2 / n, n)
+        return int(np.argmin(np.abs(ticks - k / (K - 1))))
+
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
@@ -129,10 +136,6 @@ class SSGConfig:
         if any(not math.isfinite(b) for b in self.betas):
             raise ConfigError("SSG beta values must be finite")
 
-    @property
-    def enabled(self) -> bool:
-        return any(b != 0.0 for b in self.betas)
-
     def beta(self, k: int) -> float:
         return 0.0 if k == 0 else self.betas[k - 1]
 
@@ -210,7 +213,8 @@ def topk_bake(top_k: int, vocab: int) -> int:
     return top_k
 
 
-def check_cfg(cfg: float) -> float:
-    if not math.isfinite(cfg):
-        raise ConfigError(f"--cfg must be a finite number, got {cfg}")
-    return cfg
+def check_guidance(w: float) -> float:
+    """The classifier-free guidance weight (`--cfg` on the command line)."""
+    if not math.isfinite(w):
+        raise ConfigError(f"--cfg must be a finite number, got {w}")
+    return w

@@ -141,13 +141,15 @@ def _idct_fft(X: torch.Tensor, dim: int) -> torch.Tensor:
     return x.movedim(-1, dim)
 
 
-def _fwd(x, transform):
+def forward_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
+    """Orthonormal 2-D transform over the last two axes (complex for the DFT)."""
     if transform == "dct":
         return _dct_fft(_dct_fft(x, -1), -2)
     return torch.fft.fft2(x, norm="ortho")
 
 
-def _inv(X, transform):
+def inverse_transform(X: torch.Tensor, transform: str) -> torch.Tensor:
+    """Inverse of forward_transform (real part for the DFT)."""
     if transform == "dct":
         return _idct_fft(_idct_fft(X, -1), -2)
     return torch.fft.ifft2(X, norm="ortho").real
@@ -181,24 +183,7 @@ def dse_fft(l_hw: torch.Tensor, dst: Tuple[int, int], transform: str = "dct") ->
     lead = l_hw.shape[:-2]
     x = l_hw.reshape(-1, 1, h, w)
     I = torch.nn.functional.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
-    S = _fwd(I, transform)
-    P = _fwd(x, transform) * np.sqrt(H * W / (h * w))
-    prior = _inv(_place(P, S, transform), transform)
+    S = forward_transform(I, transform)
+    P = forward_transform(x, transform) * np.sqrt(H * W / (h * w))
+    prior = inverse_transform(_place(P, S, transform), transform)
     return prior.reshape(*lead, H, W)
-
-
-def read_band(S: torch.Tensor, src: Tuple[int, int], transform: str) -> torch.Tensor:
-    """The coarse block of a fine spectrum (inverse of the placement; used by tests)."""
-    h, w = src
-    H, W = S.shape[-2:]
-    Ry = torch.from_numpy(band_read(h, H, transform)).to(S.dtype)
-    Rx = torch.from_numpy(band_read(w, W, transform)).to(S.dtype)
-    return torch.einsum("hH,...HW,wW->...hw", Ry, S, Rx)
-
-
-def forward_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
-    return _fwd(x, transform)
-
-
-def inverse_transform(X: torch.Tensor, transform: str) -> torch.Tensor:
-    return _inv(X, transform)

@@ -160,11 +160,6 @@ class PhiPartiallyShared(nn.Module):
     def __init__(self, n: int, c: int, ratio: float):
         super().__init__()
         self.qresi_ls = nn.ModuleList([Phi(c, ratio) for _ in range(n)])
-        self.ticks = np.linspace(1 / 3 / n, 1 - 1 / 3 / n, n) if n == 4 else np.linspace(1 / 2 / n, 1 - 1 / 2 / n, n)
-
-    def index(self, k: int, num_scales: int) -> int:
-        """The phi used at scale k: the tick nearest k/(K-1) (ties go to the lower index)."""
-        return int(np.argmin(np.abs(self.ticks - k / (num_scales - 1))))
 
 
 class Quantizer(nn.Module):
@@ -186,7 +181,7 @@ class VQVAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, 1, 1)
 
     def phi(self, k: int) -> Phi:
-        return self.quantize.quant_resi.qresi_ls[self.quantize.quant_resi.index(k, len(self.cfg.patch_nums))]
+        return self.quantize.quant_resi.qresi_ls[self.cfg.phi_index(k)]
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat (B Cvae 16 16) -> image in [0, 1] (B 3 256 256)."""

@@ -3,8 +3,9 @@
     noise  = one seeded host generator, u_k (B x n_k) drawn in scale order (shared by backends)
     cache  = empty(L, depth, 2, 2B, H, hd)            allocated once per run (or owned by the
                                                        backend: TensorRT keeps its addresses fixed)
-    for k: past = cache[:L_k]  (contiguous prefix view)
-           outs = backend.step(k, feeds, kv_out=cache[L_k:L_k+n_k])   (written in place / one copy)
+    for k: feeds = the step graph's (graphs.components.STEP_FEEDS): past_kv = cache[:L_k] (a
+                   contiguous prefix view); k = 0: empty past, one zero prior row, beta 0
+           outs  = backend.step(k, feeds, kv_out=cache[L_k:L_k+n_k])  (written in place / one copy)
     image  = backend.decode(f_hat)
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from graphs.config import ConfigError, SamplerConfig, SSGConfig, VARConfig, check_cfg
+from graphs.config import ConfigError, SamplerConfig, SSGConfig, VARConfig, check_guidance
+from graphs.unified import prev_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +86,13 @@ class Pipeline:
         if len(ssg.betas) != info.cfg.num_scales - 1:
             raise ConfigError(f"SSG schedule has {len(ssg.betas)} values, expected {info.cfg.num_scales - 1}")
 
-    def run(self, classes: Sequence[int], seed: int, cfg: float = 1.5,
+    def run(self, classes: Sequence[int], seed: int, guidance: float = 1.5,
             sampler: SamplerConfig = SamplerConfig(), ssg: Optional[SSGConfig] = None,
             keep_logits: bool = False, progress: Optional[Callable[[int], None]] = None) -> RunResult:
         info = self.info
         mc = info.cfg
         labels = torch.tensor(check_classes(classes, mc.num_classes), dtype=torch.int64)
-        check_cfg(cfg)
+        check_guidance(guidance)
         if ssg is None:
             ssg = SSGConfig(betas=(0.0,) * (mc.num_scales - 1), transform=info.transform)
         B = labels.shape[0]
@@ -103,17 +105,16 @@ class Pipeline:
         f_hat = torch.zeros(B, mc.Cvae, mc.patch_nums[-1], mc.patch_nums[-1], device=dev)
         labels = labels.to(dev)
         top_k = sampler.top_k if 0 < sampler.top_k < mc.V else max(info.k_max, 1)
-        scalars = dict(cfg=torch.tensor([cfg], dtype=torch.float32, device=dev),
+        scalars = dict(guidance=torch.tensor([guidance], dtype=torch.float32, device=dev),
                        temperature=torch.tensor([sampler.temperature], dtype=torch.float32, device=dev),
                        top_k=torch.tensor([top_k], dtype=torch.int64, device=dev),
                        top_p=torch.tensor([sampler.top_p_threshold], dtype=torch.float32, device=dev))
         res = RunResult(images=torch.empty(0), tokens=[])
-        prev = None
+        prev = torch.zeros(B, prev_rows(mc, 0), mc.V, device=dev)      # scale 0: one zero prior row
         for k, (b, e) in enumerate(mc.begin_ends):
-            feeds: Dict[str, torch.Tensor] = dict(label=labels, f_hat=f_hat, noise=noise[k], **scalars)
-            if k > 0:
-                feeds.update(past_kv=kv[:b], prev_logits=prev,
-                             beta=torch.tensor([ssg.beta(k)], dtype=torch.float32, device=dev))
+            feeds: Dict[str, torch.Tensor] = dict(
+                label=labels, f_hat=f_hat, noise=noise[k], **scalars,
+                beta=torch.tensor([ssg.beta(k)], dtype=torch.float32, device=dev), past_kv=kv[:b], prev_logits=prev)
             out = self.backend.step(k, feeds, kv[b:e])
             f_hat, prev = out["f_hat_out"], out["logits_cfg"]
             res.tokens.append(out["tokens"])

@@ -1,15 +1,13 @@
-"""Graph-level comparison with Polygraphy (works without a GPU): each step graph run by
-Polygraphy's ONNX Runtime runner with all graph optimizations against the same graph with none,
-so a fusion that changes numerics shows up per output tensor."""
+"""Graph-level comparison with Polygraphy (works without a GPU): the step graph at a few scales,
+run by Polygraphy's ONNX Runtime runner with all graph optimizations against the same graph
+with none, so a fusion that changes numerics shows up per output tensor."""
 from __future__ import annotations
 
 from typing import List
 
 import numpy as np
 
-from .manifest import Manifest
-
-_NP = {"float": np.float32, "float16": np.float16, "int64": np.int64}
+from contract.manifest import Manifest
 
 
 def polygraphy_check(man: Manifest, scales=(0, 1, 5)) -> List[str]:
@@ -24,27 +22,30 @@ def polygraphy_check(man: Manifest, scales=(0, 1, 5)) -> List[str]:
         so.graph_optimization_level = level
         return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
+    consts = man.scale_consts()
+    dtypes = man.input_dtypes("step")
+    path = man.path(man.graph("step")["file"])
     out = []
-    for k in scales:
-        g = man.graph(f"step_{k}")
-        feed = {}
-        for spec in g["inputs"]:
-            dt = _NP.get(spec["dtype"], np.float32)
-            if spec["name"] == "label":
-                feed["label"] = np.arange(spec["shape"][0], dtype=np.int64)
-            elif spec["name"] == "top_k":
-                feed["top_k"] = np.array([max(man.k_max, 1)], dtype=np.int64)
-            elif spec["name"] in ("temperature", "cfg"):
-                feed[spec["name"]] = np.array([1.0], dtype=dt)
-            elif spec["name"] == "top_p":
-                feed["top_p"] = np.array([0.9], dtype=dt)
+    for k in (s for s in scales if s < man.cfg.num_scales):
+        feed = {n: t.numpy() for n, t in consts[k].items()}
+        for name, shape in man.profile(k).items():
+            if name in feed:
+                continue
+            dt = np.dtype(str(dtypes[name]).replace("torch.", ""))
+            if name == "label":
+                feed[name] = np.arange(shape[0], dtype=dt) % man.cfg.num_classes
+            elif name == "top_k":
+                feed[name] = np.array([max(man.k_max, 1)], dtype=dt)
+            elif name in ("temperature", "guidance"):
+                feed[name] = np.array([1.0], dtype=dt)
+            elif name == "top_p":
+                feed[name] = np.array([0.9], dtype=dt)
             else:
-                feed[spec["name"]] = rng.random(spec["shape"]).astype(dt) * (0.1 if spec["name"] == "past_kv" else 1.0)
-        path = man.path(g["file"])
+                feed[name] = (rng.random(shape) * (0.1 if name == "past_kv" else 1.0)).astype(dt)
         r1 = OnnxrtRunner(session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), name="ort-optimized")
         r2 = OnnxrtRunner(session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), name="ort-plain")
         res = Comparator.run([r1, r2], data_loader=[feed])
         tol = 1e-4 if man.precision == "fp32" else 1e-2
         ok = bool(Comparator.compare_accuracy(res, compare_func=CompareFunc.simple(atol=tol, rtol=tol)))
-        out.append(f"polygraphy step_{k}: {'OK' if ok else 'MISMATCH'}")
+        out.append(f"polygraphy step scale {k}: {'OK' if ok else 'MISMATCH'}")
     return out

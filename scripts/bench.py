@@ -18,10 +18,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from graphs.config import ConfigError, SamplerConfig, make_ssg  # noqa: E402
-from runtime.cli import add_model_args, parser, run_main  # noqa: E402
+from tools.cli import add_model_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
+from graphs.config import ConfigError, SamplerConfig, make_ssg
 
 
 def timed_run(pipe, classes, seed, ssg):
@@ -121,28 +119,19 @@ def artifacts_for(a, batch: int) -> str:
     out = os.path.join(a.artifacts_root, f"{a.model}-b{batch}")
     var, vae, src = load_models(get_preset(a.model), a.ckpt, a.vae_ckpt, a.random_init)
     print(f"artifacts {out} (exported unless up to date)", file=sys.stderr)
-    export_artifacts(var, vae, src, out, ExportConfig(batch=batch, unified=True))   # both step layouts
+    export_artifacts(var, vae, src, out, ExportConfig(batch=batch))
     del var, vae
     return out
 
 
-def open_backend_variant(name: str, man, device: str):
-    """'onnxruntime@static' / 'onnxruntime@unified' pick the ONNX Runtime step layout (default:
-    unified with pre-packed weights when the artifacts have it, else the ten static graphs)."""
-    from runtime.backends import open_backend
-    base, _, variant = name.partition("@")
-    if variant and base != "onnxruntime":
-        raise ConfigError(f"--backends {name}: only onnxruntime has variants (@static, @unified)")
-    return open_backend(base, man, device=device, **({"graph": variant} if variant else {}))
-
-
 def bench_batch(a, art: str, names, rows: list) -> dict:
     import torch
-    from runtime.manifest import load_manifest
+    from contract.manifest import load_manifest
     from runtime.pipeline import Pipeline
     man = load_manifest(art)
     cfg = man.cfg
-    pipes = {n: Pipeline(open_backend_variant(n, man, a.device)) for n in names}
+    from runtime.backends import open_backend
+    pipes = {n: Pipeline(open_backend(n, man, device=a.device)) for n in names}
     classes = [(7 * i + 1) % cfg.num_classes for i in range(man.batch)]
     on, off = make_ssg("linear:0.1,0.3", man.transform), make_ssg("0", man.transform)
     for pipe in pipes.values():          # warm-up
@@ -182,7 +171,7 @@ def bench_batch(a, art: str, names, rows: list) -> dict:
 
 def floor_line(a, cfg, man):
     """On a GPU (or with --peak-tflops and --bandwidth-gbs): the roofline floor of one batch."""
-    from runtime.roofline import floor, gpu_peaks
+    from tools.roofline import floor, gpu_peaks
     peak, bw, what = a.peak_tflops and a.peak_tflops * 1e12, a.bandwidth_gbs and a.bandwidth_gbs * 1e9, "given"
     if not (peak and bw) and a.device == "cuda":
         import torch

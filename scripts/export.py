@@ -11,10 +11,8 @@ import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from graphs.config import get_preset  # noqa: E402
-from runtime.cli import add_model_args, parser, run_main  # noqa: E402
+from tools.cli import add_model_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
+from graphs.config import get_preset
 
 
 def main() -> int:
@@ -25,34 +23,30 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1, help="images per run, fixed at export (2x rows with CFG)")
     p.add_argument("--top-k", type=int, default=900, help="TopK K baked in; runs may use any top-k <= it; 0 = none")
     p.add_argument("--dse", choices=("dct", "dft"), default="dct")
-    p.add_argument("--dse-form", choices=("folded", "chain"), default="folded",
-                   help="folded: one MatMul per scale pair; chain: interp -> transform -> band -> inverse")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--target", choices=("onnx", "trt"), default="onnx")
-    p.add_argument("--no-unified", dest="unified", action="store_false",
-                   help="skip step_all.onnx, the one graph for every scale that ONNX Runtime runs by default "
-                        "(then it runs the ten static graphs); TensorRT always needs it")
     p.add_argument("--trt-hardware-compatible", action="store_true", help="engines for Ampere and newer GPUs")
     p.add_argument("--trt-version-compatible", action="store_true", help="engines for later TensorRT of this major")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     a = p.parse_args()
 
     from tqdm import tqdm
+    from contract.manifest import is_artifacts_dir
     from export.onnx_export import ExportConfig, export_artifacts, prepare_out
     from graphs.weights import load_models
 
     t0 = time.time()
     cfg = get_preset(a.model)
-    ec = ExportConfig(precision=a.precision, batch=a.batch, transform=a.dse, dse_form=a.dse_form,
-                      top_k=a.top_k, opset=a.opset, target=a.target, unified=a.unified,
+    ec = ExportConfig(precision=a.precision, batch=a.batch, transform=a.dse,
+                      top_k=a.top_k, opset=a.opset, target=a.target,
                       trt_hardware_compatible=a.trt_hardware_compatible, trt_version_compatible=a.trt_version_compatible)
-    if os.path.isdir(a.out) and os.listdir(a.out) and not a.force and not os.path.isfile(os.path.join(a.out, "manifest.json")):
-        prepare_out(a.out, False, "")          # fails fast with the clear message
+    if os.path.isdir(a.out) and os.listdir(a.out) and not is_artifacts_dir(a.out):
+        prepare_out(a.out, a.force, "")        # fails fast with the clear message, before loading weights
     var, vae, src = load_models(cfg, a.ckpt, a.vae_ckpt, a.random_init)
-    stages = [f"step_{k}" for k in range(cfg.num_scales)] + (["step_all"] if ec.with_unified else []) + ["decoder", "check"]
-    with tqdm(total=len(stages), desc=f"export {cfg.name}", unit="graph", file=sys.stderr) as bar:
+    stages = ["step", "decoder", "check"]
+    with tqdm(total=len(stages), desc=f"export {cfg.name}", unit="stage", file=sys.stderr) as bar:
         man = export_artifacts(var, vae, src, a.out, ec, force=a.force,
-                               progress=lambda s: (bar.set_postfix_str(s), bar.update(1 if s != "step_0" else 0)))
+                               progress=lambda s: (bar.set_postfix_str(s), bar.update(1 if s != "step" else 0)))
         bar.update(bar.total - bar.n)
     ext = man["external_data"]
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

@@ -10,10 +10,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from graphs.config import ConfigError, SamplerConfig, get_preset, make_ssg, topk_bake  # noqa: E402
-from runtime.cli import add_model_args, add_sampling_args, parser, run_main  # noqa: E402
+from tools.cli import add_model_args, add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
+from graphs.config import ConfigError, SamplerConfig, get_preset, make_ssg, topk_bake
 
 
 def main() -> int:
@@ -59,8 +57,8 @@ def main() -> int:
 
     pipe = Pipeline(backend)
     with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{a.backend}]", unit="scale", file=sys.stderr) as bar:
-        res = pipe.run(a.classes, a.seed, a.cfg, sampler, ssg, progress=lambda k: bar.update(1))
-    note = (f"{cfg.name} backend={a.backend} classes={a.classes} seed={a.seed} cfg={a.cfg} "
+        res = pipe.run(a.classes, a.seed, a.guidance, sampler, ssg, progress=lambda k: bar.update(1))
+    note = (f"{cfg.name} backend={a.backend} classes={a.classes} seed={a.seed} cfg={a.guidance} "
             f"top_k={a.top_k} top_p={a.top_p} T={a.temperature} ssg={ssg.spec} dse={ssg.transform}; {source}")
     save_grid(res.images, a.out, note)
     if a.save_tokens:

@@ -13,10 +13,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from graphs.config import ConfigError, SamplerConfig, get_preset, make_ssg, topk_bake  # noqa: E402
-from runtime.cli import parser, run_main  # noqa: E402
+from tools.cli import parser, run_main  # first: keeps scripts/ from shadowing the packages
+from graphs.config import ConfigError, SamplerConfig, get_preset, make_ssg, topk_bake
 
 PRECISION = {"fp32": "float32", "fp16": "float16"}
 
@@ -126,7 +124,7 @@ def main() -> int:
         out = os.path.join(a.artifacts_root, f"{name}-b1-fp32")
         te = time.time()
         print(f"  {name} export to {out} (reused if up to date)", flush=True)
-        ec = ExportConfig(top_k=a.top_k, unified=True, target="trt" if want_trt else "onnx")
+        ec = ExportConfig(top_k=a.top_k, target="trt" if want_trt else "onnx")
         try:                                   # reused when up to date (cache key)
             export_artifacts(var, vae, WeightSource(kind="random", seed=0), out, ec)
         except ExportError:

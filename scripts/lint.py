@@ -10,10 +10,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from graphs.config import ConfigError  # noqa: E402
-from runtime.cli import parser, run_main  # noqa: E402
+from tools.cli import parser, run_main  # first: keeps scripts/ from shadowing the packages
+from graphs.config import ConfigError
 
 
 def main() -> int:
@@ -29,9 +27,9 @@ def main() -> int:
             man = os.path.join(path, "manifest.json")
             if os.path.isfile(man):       # step_all.onnx: dynamic inputs pinned by per-scale profiles
                 with open(man) as f:
-                    uni = json.load(f).get("unified")
-                if uni:
-                    dynamic[os.path.join(path, uni["graph"]["file"])] = set(uni["dynamic_inputs"])
+                    step = (json.load(f).get("graphs") or {}).get("step")
+                if step:
+                    dynamic[os.path.join(path, step["file"])] = set(step["dynamic_inputs"])
         elif os.path.isfile(path):
             files.append(path)
         else:

@@ -9,10 +9,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from graphs.config import ConfigError, SamplerConfig, make_ssg  # noqa: E402
-from runtime.cli import add_sampling_args, parser, run_main  # noqa: E402
+from tools.cli import add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
+from graphs.config import ConfigError, SamplerConfig, make_ssg
 
 
 def main() -> int:
@@ -37,7 +35,7 @@ def main() -> int:
     others = [b for b in names if b != "eager"]
     if not others:
         raise ConfigError("--backends needs at least one backend besides eager (e.g. eager,onnxruntime)")
-    from runtime.manifest import load_manifest
+    from contract.manifest import load_manifest
     man = load_manifest(a.artifacts)          # validated and hashed once for every backend
     cfg = man.cfg
     ref_be = open_backend("eager", man, device=a.device)
@@ -46,11 +44,11 @@ def main() -> int:
     sampler = SamplerConfig(top_k=min(a.top_k, man.k_max) if man.k_max else a.top_k,
                             top_p=a.top_p, temperature=a.temperature)
     ssg = make_ssg(a.ssg_beta, man.transform, cfg.num_scales)
-    ref = Pipeline(ref_be).run(classes, a.seed, a.cfg, sampler, ssg, keep_logits=True)
+    ref = Pipeline(ref_be).run(classes, a.seed, a.guidance, sampler, ssg, keep_logits=True)
     reports = []
     for name in others:
         be = open_backend(name, man, device=a.device)
-        got = Pipeline(be).run(classes, a.seed, a.cfg, sampler, ssg, keep_logits=True)
+        got = Pipeline(be).run(classes, a.seed, a.guidance, sampler, ssg, keep_logits=True)
         rep = compare(ref, got, name, man.precision)
         print(rep.table())
         reports.append(rep)

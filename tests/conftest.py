@@ -12,6 +12,14 @@ from graphs.weights import random_models  # noqa: E402
 TINY = "var-d2-tiny"
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that export artifacts (the `artifacts` fixture, directly or through another
+    fixture) are slow; the fast lane is `-m "not slow and not gpu"`."""
+    for item in items:
+        if "artifacts" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(cfg, var, vae) with seeded random weights."""
@@ -30,7 +38,7 @@ def artifacts(tmp_path_factory):
     from graphs.weights import WeightSource
 
     def make(**kw):
-        ec = ExportConfig(**{"top_k": 64, "unified": True, **kw})
+        ec = ExportConfig(**{"top_k": 64, **kw})
         if ec not in _ARTIFACTS:
             cfg = get_preset(TINY)
             var, vae = random_models(cfg, 0)
@@ -42,7 +50,9 @@ def artifacts(tmp_path_factory):
 
 
 def run_script(name, *args, env=None):
+    """Run scripts/NAME as a user would (the packages come from this checkout)."""
     import subprocess
     e = dict(os.environ, **(env or {}))
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, e.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *map(str, args)],
                           capture_output=True, text=True, env=e, cwd=ROOT)

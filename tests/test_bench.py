@@ -9,6 +9,7 @@ from graphs.config import get_preset
 from tests.conftest import TINY, run_script
 
 
+@pytest.mark.slow
 def test_bench_side_by_side_summary_and_json(artifacts, tmp_path):
     d = artifacts()
     js, png = tmp_path / "b.json", tmp_path / "b.png"
@@ -21,17 +22,17 @@ def test_bench_side_by_side_summary_and_json(artifacts, tmp_path):
     data = json.loads(js.read_text())
     run = data["runs"][0]
     assert run["batch"] == 1 and set(run["backends"]) == {"eager", "onnxruntime"}
-    ort, eager = run["backends"]["onnxruntime"], run["backends"]["eager"]
-    assert len(ort["per_scale_s"]) == 10 and sum(ort["per_scale_s"]) <= ort["total_s"]
-    assert float(m.group(1)) == pytest.approx(ort["total_s"] / eager["total_s"], abs=0.006)
-    # SSG's cost is measured in isolation, for both backends, as a share of the batch time
-    for b in (ort, eager):
-        assert 0 < b["ssg_s"] < b["total_s"] and b["ssg_overhead_pct"] == pytest.approx(100 * b["ssg_s"] / b["total_s"])
-    assert float(m.group(2)) == pytest.approx(ort["ssg_overhead_pct"], abs=0.06)
-    assert data["dse"]["folded"] > 0 and "x the floor" in r.stdout and ort["x_floor"] > 1
-    assert png.stat().st_size > 1000
+    # every backend measured per scale, with SSG's cost measured in isolation
+    for b in run["backends"].values():
+        assert len(b["per_scale_s"]) == 10 and all(t > 0 for t in b["per_scale_s"]) and b["ssg_s"] > 0
+    assert set(data["dse"]) == {"folded", "chain", "fft"}
+    # nothing runs faster than the roofline floor (here 1 TFLOP/s, 10 GB/s)
+    assert "x the floor" in r.stdout and all(b["x_floor"] > 1 for b in run["backends"].values())
+    from PIL import Image
+    assert Image.open(png).size[0] > 100
 
 
+@pytest.mark.slow
 def test_bench_bad_input(artifacts):
     r = run_script("bench.py", "--artifacts", artifacts(), "--batch", "1,4")
     assert r.returncode == 2 and "--batch chooses artifacts per batch" in r.stderr
@@ -43,23 +44,29 @@ def test_bench_bad_input(artifacts):
 def test_roofline_flops_match_a_flop_counter(name):
     """Our closed-form FLOPs per scale agree with torch's FlopCounterMode on the real step."""
     from torch.utils.flop_counter import FlopCounterMode
-    from export.onnx_export import sample_feeds
+    from graphs import dse_matrix
+    from graphs.components import StepComponent
     from graphs.step import ScaleStep, StepSpec
     from graphs.weights import random_models
-    from runtime.roofline import step_flops, transformer_bytes
+    from tools.roofline import step_flops, transformer_bytes
     cfg = get_preset(name)
     var, vae = random_models(cfg, 0)
+    comp = StepComponent(cfg, 2, StepSpec(k_max=64))
     for k in (0, 1, 5, 9):
-        step = ScaleStep(var, vae, k, StepSpec(dse="folded", resample="interp", k_max=64))
+        step = ScaleStep(var, vae, k, StepSpec(k_max=64))
+        if k:       # the exported prior: one folded-matrix MatMul (torch.fft is not counted)
+            M = torch.tensor(dse_matrix((cfg.patch_nums[k - 1],) * 2, (cfg.patch_nums[k],) * 2), dtype=torch.float32)
+            step.prior = lambda prev, M=M: M @ prev
+        feeds = {n: v for n, v in comp.example_feeds(k).items() if not n.startswith("scale_")}
         with FlopCounterMode(display=False) as fc, torch.no_grad():
-            step(**sample_feeds(cfg, k, 2, torch.float32))
+            step(**feeds)
         assert step_flops(cfg, k, 2) == pytest.approx(fc.get_total_flops(), rel=0.12)
     n = sum(p.numel() for n, p in var.named_parameters() if not n.startswith(("pos_", "lvl_")))
     assert transformer_bytes(cfg, 4) == 4 * n
 
 
 def test_floor_is_the_larger_bound():
-    from runtime.roofline import floor
+    from tools.roofline import floor
     cfg = get_preset("var-d16")
     slow_mem = floor(cfg, 1, peak_flops=1e15, bandwidth=1e9)
     assert slow_mem.compute_bound_scales == [] and slow_mem.seconds == pytest.approx(slow_mem.weight_bytes / 1e9)

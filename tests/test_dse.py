@@ -6,9 +6,17 @@ import torch
 
 from graphs import dse_matrix
 from graphs.config import PATCH_NUMS_256
-from graphs.dse import TRANSFORMS, dse_chain_matrices, dse_fft, forward_transform, inverse_transform, read_band
+from graphs.dse import TRANSFORMS, band_read, dse_chain_matrices, dse_fft, forward_transform, inverse_transform
 
 PAIRS = list(zip(PATCH_NUMS_256[:-1], PATCH_NUMS_256[1:]))
+
+
+def read_band(S, src, transform):
+    """The coarse block of a fine spectrum (the inverse of DSE's band placement)."""
+    (h, w), (H, W) = src, S.shape[-2:]
+    Ry = torch.from_numpy(band_read(h, H, transform)).to(S.dtype)
+    Rx = torch.from_numpy(band_read(w, W, transform)).to(S.dtype)
+    return torch.einsum("hH,...HW,wW->...hw", Ry, S, Rx)
 
 
 def apply(M, l):   # l: (n, h, w)

@@ -9,7 +9,7 @@ import torch
 
 from graphs.config import ConfigError, SamplerConfig, make_ssg
 from runtime.backends import open_backend
-from runtime.manifest import load_manifest, write_manifest
+from contract.manifest import load_manifest, write_manifest
 from runtime.pipeline import Pipeline
 from tests.conftest import run_script
 
@@ -28,7 +28,7 @@ def b1(artifacts):
 
 @pytest.fixture(scope="module")
 def b3(artifacts):
-    d = artifacts(batch=3, transform="dft", unified=False)
+    d = artifacts(batch=3, transform="dft")
     return d, Pipeline(open_backend("eager", d)), Pipeline(open_backend("onnxruntime", d))
 
 
@@ -100,7 +100,7 @@ def test_parity_script_good_and_perturbed(artifacts, tmp_path):
     shutil.copytree(d, bad)
     man = load_manifest(str(bad))
     import onnx
-    m = onnx.load(str(bad / "step_0.onnx"), load_external_data=False)
+    m = onnx.load(str(bad / "step_all.onnx"), load_external_data=False)
     ext = next({e.key: e.value for e in t.external_data} for t in m.graph.initializer
                if t.data_location == onnx.TensorProto.EXTERNAL and t.name.endswith("head.weight") or
                (t.data_location == onnx.TensorProto.EXTERNAL and "head" in t.name))
@@ -146,19 +146,19 @@ def _corrupt(d, tmp_path, how):
         m["format_version"] = 99
         mp.write_text(json.dumps(m))
     elif how == "hash":
-        with open(bad / "step_3.onnx", "r+b") as f:
+        with open(bad / "step_all.onnx", "r+b") as f:
             f.seek(100)
             b = f.read(1)
             f.seek(100)
             f.write(bytes([b[0] ^ 1]))
     elif how == "nofile":
-        os.remove(bad / "step_5.onnx")
+        os.remove(bad / "decoder.onnx")
     return bad
 
 
 @pytest.mark.parametrize("how,msg", [("missing", "manifest.json is missing"), ("corrupt", "is corrupt"),
                                      ("version", "format version 99"), ("hash", "sha256 does not match"),
-                                     ("nofile", "step_5.onnx is missing")])
+                                     ("nofile", "decoder.onnx is missing")])
 def test_bad_artifacts(artifacts, tmp_path, how, msg):
     bad = _corrupt(artifacts(), tmp_path, how)
     with pytest.raises(ConfigError, match=msg):
@@ -189,6 +189,7 @@ def test_batch_mismatch(b1):
         ort.run([1, 2], 0)
 
 
+@pytest.mark.slow
 def test_generate_cli_bad_input(tmp_path):
     base = ["--model", "var-d2-tiny", "--random-init", "0"]
     for extra, msg in [(["--class", "1000"], "outside 0..999"), (["--ssg-beta", "linear:x"], "accepted --ssg-beta forms"),
@@ -212,26 +213,3 @@ def test_generate_cli_bad_input(tmp_path):
     r = run_script("generate.py", "--model", "var-d2-tiny", "--ckpt", tmp_path / "var_d3.pth", "--vae-ckpt",
                    tmp_path / "vae.pth", "--out", tmp_path / "o.png")
     assert r.returncode == 2 and "looks like var-d3" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-
-
-def test_unified_graph_equals_static_graphs_end_to_end(b1):
-    """step_all.onnx (one graph, every scale, per-scale constants as inputs) gives the same
-    images as the ten static graphs and the eager reference."""
-    d, eager, _ = b1
-    uni = Pipeline(open_backend("onnxruntime", d, graph="unified"))
-    static = Pipeline(open_backend("onnxruntime", d, graph="static"))
-    assert uni.backend.sessions.keys() == {"step_all", "decoder"} and len(static.backend.sessions) == 11
-    s = SamplerConfig(top_k=40, top_p=0.9)
-    ssg = make_ssg("linear:0.1,0.3", "dct")
-    a = eager.run([207], 5, 1.5, s, ssg, keep_logits=True)
-    b = uni.run([207], 5, 1.5, s, ssg, keep_logits=True)
-    _same(a, b)
-    _same(static.run([207], 5, 1.5, s, ssg), b)
-    for x, y in zip(a.logits, b.logits):
-        assert (x - y).abs().max() <= 1e-4 * x.abs().max()
-
-
-def test_unified_graph_missing_is_clear(artifacts):
-    d = artifacts(batch=3, transform="dft", unified=False)
-    with pytest.raises(ConfigError, match="no unified step graph.*without --no-unified"):
-        open_backend("onnxruntime", d, graph="unified")

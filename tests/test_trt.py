@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from export.trt_build import check_compat, engine_cache_key, import_tensorrt, plan, version_tuple
+from contract.tensorrt import check_compat, engine_cache_key, import_tensorrt, version_tuple
+from export.trt_build import plan
 from graphs.config import ConfigError, get_preset
 from tests.conftest import TINY, run_script
 
@@ -26,6 +27,7 @@ def test_missing_tensorrt_is_a_clear_error():
         import_tensorrt()
 
 
+@pytest.mark.slow
 def test_export_target_trt_fails_before_exporting(tmp_path):
     if _have_trt() and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are present: --target trt would build")
@@ -39,37 +41,34 @@ def test_plan_one_engine_one_profile_per_scale(artifacts):
     cfg = get_preset(TINY)
     man = json.load(open(os.path.join(artifacts(precision="fp16"), "manifest.json")))
     step, dec = plan(man)
-    assert step.onnx == "step_all.onnx" and step.engine == "step_all.plan"
-    assert len(step.profiles) == cfg.num_scales and step.scales == list(range(cfg.num_scales))
+    assert step.onnx == "step_all.onnx" and step.file == "step_all.plan"
+    assert len(step.profiles) == cfg.num_scales
     # profiles come from the manifest's shapes; only the dynamic inputs need them (min = opt = max)
     for k, prof in enumerate(step.profiles):
         b, e = cfg.begin_ends[k]
-        assert set(prof) == set(man["unified"]["dynamic_inputs"])
+        assert set(prof) == set(man["graphs"]["step"]["dynamic_inputs"])
         assert prof["past_kv"] == [b, cfg.depth, 2, 2, cfg.num_heads, cfg.head_dim]
         assert prof["noise"] == [1, e - b] and prof["scale_dse"] == [e - b, 1 if k == 0 else cfg.patch_nums[k - 1] ** 2]
     assert step.profiles[0]["past_kv"][0] == 0                      # scale 0: empty past
     # weights are not duplicated per profile
     assert step.extra_memory_target == [1.0] + [0.0] * (cfg.num_scales - 1)
+    assert dec.profiles == [] and dec.file == "decoder.plan"
     # fp16 artifacts: the KV cache is half, the DSE/SSG arithmetic and the logits stay fp32
-    assert set(step.half_tensors) == {"past_kv", "new_kv"}
-    assert {"logits", "logits_cfg", "prev_logits", "beta", "scale_dse", "noise"} <= set(step.fp32_tensors)
-    assert dec.profiles == [] and dec.engine == "decoder.plan" and dec.half_tensors == []
-
-
-def test_plan_needs_the_unified_graph(artifacts):
-    man = json.load(open(os.path.join(artifacts(batch=3, transform="dft", unified=False), "manifest.json")))
-    with pytest.raises(ConfigError, match="re-export without --no-unified"):
-        plan(man)
+    # (strongly typed networks take their types from the ONNX)
+    io = {t["name"]: t["dtype"] for t in man["graphs"]["step"]["inputs"] + man["graphs"]["step"]["outputs"]}
+    assert {n for n, d in io.items() if d == "float16"} == {"past_kv", "new_kv"}
+    assert all(io[n] == "float32" for n in ("logits", "logits_cfg", "prev_logits", "beta", "scale_dse", "noise"))
 
 
 def test_engine_cache_key_changes_with_what_makes_an_engine(artifacts):
     man = json.load(open(os.path.join(artifacts(precision="fp16"), "manifest.json")))
-    k1 = engine_cache_key(man, "10.13.0", "NVIDIA H200", "9.0")
-    assert k1 == engine_cache_key(man, "10.13.0", "NVIDIA H200", "9.0")
-    assert len({k1, engine_cache_key(man, "11.0.0", "NVIDIA H200", "9.0"),
-                engine_cache_key(man, "10.13.0", "NVIDIA H200", "8.9"),
-                engine_cache_key(man, "10.13.0", "NVIDIA H200", "9.0", hardware_compat=True),
-                engine_cache_key(dict(man, cache_key="other"), "10.13.0", "NVIDIA H200", "9.0")}) == 5
+    key = man["cache_key"]
+    k1 = engine_cache_key(key, "10.13.0", "NVIDIA H200", "9.0")
+    assert k1 == engine_cache_key(key, "10.13.0", "NVIDIA H200", "9.0")
+    assert len({k1, engine_cache_key(key, "11.0.0", "NVIDIA H200", "9.0"),
+                engine_cache_key(key, "10.13.0", "NVIDIA H200", "8.9"),
+                engine_cache_key(key, "10.13.0", "NVIDIA H200", "9.0", hardware_compat=True),
+                engine_cache_key("other", "10.13.0", "NVIDIA H200", "9.0")}) == 5
 
 
 SEC = dict(version="10.13.0.35", gpu="NVIDIA H200", compute_capability="9.0",

@@ -14,7 +14,7 @@ def open_backend(name: str, artifacts=None, **kw):
         raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if artifacts is None:
         raise ConfigError(f"--backend {name} needs --artifacts DIR (made by scripts/export.py)")
-    from ..manifest import Manifest, load_manifest
+    from contract.manifest import Manifest, load_manifest
     man = artifacts if isinstance(artifacts, Manifest) else load_manifest(artifacts)
     if name == "eager":
         from .eager import EagerBackend

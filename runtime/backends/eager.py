@@ -16,8 +16,7 @@ from ..pipeline import BackendInfo
 
 class EagerBackend:
     def __init__(self, var: VAR, vae: VQVAE, transform: str = "dct", k_max: int = 900,
-                 dtype: torch.dtype = torch.float32, dse: str = "fft", resample: str = "interp",
-                 device: str = "cpu", source_note: str = ""):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", source_note: str = ""):
         cfg: VARConfig = var.cfg
         if device != "cpu" and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device visible to PyTorch (use --device cpu)")
@@ -26,7 +25,7 @@ class EagerBackend:
         var, vae = var.to(device), vae.to(device)
         self.device, self.source_note = device, source_note
         self.var, self.vae = var, vae
-        self.spec = StepSpec(transform=transform, dse=dse, resample=resample, k_max=k_max, dtype=dtype)
+        self.spec = StepSpec(transform=transform, k_max=k_max, dtype=dtype)
         self.steps = [s.to(device) for s in build_steps(var, vae, self.spec)]
         self.info = BackendInfo(name="eager", cfg=cfg, k_max=k_max, transform=transform,
                                 kv_dtype=dtype, batch=None, device=device)

@@ -1,4 +1,4 @@
-"""TensorRT backend over the engines of `--target trt` (export/trt_build.py). Guarded: without
+"""TensorRT backend over the engines the manifest lists (`--target trt`). Guarded: without
 tensorrt it raises a clear error; nothing here is imported by the other backends.
 
 * One engine for every scale (step_all.plan) with one optimization profile per scale; one
@@ -10,7 +10,7 @@ tensorrt it raises a clear error; nothing here is imported by the other backends
 * CUDA graphs: the first run of a scale executes normally, the second captures
   `execute_async_v3` into a torch.cuda.CUDAGraph, later runs replay it.
 * The manifest's TensorRT version and GPU are checked against this machine first
-  (export.trt_build.check_compat).
+  (contract.tensorrt.check_compat).
 
 Not run on the build machines (no GPU, no TensorRT); scripts/gpu_check.sh exercises it.
 """
@@ -20,10 +20,10 @@ from typing import Dict, Optional
 
 import torch
 
-from export.trt_build import check_compat, import_tensorrt, plan
+from contract.manifest import Manifest
+from contract.tensorrt import check_compat, import_tensorrt
 from graphs.config import ConfigError
 
-from ..manifest import TORCH_DTYPES, Manifest
 from ..pipeline import BackendInfo
 
 
@@ -59,23 +59,21 @@ class _Engine:
 class TrtBackend:
     def __init__(self, man: Manifest, device: str = "cuda", cuda_graphs: bool = True):
         trt = import_tensorrt()
-        sec = man.data.get("tensorrt")
-        if not sec:
-            raise ConfigError(f"{man.root} has no TensorRT engines: re-export with --target trt on this GPU")
+        engines = man.engines
+        sec = man.data["tensorrt"]
         if device != "cuda" or not torch.cuda.is_available():
             raise ConfigError("the tensorrt backend needs an NVIDIA GPU visible to PyTorch (--device cuda)")
         props = torch.cuda.get_device_properties(0)
         check_compat(sec, trt.__version__, props.name, f"{props.major}.{props.minor}")
         self.man, self.trt, self.cuda_graphs = man, trt, cuda_graphs
-        step_plan, dec_plan = plan(man.data)
-        self.K = len(step_plan.profiles)
+        self.K = len(engines["step"]["profiles"])
         self.stream = torch.cuda.Stream()
         rt = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.step_engine = _Engine(trt, rt, man.path(step_plan.engine), self.K, self.stream)
-        self.dec_engine = _Engine(trt, rt, man.path(dec_plan.engine), 0, self.stream)
+        self.step_engine = _Engine(trt, rt, man.path(engines["step"]["file"]), self.K, self.stream)
+        self.dec_engine = _Engine(trt, rt, man.path(engines["decoder"]["file"]), 0, self.stream)
         self.consts = man.scale_consts("cuda")
-        self.uni = man.unified
-        self.in_dtype = {i["name"]: TORCH_DTYPES[i["dtype"]] for i in self.uni["graph"]["inputs"]}
+        self.dynamic = set(man.graph("step")["dynamic_inputs"])
+        self.in_dtype = man.input_dtypes("step")
         self.kv: Optional[torch.Tensor] = None
         self.bound: Dict[int, Dict[str, torch.Tensor]] = {}     # scale (or -1: decoder) -> static tensors
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
@@ -128,9 +126,9 @@ class TrtBackend:
         if self.kv is None or kv_out.untyped_storage().data_ptr() != self.kv.untyped_storage().data_ptr():
             raise ConfigError("the tensorrt backend owns the KV cache: run it through runtime.pipeline.Pipeline")
         ctx = self.step_engine.contexts[k]
-        full = self.man.unified_feeds(k, feeds, kv_out, self.consts[k])
+        full = dict(feeds, **self.consts[k])
+        prof = self.man.profile(k)
         if k not in self.bound:
-            prof = self.uni["profiles"][k]
             tensors = {}
             for name, shape in prof.items():
                 src = full[name]
@@ -138,15 +136,14 @@ class TrtBackend:
                     tensors[name] = src              # cache prefix view / constants: stable addresses
                 else:
                     tensors[name] = torch.empty(shape, dtype=self.in_dtype[name], device="cuda")
-            outs = self.man.alloc_unified_outputs(k, "cuda", kv_out)
-            tensors.update(outs)
-            dyn = set(self.uni["dynamic_inputs"])
-            self._bind_static(k, ctx, tensors, {n: s for n, s in prof.items() if n in dyn})
+            tensors.update({n: (kv_out if n == "new_kv" else torch.empty(shape, dtype=dt, device="cuda"))
+                            for n, (shape, dt) in self.man.output_specs("step", k).items()})
+            self._bind_static(k, ctx, tensors, {n: s for n, s in prof.items() if n in self.dynamic})
         t = self.bound[k]
         cur = torch.cuda.current_stream()
         self.stream.wait_stream(cur)
         with torch.cuda.stream(self.stream):
-            for name in self.uni["profiles"][k]:
+            for name in prof:
                 if name == "past_kv" or name.startswith("scale_"):
                     continue
                 if t[name].data_ptr() != full[name].data_ptr():
@@ -157,10 +154,11 @@ class TrtBackend:
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         ctx = self.dec_engine.contexts[0]
-        g = self.man.data["graphs"][-1]
         if -1 not in self.bound:
-            tensors = {i["name"]: torch.empty(i["shape"], dtype=TORCH_DTYPES[i["dtype"]], device="cuda") for i in g["inputs"]}
-            tensors.update(self.man.alloc_outputs(len(self.man.data["graphs"]) - 1, "cuda"))
+            tensors = {i["name"]: torch.empty(i["shape"], dtype=dt, device="cuda")
+                       for i, dt in zip(self.man.graph("decoder")["inputs"], self.man.input_dtypes("decoder").values())}
+            tensors.update({n: torch.empty(shape, dtype=dt, device="cuda")
+                            for n, (shape, dt) in self.man.output_specs("decoder").items()})
             self._bind_static(-1, ctx, tensors, {})
         t = self.bound[-1]
         cur = torch.cuda.current_stream()

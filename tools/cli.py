@@ -1,12 +1,21 @@
 """Shared command-line pieces for scripts/: flags every backend shares, and one error policy
-(a user error prints one line and exits 2; nothing half-written is left behind)."""
+(a user error prints one line and exits 2; nothing half-written is left behind).
+
+Every script imports this module first. Python puts the running script's folder first on
+sys.path, where scripts/export.py would shadow the `export` package for every later import;
+the packages come from the installation, so that folder is taken off the path here.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import os
 import sys
 from typing import Callable
+
+_SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _SCRIPTS]
 
 from graphs.config import DEFAULT_SSG_BETA, ConfigError
 
@@ -34,7 +43,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--class", dest="classes", type=int, nargs="+", default=[207], metavar="ID",
                    help="ImageNet class ids 0..999 (several make a grid)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cfg", type=finite_float, default=1.5, help="classifier-free guidance (ramped k/(K-1))")
+    g.add_argument("--cfg", dest="guidance", type=finite_float, default=1.5, help="classifier-free guidance (ramped k/(K-1))")
     g.add_argument("--top-k", type=int, default=900, help="0 = no top-k")
     g.add_argument("--top-p", type=float, default=0.96, help="0 = off")
     g.add_argument("--temperature", type=float, default=1.0)
