@@ -171,10 +171,10 @@ class VAR(nn.Module):
     def blocks_forward(self, x, cond_BD, past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]],
                        attn_bias=None):
         """cond_BD is the class embedding for both AdaLN forms; the head keeps using it as is."""
-        c = self.block_cond(cond_BD)
+        blk_cond = self.block_cond(cond_BD)
         ks, vs = [], []
         for i, b in enumerate(self.blocks):
-            x, k, v = b(x, c, None if past is None else past[i], attn_bias)
+            x, k, v = b(x, blk_cond, None if past is None else past[i], attn_bias)
             ks.append(k)
             vs.append(v)
         return x, ks, vs
