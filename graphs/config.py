@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Tuple
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)   # official `--pn 512` (utils/arg_util.py)
 TRT_TOPK_LIMIT = 3840   # TensorRT's documented max K for TopK (10.x and 11.x)
 
 
@@ -59,7 +60,7 @@ class VARConfig:
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     attn_l2_norm: bool = True
-    shared_aln: bool = False
+    shared_aln: bool = False        # one AdaLN projection for all blocks (official d36)
     name: str = ""
     # derived
     width: int = field(init=False)
@@ -69,8 +70,6 @@ class VARConfig:
     def __post_init__(self):
         if self.depth < 1:
             raise ConfigError(f"depth must be >= 1, got {self.depth}")
-        if self.shared_aln:
-            raise ConfigError("shared AdaLN (var-d36) is not supported yet")
         object.__setattr__(self, "width", 64 * self.depth)
         object.__setattr__(self, "num_heads", self.depth)
         object.__setattr__(self, "head_dim", 64)
@@ -106,21 +105,28 @@ class VARConfig:
 
 # Small VQVAE used by tests: official architecture, fewer channels and codes.
 TINY_VAE = VQVAEConfig(vocab_size=64, z_channels=8, ch=32)
-OFFICIAL_CKPTS = {16: "var_d16.pth", 20: "var_d20.pth", 24: "var_d24.pth", 30: "var_d30.pth"}
+# published weights by (depth, image size); all use the same VQVAE file
+OFFICIAL_CKPTS = {(16, 256): "var_d16.pth", (20, 256): "var_d20.pth", (24, 256): "var_d24.pth",
+                  (30, 256): "var_d30.pth", (36, 512): "var_d36.pth"}
 OFFICIAL_VAE_CKPT = "vae_ch160v4096z32.pth"
 
-_PRESET_RE = re.compile(r"^var-d([1-9][0-9]?)(-tiny)?$")
-_EXAMPLES = "var-d16, var-d20, var-d24, var-d30 (official), var-dN for any depth N (e.g. var-d2), var-dN-tiny (small VQVAE, tests)"
+_PRESET_RE = re.compile(r"^var-d([1-9][0-9]?)(-512)?(-tiny)?$")
+_EXAMPLES = ("var-d16, var-d20, var-d24, var-d30 (official, 256px), var-d36 (official, = var-d36-512), "
+             "var-dN for any depth N (256px, e.g. var-d2), var-dN-512 (512px, shared AdaLN), "
+             "and either with -tiny (small VQVAE, tests: var-d2-tiny, var-d2-512-tiny)")
 
 
 def get_preset(name: str) -> VARConfig:
-    """`var-dN` follows the official builder for any depth N; `var-dN-tiny` adds a small VQVAE."""
+    """`var-dN`: the official 256px builder for any depth N. `var-dN-512`: the 512px family as
+    the official d36 was trained (`--pn 512 --saln 1`: 512px patch numbers, shared AdaLN).
+    `var-d36` is `var-d36-512` (the only published d36). `-tiny` swaps in a small VQVAE."""
     m = _PRESET_RE.match(name or "")
     if not m:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {_EXAMPLES}")
     depth = int(m.group(1))
-    vae = TINY_VAE if m.group(2) else VQVAEConfig()
-    return VARConfig(depth=depth, vae=vae, name=name)
+    px512 = bool(m.group(2)) or depth == 36
+    vae = replace(TINY_VAE if m.group(3) else VQVAEConfig(), patch_nums=PATCH_NUMS_512 if px512 else PATCH_NUMS_256)
+    return VARConfig(depth=depth, vae=vae, shared_aln=px512, name=name)
 
 
 @dataclass(frozen=True)

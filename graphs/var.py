@@ -81,15 +81,23 @@ class AdaLNSelfAttn(nn.Module):
         self.attn = SelfAttention(C, cfg.num_heads, cfg.attn_l2_norm)
         self.ffn = FFN(C, round(C * cfg.mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.shared_aln = cfg.shared_aln
+        if cfg.shared_aln:      # this block's offset to the shared projection (official name)
+            self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, C))
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def modulation(self, cond_BD):
-        return self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)   # 6 x B1C
+    def modulation(self, cond):
+        """cond: the class embedding (B D), or with shared AdaLN the shared projection (B 1 6 C)."""
+        if self.shared_aln:
+            return (self.ada_gss + cond).unbind(2)                          # 6 x B1C
+        return self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)          # 6 x B1C
 
-    def forward(self, x, cond_BD, past_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    def forward(self, x, cond, past_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 attn_bias: Optional[torch.Tensor] = None):
-        """x: B l C. past_kv: (k, v) each B H Lpast hd, or None. Returns x and this step's (k, v)."""
-        g1, g2, s1, s2, sh1, sh2 = self.modulation(cond_BD)
+        """x: B l C; cond: see `modulation`. past_kv: (k, v) each B H Lpast hd, or None.
+        Returns x and this step's (k, v)."""
+        g1, g2, s1, s2, sh1, sh2 = self.modulation(cond)
         q, k, v = self.attn.qkv(self.ln_wo_grad(x) * (s1 + 1) + sh1)
         if past_kv is not None:
             k_all = torch.cat((past_kv[0], k), dim=2)   # graph-level concat; the runtime cache is preallocated
@@ -123,6 +131,9 @@ class VAR(nn.Module):
         self.pos_start = nn.Parameter(torch.zeros(1, cfg.patch_nums[0] ** 2, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
         self.lvl_embed = nn.Embedding(cfg.num_scales, C)
+        # shared AdaLN: one SiLU+Linear(D, 6C) for all blocks, as official `shared_ada_lin`
+        # (nn.Identity without it: no parameters, so per-block state dicts are unchanged)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C)) if cfg.shared_aln else nn.Identity()
         self.blocks = nn.ModuleList([AdaLNSelfAttn(cfg) for _ in range(cfg.depth)])
         # buffers present in the official state dict
         lvl_1L, attn_bias = block_causal_buffers(cfg)
@@ -150,11 +161,20 @@ class VAR(nn.Module):
         x = self.word_embed(x_Bhw_Cv) + self.lvl_pos(k)
         return torch.cat((x, x), dim=0)
 
+    def block_cond(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """What every block is conditioned on: the class embedding itself (each block has its
+        own ada_lin), or with shared AdaLN the one projection all blocks share (2B 1 6 C)."""
+        if not self.cfg.shared_aln:          # static config branch: fine inside exported graphs
+            return cond_BD
+        return self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.cfg.width)
+
     def blocks_forward(self, x, cond_BD, past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]],
                        attn_bias=None):
+        """cond_BD is the class embedding for both AdaLN forms; the head keeps using it as is."""
+        blk_cond = self.block_cond(cond_BD)
         ks, vs = [], []
         for i, b in enumerate(self.blocks):
-            x, k, v = b(x, cond_BD, None if past is None else past[i], attn_bias)
+            x, k, v = b(x, blk_cond, None if past is None else past[i], attn_bias)
             ks.append(k)
             vs.append(v)
         return x, ks, vs

@@ -184,7 +184,7 @@ class VQVAE(nn.Module):
         return self.quantize.quant_resi.qresi_ls[self.cfg.phi_index(k)]
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """f_hat (B Cvae 16 16) -> image in [0, 1] (B 3 256 256)."""
+        """f_hat (B Cvae P P) -> image in [0, 1] (B 3 16P 16P: 256px for P = 16, 512px for P = 32)."""
         return (self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1) + 1) * 0.5
 
 

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, ConfigError, VARConfig
+from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, VARConfig
 from .var import VAR, block_causal_buffers
 from .vqvae import VQVAE
 
@@ -97,16 +97,49 @@ def _guess_var_depth(sd: Dict[str, torch.Tensor]) -> Optional[int]:
     return max(blocks) + 1 if blocks else None
 
 
+_PX = {sum(p * p for p in PATCH_NUMS_256): 256, sum(p * p for p in PATCH_NUMS_512): 512}   # L -> image size
+
+
+def _layout(L: Optional[int], shared: bool) -> str:
+    px = f"{_PX[L]}px " if L in _PX else ""
+    aln = "shared AdaLN (shared_ada_lin, blocks.N.ada_gss)" if shared else "per-block AdaLN (blocks.N.ada_lin)"
+    return f"{px}(pos_1LC for {L} tokens) with {aln}"
+
+
+def _preset_for(depth: int, L: Optional[int], shared: bool) -> Optional[str]:
+    if _PX.get(L) == 256 and not shared:
+        return f"var-d{depth}"
+    if _PX.get(L) == 512 and shared:
+        return "var-d36" if depth == 36 else f"var-d{depth}-512"
+    return None
+
+
+def _var_hint(module: torch.nn.Module, sd: Dict[str, torch.Tensor], preset: str) -> str:
+    """Why a VAR file does not fit the preset: another depth, or another family (token count =
+    resolution, AdaLN form). Empty when it looks like the preset: the key message says enough."""
+    cfg = module.cfg
+    depth = _guess_var_depth(sd)
+    if depth is None:
+        return ""
+    pos = sd.get("pos_1LC")
+    L = pos.shape[1] if pos is not None and pos.dim() == 3 else None
+    shared = "shared_ada_lin.1.weight" in sd or any(k.endswith(".ada_gss") for k in sd)
+    name = preset or cfg.name or f"var-d{cfg.depth}"
+    if (L, shared) == (cfg.L, cfg.shared_aln):
+        if depth == cfg.depth:
+            return ""
+        return f"; the file looks like var-d{depth} but the preset is {name} (pass --model var-d{depth})"
+    fit = _preset_for(depth, L, shared)
+    return (f"; the file looks like var-d{depth} for {_layout(L, shared)}, but the preset {name} is for "
+            f"{_layout(cfg.L, cfg.shared_aln)}" + (f" (pass --model {fit})" if fit else ""))
+
+
 def check_state_dict(module: torch.nn.Module, sd: Dict[str, torch.Tensor], path: str, what: str,
                      preset: str = "") -> None:
     """Strict key/shape check with a message that names the file, the first bad key and, for VAR,
     the preset the file looks like."""
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    hint = ""
-    if what == "VAR":
-        depth = _guess_var_depth(sd)
-        if depth is not None and depth != getattr(module.cfg, "depth", depth):
-            hint = f"; the file looks like var-d{depth} but the preset is {preset or 'var-d' + str(module.cfg.depth)} (pass --model var-d{depth})"
+    hint = _var_hint(module, sd, preset) if what == "VAR" else ""
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
     if missing:
@@ -134,9 +167,10 @@ def _load_into(module, sd, path, what, preset):
 
 
 def official_files(cfg: VARConfig) -> Tuple[str, str]:
-    if cfg.depth not in OFFICIAL_CKPTS or cfg.V != 4096:
+    key = (cfg.depth, cfg.vae.image_size)
+    if key not in OFFICIAL_CKPTS or cfg.V != 4096 or cfg.shared_aln != (key == (36, 512)):
         raise CheckpointError(f"no published checkpoint for {cfg.name}: pass --ckpt and --vae-ckpt, or --random-init SEED")
-    return OFFICIAL_CKPTS[cfg.depth], OFFICIAL_VAE_CKPT
+    return OFFICIAL_CKPTS[key], OFFICIAL_VAE_CKPT
 
 
 def download_official(cfg: VARConfig) -> Tuple[str, str]:
