@@ -18,9 +18,9 @@ from .step import StepSpec
 from .unified import UnifiedStep, prev_rows, scale_constants
 from .vqvae import FhatDecoder
 
-# Fed by the runtime at every scale (one tensor each), in graph order.
+# Fed by the runtime at every scale (one tensor each), in graph order. Tunables are per row (B,).
 STEP_FEEDS = ["label", "f_hat", "noise", "guidance", "temperature", "top_k", "top_p", "beta", "past_kv",
-              "prev_logits"]
+              "prev_logits", "forced", "force", "smooth", "gumbel"]
 # Per-scale constants: stored in scale_consts.npz, bound by the runtime's backends.
 SCALE_CONSTS = ["scale_first", "scale_level", "scale_pos", "scale_down", "scale_up", "scale_dse",
                 "scale_phi", "scale_t"]
@@ -60,9 +60,9 @@ class StepComponent:
         b, e = c.begin_ends[k]
         P = c.patch_nums[-1]
         n, m = e - b, prev_rows(c, k)
-        return dict(label=[B], f_hat=[B, c.Cvae, P, P], noise=[B, n], guidance=[1], temperature=[1], top_k=[1],
-                    top_p=[1], beta=[1], past_kv=[b, c.depth, 2, 2 * B, c.num_heads, c.head_dim],
-                    prev_logits=[B, m, c.V],
+        return dict(label=[B], f_hat=[B, c.Cvae, P, P], noise=[B, n], guidance=[B], temperature=[B], top_k=[B],
+                    top_p=[B], beta=[B], past_kv=[b, c.depth, 2, 2 * B, c.num_heads, c.head_dim],
+                    prev_logits=[B, m, c.V], forced=[B, n], force=[B], smooth=[B], gumbel=[B, n, c.V],
                     # the scale constants (graphs.unified.scale_constants)
                     scale_first=[1], scale_level=[1], scale_pos=[n], scale_down=[n, P * P], scale_up=[P * P, n],
                     scale_dse=[n, m], scale_phi=[c.vae.share_quant_resi], scale_t=[1])
@@ -77,11 +77,14 @@ class StepComponent:
         """Inputs of the right shapes and dtypes at scale k (export tracing, tests)."""
         c = self.cfg
         shp = self.profile(k)
-        feeds = dict(label=torch.arange(self.batch, dtype=torch.int64) % c.num_classes,
+        B = self.batch
+        feeds = dict(label=torch.arange(B, dtype=torch.int64) % c.num_classes,
                      f_hat=torch.zeros(shp["f_hat"]), noise=torch.rand(shp["noise"]),
-                     guidance=torch.tensor([1.5]), temperature=torch.tensor([1.0]),
-                     top_k=torch.tensor([1], dtype=torch.int64), top_p=torch.tensor([0.96]), beta=torch.tensor([0.0]),
-                     past_kv=torch.zeros(shp["past_kv"], dtype=self.spec.dtype), prev_logits=torch.zeros(shp["prev_logits"]))
+                     guidance=torch.full((B,), 1.5), temperature=torch.ones(B),
+                     top_k=torch.ones(B, dtype=torch.int64), top_p=torch.full((B,), 0.96), beta=torch.zeros(B),
+                     past_kv=torch.zeros(shp["past_kv"], dtype=self.spec.dtype), prev_logits=torch.zeros(shp["prev_logits"]),
+                     forced=torch.zeros(shp["forced"], dtype=torch.int64), force=torch.zeros(B), smooth=torch.zeros(B),
+                     gumbel=torch.zeros(shp["gumbel"]))
         feeds.update({n: torch.from_numpy(v) for n, v in self.scale_consts(k).items()})
         return feeds
 
@@ -91,8 +94,8 @@ class StepComponent:
         P2 = self.cfg.patch_nums[-1] ** 2
         n, m, lp = Dim("n", min=1, max=P2), Dim("m", min=1, max=P2), Dim("Lp", min=0, max=self.cfg.L)
         shapes: Dict[str, object] = {name: None for name in self.inputs}
-        shapes.update(noise={1: n}, past_kv={0: lp}, prev_logits={1: m}, scale_pos={0: n},
-                      scale_down={0: n}, scale_up={1: n}, scale_dse={0: n, 1: m})
+        shapes.update(noise={1: n}, past_kv={0: lp}, prev_logits={1: m}, forced={1: n}, gumbel={1: n},
+                      scale_pos={0: n}, scale_down={0: n}, scale_up={1: n}, scale_dse={0: n, 1: m})
         return shapes
 
     @property

@@ -1,7 +1,8 @@
 """Sampling from supplied uniform noise (SPEC section 3), identical on every backend.
 
 temperature -> top-k -> top-p (inside the top-k set) -> inverse-CDF with one u in [0, 1) per
-token. Two exportable forms, chosen by the K baked into the graph:
+token. Every tunable broadcasts against B n V logits, so it can be one value per row (B 1 1).
+Two exportable forms, chosen by the K baked into the graph:
 
 * sorted (`k_max` > 0): TopK(k_max) sorted descending; the run's `top_k` <= k_max masks ranks.
 * bisection (`k_max` == 0, "no top-k" with V above TensorRT's TopK limit): no sort; the top-p
@@ -68,3 +69,18 @@ def sample(logits, u, temperature, top_k, top_p, k_max: int) -> torch.Tensor:
     if k_max > 0:
         return sample_sorted(logits, u, temperature, top_k, top_p, k_max)
     return sample_bisect(logits, u, temperature, top_p)
+
+
+def sample_with_support(logits, u, temperature, top_k, top_p, k_max: int):
+    """-> (tokens B n, keep B n V): the sampled ids and the kept (top-k/top-p) set over the
+    vocabulary, which the official `more_smooth` update needs. The sorted form marks every
+    logit >= the smallest kept one (no scatter); the bisection form keeps {p >= threshold}."""
+    if k_max > 0:
+        p, idx = sorted_candidates(logits, temperature, top_k, top_p, k_max)
+        tokens = idx.gather(-1, _inverse_cdf(p, u)).squeeze(-1)
+        vals = (logits / temperature).gather(-1, idx)                      # B n K, descending
+        last = ((p > 0).to(torch.int64).sum(dim=-1, keepdim=True) - 1).clamp_min(0)
+        keep = logits / temperature >= vals.gather(-1, last)
+        return tokens, keep
+    p = bisect_candidates(logits, temperature, top_p)
+    return _inverse_cdf(p, u).squeeze(-1), p > 0

@@ -9,9 +9,15 @@ the pieces it shares with the exported step (graphs.unified.UnifiedStep).
                                ▼          ┌─────────────── step_tail (shared) ───────────────┐
     CFG: l = (1+t) l_cond − t l_uncond, t = guidance·k/(K−1)        ──► logits_cfg
     SSG: l + beta·(l − prior),  prior = DSE(prev_logits)  (k ≥ 1)   ──► logits
-    sample(noise) ──► tokens ──► codebook[tokens]                    ──► h (B n Cv)
+    sample(noise) ──► tokens                                         ──► tokens (own draw)
+    used = force ? forced : tokens          (teacher forcing, per row, for parity)
+    h = smooth ? gumbel_softmax(kept logits·(1+r), tau_r) @ codebook   (official more_smooth)
+               : codebook[used]                                      ──► h (B n Cv)
                                ▼          └──────────────────────────────────────────────────┘
     f_hat_out = f_hat + phi_k(bicubic↑(h))           (no upsampling at the last scale)
+
+Every tunable is one value per row (B,): guidance, beta, temperature, top_k, top_p, force,
+smooth; noise (B n) and gumbel (B n V) are drawn per row on the host.
 
 The reference computes DSE with torch.fft and resamples with F.interpolate; the exported step
 uses the folded DSE matrix and exact resampling matrices. Same tail, same semantics.
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 
 from .config import VARConfig
 from .dse import TRANSFORMS, dse_fft
-from .sampling import sample
+from .sampling import sample_with_support
 from .var import VAR
 from .vqvae import VQVAE
 
@@ -61,17 +67,28 @@ def blocks_with_cache(var: VAR, x, cond, past_kv: Optional[torch.Tensor], dt: to
     return x, new_kv.permute(4, 0, 1, 2, 3, 5).contiguous().to(dt)  # n depth 2 2B H hd
 
 
-def step_tail(lg_2BnV: torch.Tensor, t_ratio, guidance, beta, prior_BnV: Optional[torch.Tensor],
-              noise, temperature, top_k, top_p, k_max: int, codebook_VC: torch.Tensor
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CFG -> SSG -> sample -> codebook. `prior_BnV` None: no SSG (scale 0 of the reference).
-    Returns tokens (B n), logits (after SSG), logits_cfg (B n V, fp32) and h (B n Cv)."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, 1, 1)                      # per-row values (B,) -> B 1 1
+
+
+def step_tail(lg_2BnV: torch.Tensor, ratio, guidance, beta, prior_BnV: Optional[torch.Tensor],
+              noise, temperature, top_k, top_p, k_max: int, codebook_VC: torch.Tensor,
+              forced, force, smooth, gumbel) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CFG -> SSG -> sample -> f_hat input. `ratio` = k/(K-1); `prior_BnV` None: no SSG (scale 0
+    of the reference). Returns tokens (B n, this step's own draw), logits (after SSG),
+    logits_cfg (B n V, fp32) and h (B n Cv: the codebook vectors that update f_hat)."""
     B = lg_2BnV.shape[0] // 2
-    t = guidance * t_ratio
+    t = _rows(guidance) * ratio
     logits_cfg = (1 + t) * lg_2BnV[:B] - t * lg_2BnV[B:]
-    logits = logits_cfg if prior_BnV is None else logits_cfg + beta * (logits_cfg - prior_BnV)
-    tokens = sample(logits, noise, temperature, top_k, top_p, k_max)
-    return tokens, logits, logits_cfg, codebook_VC[tokens]
+    logits = logits_cfg if prior_BnV is None else logits_cfg + _rows(beta) * (logits_cfg - prior_BnV)
+    T = _rows(temperature)
+    tokens, keep = sample_with_support(logits, noise, T, _rows(top_k), _rows(top_p), k_max)
+    used = torch.where(force.reshape(-1, 1) > 0.5, forced, tokens)
+    # official more_smooth: Gumbel-softmax over the kept logits, sharper at finer scales
+    tau = torch.clamp(0.27 * (1 - 0.95 * torch.as_tensor(ratio, dtype=torch.float32)), min=0.005)
+    soft = ((torch.where(keep, logits / T, -torch.inf) * (1 + ratio) + gumbel) / tau).softmax(dim=-1)
+    h = torch.where(_rows(smooth) > 0.5, soft @ codebook_VC, codebook_VC[used])
+    return tokens, logits, logits_cfg, h
 
 
 def codebook(vae: VQVAE) -> torch.Tensor:
@@ -97,8 +114,8 @@ class ScaleStep(nn.Module):
         m = prev_logits.transpose(1, 2).reshape(B, V, src, src)
         return dse_fft(m, (self.pn, self.pn), self.spec.transform).reshape(B, V, -1).transpose(1, 2)
 
-    def forward(self, label, f_hat, noise, guidance, temperature, top_k, top_p,
-                beta=None, past_kv=None, prev_logits=None):
+    def forward(self, label, f_hat, noise, guidance, temperature, top_k, top_p, beta, past_kv, prev_logits,
+                forced, force, smooth, gumbel):
         var, k = self.var, self.k
         B = label.shape[0]
         cond = var.cond(label)                                            # 2B D
@@ -111,7 +128,8 @@ class ScaleStep(nn.Module):
         lg = var.logits(h, cond.to(self.spec.dtype))                     # 2B n V, fp32
         prior = self.prior(prev_logits) if k > 0 else None
         tokens, logits, logits_cfg, h_BnC = step_tail(lg, self.t_ratio, guidance, beta, prior, noise, temperature,
-                                                      top_k, top_p, self.spec.k_max, codebook(self.vae))
+                                                      top_k, top_p, self.spec.k_max, codebook(self.vae),
+                                                      forced, force, smooth, gumbel)
         h_BChw = h_BnC.transpose(1, 2).reshape(B, -1, self.pn, self.pn)
         if k < self.K - 1:
             h_BChw = F.interpolate(h_BChw, size=(self.P, self.P), mode="bicubic")

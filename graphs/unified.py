@@ -63,7 +63,7 @@ class UnifiedStep(nn.Module):
         self.P = var.cfg.patch_nums[-1]
 
     def forward(self, label, f_hat, noise, guidance, temperature, top_k, top_p, beta, past_kv, prev_logits,
-                scale_first, scale_level, scale_pos, scale_down, scale_up, scale_dse, scale_phi, scale_t):
+                forced, force, smooth, gumbel, scale_first, scale_level, scale_pos, scale_down, scale_up, scale_dse, scale_phi, scale_t):
         var = self.var
         B = label.shape[0]
         cond = var.cond(label)                                                  # 2B D
@@ -76,7 +76,8 @@ class UnifiedStep(nn.Module):
         h, new_kv = blocks_with_cache(var, x, cond, past_kv, self.spec.dtype)   # n depth 2 2B H hd
         lg = var.logits(h, cond.to(self.spec.dtype))
         tokens, logits, logits_cfg, h_BnC = step_tail(lg, scale_t, guidance, beta, scale_dse @ prev_logits, noise,
-                                                      temperature, top_k, top_p, self.spec.k_max, codebook(self.vae))
+                                                      temperature, top_k, top_p, self.spec.k_max, codebook(self.vae),
+                                                      forced, force, smooth, gumbel)
         up = (scale_up @ h_BnC).transpose(1, 2).reshape(B, -1, self.P, self.P)  # B Cv P P
         ph = torch.stack([m(up) for m in self.phis], dim=0)                     # nphi B Cv P P
         f_hat_out = f_hat + (scale_phi.view(-1, 1, 1, 1, 1) * ph).sum(dim=0)

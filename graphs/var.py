@@ -144,8 +144,10 @@ class VAR(nn.Module):
 
     # ---- pieces of one step ------------------------------------------------------------
     def cond(self, label_B: torch.Tensor) -> torch.Tensor:
-        """Class embedding of [labels, unconditional] -> 2B x D."""
+        """Class embedding of [labels, unconditional] -> 2B x D. A label < 0 is the official
+        unconditional id (num_classes), as in autoregressive_infer_cfg(label_B=-1)."""
         uncond = torch.full_like(label_B, self.cfg.num_classes)
+        label_B = torch.where(label_B < 0, uncond, label_B)
         return self.class_emb(torch.cat((label_B, uncond), dim=0))
 
     def lvl_pos(self, k: int) -> torch.Tensor:

@@ -41,12 +41,14 @@ def _feeds(cfg, k, B, dtype=torch.float32):
     from graphs.unified import prev_rows
     g = torch.Generator().manual_seed(k)
     b, _ = cfg.begin_ends[k]
+    n = cfg.patch_nums[k] ** 2
     return dict(label=torch.tensor([11, 500, 3][:B]), f_hat=torch.randn(B, cfg.Cvae, 16, 16, generator=g),
-                noise=torch.rand(B, cfg.patch_nums[k] ** 2, generator=g), guidance=torch.tensor([1.5]),
-                temperature=torch.tensor([1.0]), top_k=torch.tensor([50]), top_p=torch.tensor([0.9]),
+                noise=torch.rand(B, n, generator=g), guidance=torch.full((B,), 1.5),
+                temperature=torch.ones(B), top_k=torch.full((B,), 50), top_p=torch.full((B,), 0.9),
                 past_kv=(torch.randn(b, cfg.depth, 2, 2 * B, cfg.num_heads, 64, generator=g) * 0.3).to(dtype),
                 prev_logits=torch.randn(B, prev_rows(cfg, k), cfg.V, generator=g) * 2,
-                beta=torch.tensor([0.7 if k else 0.0]))
+                beta=torch.full((B,), 0.7 if k else 0.0), forced=torch.zeros(B, n, dtype=torch.int64),
+                force=torch.zeros(B), smooth=torch.zeros(B), gumbel=torch.zeros(B, n, cfg.V))
 
 
 def _run_step(d, feeds, k, outputs=None):
@@ -236,7 +238,7 @@ def test_step_graph_profiles_and_dynamic_axes(artifacts, tiny):
     # the dynamic axes are exactly the ones the profiles pin (and the outputs that follow them);
     # without them the lint objects
     flagged = {i.node for i in lint_model(m, "step")}
-    assert set(step["dynamic_inputs"]) == {"noise", "past_kv", "prev_logits", "scale_pos", "scale_down",
+    assert set(step["dynamic_inputs"]) == {"noise", "past_kv", "prev_logits", "forced", "gumbel", "scale_pos", "scale_down",
                                            "scale_up", "scale_dse"}
     assert flagged == set(step["dynamic_inputs"]) | {"tokens", "logits", "logits_cfg", "new_kv"}
     assert len(step["profiles"]) == cfg.num_scales
