@@ -19,7 +19,7 @@ import torch
 
 from graphs.config import ConfigError
 
-from .metrics import GaussianStats, frechet_distance, inception_score, precision_recall
+from .metrics import PR_K, GaussianStats, frechet_distance, inception_score, precision_recall
 from .samples import NpzBatch, atomic_path
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,13 @@ def score(sample_feats: Dict[str, np.ndarray], ref_feats: Optional[Dict[str, np.
 
     smp_pool = sample_feats["pool"]
     fid = frechet_distance(GaussianStats.of(smp_pool), stats(ref_feats, "mu", "sigma", "pool"))
-    if ref_feats is not None:
-        prec, rec = precision_recall(ref_feats["pool"], smp_pool)
-    else:
+    prec = rec = None
+    if ref_feats is None:
         log.warning("%s has no images: precision and recall need them, left out", ref.path)
-        prec = rec = None
+    elif min(len(smp_pool), len(ref_feats["pool"])) <= PR_K:
+        log.warning("precision and recall need more than %d images in each set: left out", PR_K)
+    else:
+        prec, rec = precision_recall(ref_feats["pool"], smp_pool)
     if extractor_name == "pixels":
         return {"fd_pixels": fid, "precision_pixels": prec, "recall_pixels": rec}
     sfid = frechet_distance(GaussianStats.of(sample_feats["spatial"]), stats(ref_feats, "mu_s", "sigma_s", "spatial"))

@@ -37,16 +37,21 @@ def main() -> int:
 
     (pipe,), source = open_from_args(a)
     job = job_from_args(a, pipe)
-    bar = tqdm(total=len(job.labels), desc=f"{pipe.info.cfg.name} [{pipe.info.name}]", unit="img",
-               file=sys.stderr, smoothing=0.1)
+    bar = None
 
-    def progress(done, total):
-        bar.n = done
-        bar.refresh()
+    def progress(done, total):      # the bar opens only once the run passed its checks
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=done, desc=f"{pipe.info.cfg.name} [{pipe.info.name}]", unit="img",
+                       file=sys.stderr, smoothing=0.1)
+        bar.update(done - bar.n)
 
-    with bar:
+    try:
         complete = sample_to_npz(pipe, job, source, a.out, resume=a.resume, png_dir=a.png_dir,
                                  max_batches=a.max_batches, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     if not complete:
         print(f"stopped after --max-batches {a.max_batches}: rerun with --resume to continue", file=sys.stderr)
         return 3

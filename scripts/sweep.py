@@ -68,14 +68,19 @@ def main() -> int:
     jobs = [(pipe, job_from_args(a, pipe, b)) for pipe, b in grid]
 
     from tqdm import tqdm
-    from evaluation.sampling import sample_to_npz
+    from evaluation.run import check_job
+    from evaluation.sampling import check_output, sample_to_npz
     from evaluation.samples import NpzBatch, atomic_path
+    points = [os.path.join(a.out_dir, f"{job.ssg.transform}_{_slug(job.ssg.spec)}") for _, job in jobs]
+    for (pipe, job), point in zip(jobs, points):        # every point's conflicts before any work
+        check_job(pipe, job)
+        if os.path.isdir(point):
+            check_output(os.path.join(point, "samples.npz"), job.settings(pipe, source), resume=True)
     rows = []
     total = sum(len(j.labels) for _, j in jobs)
     with tqdm(total=total, desc="sweep", unit="img", file=sys.stderr) as bar:
         base = 0
-        for pipe, job in jobs:
-            point = os.path.join(a.out_dir, f"{job.ssg.transform}_{_slug(job.ssg.spec)}")
+        for (pipe, job), point in zip(jobs, points):
             os.makedirs(point, exist_ok=True)
             samples = os.path.join(point, "samples.npz")
 
