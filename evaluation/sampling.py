@@ -33,8 +33,9 @@ def _batch_file(out: str, b: int) -> str:
     return os.path.join(partial_dir(out), f"batch_{b:06d}.npz")
 
 
-def check_output(out: str, settings: Dict, resume: bool) -> str:
-    """'done' (OUT exists with these settings), 'resume' or 'fresh'. Raises on any conflict."""
+def check_output(out: str, settings: Optional[Dict], resume: bool) -> str:
+    """'done' (OUT exists with these settings), 'resume' or 'fresh'. Raises on any conflict.
+    settings None: check the paths only (cheap, before a model is loaded)."""
     if not out.endswith(".npz"):
         raise ConfigError(f"--out must be a .npz file, got {out!r}")
     folder = os.path.dirname(os.path.abspath(out))
@@ -45,16 +46,18 @@ def check_output(out: str, settings: Dict, resume: bool) -> str:
         if not resume:
             raise ConfigError(f"{out} exists: pass --resume to keep it, or delete it")
         old = NpzBatch(out).settings or {}
-        if diff_settings(old, settings):
+        if settings is not None and diff_settings(old, settings):
             raise ConfigError(f"{out} was made with other settings ({', '.join(diff_settings(old, settings))} "
                               f"differ): use another --out")
         return "done"
+    if os.path.isdir(part) and not os.listdir(part):
+        return "fresh"                          # stopped before its settings were written
     if os.path.isdir(part):
         if not resume:
             raise ConfigError(f"{part}/ holds an unfinished run: pass --resume to continue it, or delete it")
         with open(os.path.join(part, "settings.json")) as f:
             old = json.load(f)
-        if diff_settings(old, settings):
+        if settings is not None and diff_settings(old, settings):
             raise ConfigError(f"--resume: the unfinished run in {part}/ used other settings "
                               f"({', '.join(diff_settings(old, settings))} differ)")
         return "resume"
@@ -77,7 +80,7 @@ def sample_to_npz(pipe, job: Job, source: str, out: str, resume: bool = False, p
         return True
     part = partial_dir(out)
     if state == "fresh":
-        os.makedirs(part)
+        os.makedirs(part, exist_ok=True)
         with atomic_path(os.path.join(part, "settings.json")) as tmp, open(tmp, "w") as f:
             json.dump(settings, f, sort_keys=True, indent=1)
     labels = job.labels

@@ -33,8 +33,9 @@ def main() -> int:
     precheck(a)
 
     from tqdm import tqdm
-    from evaluation.sampling import sample_to_npz
+    from evaluation.sampling import check_output, sample_to_npz
 
+    check_output(a.out, None, a.resume)             # path conflicts before the model loads
     (pipe,), source = open_from_args(a)
     job = job_from_args(a, pipe)
     bar = None

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The SSG paper's spectral diagnostics as one PNG (two panels).
 
-  python scripts/spectrum.py --artifacts build/var-d16 --classes 0-999 --per-class 1 --ref VIRTUAL_imagenet256_labeled.npz --out spectrum.png
+  python scripts/spectrum.py --artifacts build/var-d16 --classes 0-999 --per-class 1 \
+      --ref VIRTUAL_imagenet256_labeled.npz --out spectrum.png
   python scripts/spectrum.py --model var-d2-tiny --random-init 0 --classes 0-3 --per-class 2 \
       --ssg-beta linear:0.1,0.3 --compare-beta 0 --out spectrum.png --json spectrum.json
 
@@ -59,11 +60,12 @@ def main() -> int:
     jobs = {a.ssg_beta: job_from_args(a, pipe), a.compare_beta: job_from_args(a, pipe, a.compare_beta)}
     if len(jobs) == 1:
         raise ConfigError(f"--compare-beta {a.compare_beta} is the same schedule as --ssg-beta")
+    for job in jobs.values():
+        check_job(pipe, job)
     img, lat = {}, {}
     total = sum(len(j.labels) for j in jobs.values())
     with tqdm(total=total, desc=f"{cfg.name} [{pipe.info.name}]", unit="img", file=sys.stderr) as bar:
         for spec, job in jobs.items():
-            check_job(pipe, job)
             acc, lat_sum = sp.ImageSpectrum(), 0
             for _, images, f_hats, _ in run_batches(pipe, job, range(job.num_batches), keep_fhat=True):
                 acc.add(images)
