@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from graphs.config import SamplerConfig, make_ssg
+from graphs.config import ConfigError, SamplerConfig, make_ssg
 
 from .run import Job, batch_size_for, open_pipeline
 from .samples import parse_classes
@@ -55,5 +55,7 @@ def precheck(a: argparse.Namespace, betas=()) -> None:
         make_ssg(spec, "dct", len(PATCH_NUMS_256))
     if a.class_spec:
         parse_classes(a.class_spec)
-    Job(classes=(0,), per_class=a.per_class, seed=a.seed, guidance=guidance_of(a), sampler=SamplerConfig(),
-        ssg=make_ssg("0"), batch=a.batch or 1)
+    if a.per_class < 1:
+        raise ConfigError(f"--per-class must be >= 1, got {a.per_class}")
+    if a.batch is not None and a.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {a.batch}")

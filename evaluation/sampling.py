@@ -84,8 +84,8 @@ def sample_to_npz(pipe, job: Job, source: str, out: str, resume: bool = False, p
         with atomic_path(os.path.join(part, "settings.json")) as tmp, open(tmp, "w") as f:
             json.dump(settings, f, sort_keys=True, indent=1)
     labels = job.labels
-    done = [b for b in range(job.num_batches) if os.path.exists(_batch_file(out, b))]
-    todo = [b for b in range(job.num_batches) if b not in set(done)]
+    done = {b for b in range(job.num_batches) if os.path.exists(_batch_file(out, b))}
+    todo = [b for b in range(job.num_batches) if b not in done]
     if done:
         log.info("resuming: %d of %d batches done", len(done), job.num_batches)
     n_done = sum(min(job.batch, len(labels) - b * job.batch) for b in done)
@@ -94,10 +94,10 @@ def sample_to_npz(pipe, job: Job, source: str, out: str, resume: bool = False, p
     if max_batches is not None:
         todo = todo[:max_batches]
     for b, images, _, seconds in run_batches(pipe, job, todo):
+        if png_dir:                         # before the batch file: a done batch has its PNGs
+            _write_pngs(png_dir, b * job.batch, images, labels)
         with atomic_path(_batch_file(out, b)) as tmp, open(tmp, "wb") as f:
             np.savez(f, images=images, seconds=np.float64(seconds))
-        if png_dir:
-            _write_pngs(png_dir, b * job.batch, images, labels)
         n_done += len(images)
         if progress:
             progress(n_done, len(labels))

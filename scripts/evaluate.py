@@ -70,7 +70,8 @@ def _from_features(samples_path: str, ref_path: str):
             raise ConfigError(f"{path}: need an N x D array, got {getattr(arr, 'shape', type(arr).__name__)}")
         arrs.append(arr)
     if arrs[0].shape[1] != arrs[1].shape[1]:
-        raise ConfigError(f"feature sizes differ: {samples_path} has D={arrs[0].shape[1]}, {ref_path} D={arrs[1].shape[1]}")
+        raise ConfigError(f"feature sizes differ: {samples_path} has D={arrs[0].shape[1]}, "
+                          f"{ref_path} D={arrs[1].shape[1]}")
     try:
         return metrics_from_features(*arrs)
     except ValueError as e:

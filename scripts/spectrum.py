@@ -49,7 +49,6 @@ def main() -> int:
         if ref.shape is None:
             raise ConfigError(f"{a.ref} has no images (arr_0)")
 
-    import numpy as np
     from tqdm import tqdm
     from evaluation import spectrum as sp
     from evaluation.plots import plot_spectrum

@@ -51,7 +51,6 @@ def main() -> int:
     transforms = [t.strip() for t in a.dse.split(",")] if a.dse else None
     if transforms and any(t not in ("dct", "dft") for t in transforms):
         raise ConfigError(f"--dse {a.dse}: each transform must be dct or dft")
-    a.ssg_beta = betas[0]
     precheck(a, betas=betas)
     if not os.path.isdir(a.out_dir):
         raise ConfigError(f"--out-dir {a.out_dir}: no such directory")

@@ -146,7 +146,8 @@ def test_inception_matches_torch_fidelity():
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         torch.save(ours.state_dict(), os.path.join(d, "w.pth"))
-        ref = TF("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=os.path.join(d, "w.pth"))
+        ref = TF("inception-v3-compat", ["2048", "logits_unbiased"],
+                 feature_extractor_weights_path=os.path.join(d, "w.pth"))
     imgs = torch.randint(0, 256, (2, 64, 80, 3), dtype=torch.uint8)
     pool, logits = ref(imgs.permute(0, 3, 1, 2).contiguous())
     got = ours(imgs)
