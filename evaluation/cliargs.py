@@ -1,4 +1,4 @@
-"""Flags the evaluation scripts share (the generic sampling flags come from scripts' cli_common)."""
+"""Flags the evaluation scripts share (the generic sampling flags come from tools.cli)."""
 from __future__ import annotations
 
 import argparse
@@ -26,11 +26,6 @@ def add_job_args(p: argparse.ArgumentParser, per_class: int) -> None:
     g.add_argument("--batch", type=int, help="rows per run (artifacts: their exported batch; eager: default 8)")
 
 
-def guidance_of(a: argparse.Namespace) -> float:
-    g = getattr(a, "guidance", None)        # the flag's name after the CLI refactor, if renamed
-    return a.cfg if g is None else g
-
-
 def open_from_args(a: argparse.Namespace, transforms=None):
     backend = a.backend or ("onnxruntime" if a.artifacts else "eager")
     return open_pipeline(backend, a.artifacts, a.model, a.ckpt, a.vae_ckpt, a.random_init,
@@ -40,7 +35,7 @@ def open_from_args(a: argparse.Namespace, transforms=None):
 def job_from_args(a: argparse.Namespace, pipe, ssg_beta: Optional[str] = None) -> Job:
     cfg = pipe.info.cfg
     classes = parse_classes(a.class_spec, cfg.num_classes) if a.class_spec else list(a.classes)
-    return Job(classes=tuple(classes), per_class=a.per_class, seed=a.seed, guidance=guidance_of(a),
+    return Job(classes=tuple(classes), per_class=a.per_class, seed=a.seed, guidance=a.guidance,
                sampler=SamplerConfig(top_k=a.top_k, top_p=a.top_p, temperature=a.temperature),
                ssg=make_ssg(a.ssg_beta if ssg_beta is None else ssg_beta, pipe.info.transform, cfg.num_scales),
                batch=batch_size_for(pipe, a.batch))
@@ -48,9 +43,9 @@ def job_from_args(a: argparse.Namespace, pipe, ssg_beta: Optional[str] = None) -
 
 def precheck(a: argparse.Namespace, betas=()) -> None:
     """Fail on malformed flags before a model is loaded (the full check runs once it is)."""
-    from graphs.config import PATCH_NUMS_256, check_cfg
+    from graphs.config import PATCH_NUMS_256, check_guidance
     SamplerConfig(top_k=a.top_k, top_p=a.top_p, temperature=a.temperature)
-    check_cfg(guidance_of(a))
+    check_guidance(a.guidance)
     for spec in (a.ssg_beta, *betas):
         make_ssg(spec, "dct", len(PATCH_NUMS_256))
     if a.class_spec:

@@ -1,15 +1,11 @@
-"""Running the pipeline for evaluation: open a backend, one call into Pipeline.run that works
-across its keyword rename (cfg → guidance), per-scale f_hat capture, and the batch layout.
+"""Running the pipeline for evaluation: open a backend, generate batches, and the seed rule.
 
-Batch layout (the seed rule, deterministic so a resumed run redraws nothing differently):
-    image i = row (i mod B) of batch b = i // B; batch b runs with seed S + b·B and batch size B;
-    the last batch is padded to B rows by repeating its classes, padded rows are dropped.
-Until the pipeline draws noise per row (SPEC §3), an image depends on B and on its batch mates:
-the settings record B, and --resume refuses a different one.
+Seed rule (deterministic, so a resumed run redraws nothing differently): image i (class-major
+order) uses seed S + i. Noise is drawn per row (SPEC §3), so an image does not depend on the
+batch size or its batch mates; batch b holds images b·B .. b·B+B-1 (the pipeline pads the last).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import asdict, dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -17,8 +13,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from graphs.config import ConfigError, SamplerConfig, SSGConfig, check_cfg, get_preset, topk_bake
-from runtime.pipeline import Pipeline, check_classes, to_uint8
+from graphs.config import ConfigError, SamplerConfig, SSGConfig, check_guidance, get_preset, topk_bake
+from runtime.pipeline import Pipeline, Row, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -52,39 +48,11 @@ def open_pipeline(backend: str = "eager", artifacts: Optional[str] = None, model
     return pipes, src.describe()
 
 
-class _FhatTap:
-    """Backend proxy that keeps each scale's f_hat (for pipelines without keep_fhat)."""
-
-    def __init__(self, inner):
-        self.inner, self.info, self.f_hats = inner, inner.info, []
-
-    def step(self, k, feeds, kv_out):
-        out = self.inner.step(k, feeds, kv_out)
-        self.f_hats.append(out["f_hat_out"].detach().float().cpu().clone())   # backends may reuse buffers
-        return out
-
-    def __getattr__(self, name):            # decode, alloc_kv, source_note, ...
-        return getattr(self.inner, name)
-
-
 def generate(pipe: Pipeline, classes: Sequence[int], seed: int, guidance: float, sampler: SamplerConfig,
              ssg: SSGConfig, keep_fhat: bool = False):
-    """pipe.run with keyword `guidance=` (or the older `cfg=`); with keep_fhat the result has
-    `f_hats`: K tensors B Cv P P, f_hat after each scale."""
-    params = inspect.signature(pipe.run).parameters
-    kw = {("guidance" if "guidance" in params else "cfg"): guidance, "sampler": sampler, "ssg": ssg}
-    if not keep_fhat:
-        return pipe.run(list(classes), seed, **kw)
-    if "keep_fhat" in params:
-        return pipe.run(list(classes), seed, keep_fhat=True, **kw)
-    tap = _FhatTap(pipe.backend)
-    pipe.backend = tap
-    try:
-        res = pipe.run(list(classes), seed, **kw)
-    finally:
-        pipe.backend = tap.inner
-    res.f_hats = tap.f_hats
-    return res
+    """One batch (image j uses seed + j); with keep_fhat the result has `f_hats`: K tensors
+    B Cv P P, f_hat after each scale."""
+    return pipe.run(list(classes), seed, guidance=guidance, sampler=sampler, ssg=ssg, keep_fhat=keep_fhat)
 
 
 @dataclass(frozen=True)
@@ -103,7 +71,7 @@ class Job:
             raise ConfigError(f"--per-class must be >= 1, got {self.per_class}")
         if self.batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {self.batch}")
-        check_cfg(self.guidance)
+        check_guidance(self.guidance)
 
     @property
     def labels(self) -> np.ndarray:
@@ -114,18 +82,16 @@ class Job:
         return -(-len(self.labels) // self.batch)
 
     def batch_rows(self, b: int) -> Tuple[List[int], int, int]:
-        """(classes of the B rows, seed, number of real images) of batch b."""
+        """(classes of batch b, the seed of its first image, number of images)."""
         labels = self.labels[b * self.batch:(b + 1) * self.batch].tolist()
-        n = len(labels)
-        rows = [labels[i % n] for i in range(self.batch)]            # pad by repeating
-        return rows, self.seed + b * self.batch, n
+        return labels, self.seed + b * self.batch, len(labels)
 
     def settings(self, pipe: Pipeline, source: str) -> dict:
         info = pipe.info
         return {"format": "var-ssg samples v1", "model": info.cfg.name, "weights": source,
                 "backend": info.name, "image_size": info.cfg.vae.image_size,
                 "classes": list(self.classes), "per_class": self.per_class, "seed": self.seed,
-                "seed_rule": "batch b runs with seed S + b*B (rows padded to B)", "batch": self.batch,
+                "seed_rule": "image i uses seed S + i", "batch": self.batch,
                 "guidance": self.guidance, **asdict(self.sampler),
                 "ssg_beta": self.ssg.spec, "betas": list(self.ssg.betas), "dse": self.ssg.transform}
 
@@ -141,8 +107,12 @@ def batch_size_for(pipe: Pipeline, requested: Optional[int], default: int = 8) -
 
 def check_job(pipe: Pipeline, job: Job) -> None:
     """Everything Pipeline.run would refuse, checked before any output is written."""
-    check_classes(job.classes, pipe.info.cfg.num_classes)
-    pipe.check(job.batch, job.sampler, job.ssg)
+    if job.ssg.transform != pipe.info.transform:
+        raise ConfigError(f"--dse {job.ssg.transform} but the pipeline bakes DSE transform {pipe.info.transform}")
+    last = job.seed + len(job.labels) - 1
+    for c in sorted(set(job.classes)):
+        pipe.check_row(Row(c, last, job.guidance, job.ssg.betas, job.sampler.top_k, job.sampler.top_p,
+                           job.sampler.temperature))
 
 
 def run_batches(pipe: Pipeline, job: Job, todo: Sequence[int], keep_fhat: bool = False

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from cli_common import parser, run_main
+from tools.cli import parser, run_main  # first: keeps scripts/ from shadowing the packages
 
 KEYS = ("fid", "sfid", "is", "precision", "recall")
 

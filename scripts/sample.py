@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from cli_common import add_model_args, add_sampling_args, parser, run_main
+from tools.cli import add_model_args, add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
 
 
 def main() -> int:

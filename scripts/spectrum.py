@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 
-from cli_common import add_model_args, add_sampling_args, parser, run_main
+from tools.cli import add_model_args, add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
 
 
 def main() -> int:

@@ -96,6 +96,7 @@ def test_inception_score_known_values():
     assert M.inception_score(onehot, split=20) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_features_cli(tmp_path):
     rng = np.random.default_rng(3)
     a, b = rng.normal(0, 1, (80, 5)), rng.normal(0.5, 1, (90, 5))
@@ -116,6 +117,7 @@ def test_evaluate_features_cli(tmp_path):
 
 # ---------------------------------------------------------------- Inception
 
+@pytest.mark.slow
 def test_inception_features_and_missing_weights(tmp_path, samples):
     from evaluation.inception import FIDInception, load_inception
     torch.manual_seed(0)
@@ -197,6 +199,7 @@ def samples(tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.slow
 def test_sample_npz_layout(samples):
     b = NpzBatch(samples)
     assert b.shape == (4, 256, 256, 3)
@@ -209,6 +212,7 @@ def test_sample_npz_layout(samples):
     assert not os.path.exists(samples + ".partial")
 
 
+@pytest.mark.slow
 def test_sample_interrupted_and_resumed_equals_uninterrupted(tmp_path, samples):
     out = tmp_path / "cut.npz"
     r = run_script("sample.py", *SAMPLE_ARGS, "--out", out, "--max-batches", "1", env=_env(tmp_path))
@@ -235,12 +239,14 @@ def test_sample_interrupted_and_resumed_equals_uninterrupted(tmp_path, samples):
     assert os.stat(out).st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_sample_bad_input_one_line_nothing_written(tmp_path):
     for extra in (["--classes", "9-2"], ["--ssg-beta", "linear:1"], ["--per-class", "0"], ["--top-p", "2"]):
         _one_line_error(run_script("sample.py", *TINY, *extra, "--out", tmp_path / "x.npz", env=_env(tmp_path)))
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_spectrum_script_end_to_end(tmp_path, samples):
     png, js = tmp_path / "s.png", tmp_path / "s.json"
     r = run_script("spectrum.py", *TINY, "--classes", "0-1", "--per-class", "1", "--batch", "2",
@@ -257,6 +263,7 @@ def test_spectrum_script_end_to_end(tmp_path, samples):
     assert out["nyquist"] == [p / 2 for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
 
 
+@pytest.mark.slow
 def test_sweep_script_end_to_end_and_resumes(tmp_path, samples):
     args = [*TINY, "--classes", "2,9", "--per-class", "2", "--batch", "4", "--betas", "0;0.5", "--dse", "dct,dft",
             "--out-dir", tmp_path, "--ref", samples, "--extractor", "pixels"]
