@@ -53,6 +53,8 @@ class RunResult:
     f_hats: List[torch.Tensor] = field(default_factory=list)      # f_hat after each scale (on request)
     noise: List[torch.Tensor] = field(default_factory=list)       # K x (B, n_k): the uniforms used
     rows: List[Row] = field(default_factory=list)
+    f_hat: Optional[torch.Tensor] = None    # the final latent (B Cv P P), what the decoder reads
+    sampling: Dict[str, list] = field(default_factory=dict)       # per row: the top_k / top_p fed
 
 
 @dataclass(frozen=True)
@@ -140,10 +142,14 @@ class Pipeline:
 
     def run_rows(self, rows: Sequence[Row], keep_logits: bool = False, keep_fhat: bool = False,
                  force_tokens: Optional[Sequence[torch.Tensor]] = None,
+                 force_fhat: Optional[Sequence[torch.Tensor]] = None, decode: bool = True,
                  progress: Optional[Callable[[int], None]] = None) -> RunResult:
         """Generate one image per row. `force_tokens` (K x (len(rows), n_k)): drive f_hat with
         these tokens instead of the sampled ones (teacher forcing; the outputs' tokens stay
-        the backend's own draws)."""
+        the backend's own draws). `force_fhat` (K x (len(rows), Cv, P, P), a reference's
+        `f_hats`): more_smooth rows start scale k from it, since their f_hat follows the
+        logits through a sharp softmax, not the tokens. `decode=False` stops at the final
+        latent (res.f_hat)."""
         info, mc = self.info, self.info.cfg
         rows = list(rows)
         if not rows:
@@ -171,10 +177,15 @@ class Pipeline:
         alloc_kv = getattr(self.backend, "alloc_kv", None)      # backends that bind fixed addresses own it
         kv = alloc_kv(shape, info.kv_dtype) if alloc_kv else torch.empty(shape, dtype=info.kv_dtype, device=dev)
         f_hat = torch.zeros(B, mc.Cvae, mc.patch_nums[-1], mc.patch_nums[-1], device=dev)
-        res = RunResult(images=torch.empty(0), tokens=[], rows=rows[:n_real])
+        res = RunResult(images=torch.empty(0), tokens=[], rows=rows[:n_real],
+                        sampling=dict(top_k=[c[1] for c in checked[:n_real]], top_p=[c[2] for c in checked[:n_real]]))
         prev = torch.zeros(B, prev_rows(mc, 0), V, device=dev)      # scale 0: one zero prior row
+        smooth_rows = [i for i, r in enumerate(rows[:n_real]) if r.more_smooth]
         for k, (b, e) in enumerate(mc.begin_ends):
             n = e - b
+            if force_fhat is not None and k > 0 and smooth_rows:
+                f_hat = f_hat.clone()
+                f_hat[smooth_rows] = force_fhat[k - 1][smooth_rows].to(dev, f_hat.dtype)
             forced = torch.zeros(B, n, dtype=torch.int64, device=dev)
             if force_tokens is not None:
                 forced[:n_real] = force_tokens[k].to(dev)
@@ -196,7 +207,9 @@ class Pipeline:
                 res.f_hats.append(f_hat[:n_real].clone())
             if progress:
                 progress(k)
-        res.images = self.backend.decode(f_hat)[:n_real]
+        res.f_hat = f_hat[:n_real].clone()
+        if decode:
+            res.images = self.backend.decode(f_hat)[:n_real]
         return res
 
 

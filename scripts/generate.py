@@ -57,8 +57,10 @@ def main() -> int:
 
     pipe = Pipeline(backend)
     with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{a.backend}]", unit="scale", file=sys.stderr) as bar:
-        res = pipe.run(a.classes, a.seed, a.guidance, sampler, ssg, progress=lambda k: bar.update(1))
-    note = (f"{cfg.name} backend={a.backend} classes={a.classes} seed={a.seed} cfg={a.guidance} "
+        res = pipe.run(a.classes, a.seed, a.guidance, sampler, ssg, progress=lambda k: bar.update(1),
+                       more_smooth=a.more_smooth)
+    note = (f"{cfg.name} backend={a.backend} classes={a.classes} seeds={a.seed}..{a.seed + len(a.classes) - 1} "
+            f"cfg={a.guidance} more_smooth={a.more_smooth} "
             f"top_k={a.top_k} top_p={a.top_p} T={a.temperature} ssg={ssg.spec} dse={ssg.transform}; {source}")
     save_grid(res.images, a.out, note)
     if a.save_tokens:

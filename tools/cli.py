@@ -41,7 +41,7 @@ def finite_float(s: str) -> float:
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling and guidance")
     g.add_argument("--class", dest="classes", type=int, nargs="+", default=[207], metavar="ID",
-                   help="ImageNet class ids 0..999 (several make a grid)")
+                   help="ImageNet class ids 0..999, -1 = unconditional (several make a grid)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cfg", dest="guidance", type=finite_float, default=1.5, help="classifier-free guidance (ramped k/(K-1))")
     g.add_argument("--top-k", type=int, default=900, help="0 = no top-k")
@@ -51,6 +51,31 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="'0' off, a float, 'linear:START,END', or K-1 comma-separated values "
                         f"(default {DEFAULT_SSG_BETA}: ours, the paper publishes none)")
     g.add_argument("--dse", choices=("dct", "dft"), default="dct", help="DSE transform")
+    g.add_argument("--more-smooth", action="store_true",
+                   help="the official Gumbel-softmax f_hat update (smoother images, not for FID)")
+
+
+def check_output_path(path: str, ext: str) -> None:
+    """Refuse an output path before any work: wrong extension, a directory, no writable folder."""
+    if not str(path).lower().endswith(ext):
+        raise ConfigError(f"{path}: the output must be a {ext} file")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory; give a file name ending in {ext}")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise ConfigError(f"cannot write {path}: folder {d} does not exist or is not writable")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write to a temporary name beside `path`, then rename: never a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class _Parser(argparse.ArgumentParser):
