@@ -1,14 +1,29 @@
 """TensorRT rules both sides need: the guarded import, version parsing, the engine cache key
-and the engine/machine compatibility check (export/ builds engines, runtime/ loads them)."""
+and the engine/machine compatibility check (export/ builds engines, runtime/ loads them).
+
+Which TensorRT may load an engine (NVIDIA, "Engine Compatibility", TensorRT 11.1 docs:
+https://docs.nvidia.com/deeplearning/tensorrt/11.1.0/inference-library/engine-compatibility.html
+and the TensorRT 11.4 support matrix, "Engine Portability":
+https://docs.nvidia.com/deeplearning/tensorrt/11.4.1/getting-started/support-matrix.html):
+  * by default, only the TensorRT version that built it;
+  * built with BuilderFlag.VERSION_COMPATIBLE: that version or a LATER one, never an older one:
+    later releases of the same major, and across majors only TensorRT 10 -> 11 (and 8 -> 10);
+    such a plan carries TensorRT's lean runtime (host code), which the runtime must be allowed
+    to load (IRuntime.engine_host_code_allowed; runtime.backends.trt sets it);
+  * built with HardwareCompatibilityLevel.AMPERE_PLUS: any Ampere or newer GPU (cc >= 8.0);
+    otherwise only GPUs of the compute capability that built it.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Dict, Tuple
 
 from graphs.config import ConfigError
 
 MIN_TRT = (10, 0)
+CROSS_MAJOR = {(8, 10), (10, 11)}     # (build major, runtime major) pairs NVIDIA supports
 
 
 def import_tensorrt():
@@ -23,29 +38,45 @@ def import_tensorrt():
 
 
 def version_tuple(v: str) -> Tuple[int, ...]:
+    """major.minor.patch as integers: '10.13.0.35' -> (10, 13, 0); '10.0.0b6' -> (10, 0, 0)."""
     out = []
-    for x in v.split(".")[:2]:
-        if not x.isdigit():
+    for x in v.split(".")[:3]:
+        m = re.match(r"\d+", x)
+        if not m:
             break
-        out.append(int(x))
+        out.append(int(m.group()))
+        if m.end() < len(x):          # '0b6': a pre-release tag ends the version
+            break
     return tuple(out)
 
 
-def engine_cache_key(artifacts_key: str, trt_version: str, gpu: str, cc: str,
-                     hardware_compat: bool = False, version_compat: bool = False) -> str:
-    """Engines are valid for these artifacts, this TensorRT, this GPU and these options."""
+def engine_cache_key(artifacts_key: str, trt_version: str, gpu: str, cc: str, hardware_compat: bool = False,
+                     version_compat: bool = False, tf32: bool = False) -> str:
+    """Engines are valid for these graphs (the artifacts' cache key), this TensorRT, this GPU and
+    these build options. export/ rebuilds the engines when the stored key differs."""
     blob = json.dumps(dict(cache_key=artifacts_key, trt=trt_version, gpu=gpu, cc=cc,
-                           hw=hardware_compat, vc=version_compat), sort_keys=True)
+                           hw=hardware_compat, vc=version_compat, tf32=tf32), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def version_ok(built: str, here: str, version_compatible: bool) -> bool:
+    """May TensorRT `here` load an engine that TensorRT `built` made? (rules above)"""
+    b, h = version_tuple(built), version_tuple(here)
+    if not version_compatible:
+        return b == h
+    return h >= b and (h[:1] == b[:1] or (b[0], h[0]) in CROSS_MAJOR)
+
+
 def check_compat(sec: Dict, trt_version: str, gpu: str, cc: str) -> None:
-    """Refuse engines built for another TensorRT or GPU unless built compatible."""
-    if sec["version"] != trt_version:
-        same_major = version_tuple(sec["version"])[:1] == version_tuple(trt_version)[:1]
-        if not (sec.get("version_compatible") and same_major):
-            raise ConfigError(f"the engines were built with TensorRT {sec['version']} and this is TensorRT {trt_version}: "
-                              f"re-export with --target trt here (or build with --trt-version-compatible)")
+    """Refuse engines this TensorRT or this GPU cannot load, with the way out."""
+    if not version_ok(sec["version"], trt_version, bool(sec.get("version_compatible"))):
+        if sec.get("version_compatible"):
+            raise ConfigError(f"the engines were built with TensorRT {sec['version']} (version-compatible) and this is "
+                              f"TensorRT {trt_version}: such engines run only on the same or a later TensorRT "
+                              f"(same major, or 10 -> 11); re-export with --target trt here")
+        raise ConfigError(f"the engines were built with TensorRT {sec['version']} and this is TensorRT {trt_version}: "
+                          f"re-export with --target trt here (or build with --trt-version-compatible to run them "
+                          f"on later TensorRT versions)")
     if sec["compute_capability"] != cc:
         ok = sec.get("hardware_compatible") and version_tuple(cc) >= (8, 0)
         if not ok:

@@ -55,7 +55,8 @@ class ExportConfig:
     opset: int = 18
     target: str = "onnx"              # "onnx" | "trt"
     trt_hardware_compatible: bool = False   # engines run on Ampere and newer, not only this GPU
-    trt_version_compatible: bool = False    # engines run on later TensorRT of the same major
+    trt_version_compatible: bool = False    # engines run on later TensorRT (same major, or 10 -> 11)
+    trt_tf32: bool = False                  # let TensorRT run fp32 MatMuls in TF32 (opt-in; off keeps fp32)
 
     def __post_init__(self):
         if self.precision not in PRECISION_DTYPES:
@@ -75,9 +76,16 @@ class ExportConfig:
 
 
 def cache_key(cfg: VARConfig, ec: ExportConfig, weights_id: str) -> str:
-    blob = json.dumps(dict(config=config_to_json(cfg), export=asdict(ec), weights=weights_id,
+    """The graphs' key. The TensorRT options (target, trt_*) are left out: they, the TensorRT
+    version and the GPU make the engines' key (contract.tensorrt.engine_cache_key)."""
+    graph_opts = {k: v for k, v in asdict(ec).items() if k != "target" and not k.startswith("trt_")}
+    blob = json.dumps(dict(config=config_to_json(cfg), export=graph_opts, weights=weights_id,
                            format=FORMAT_VERSION, torch=torch.__version__), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _trt_options(ec: ExportConfig) -> Dict:
+    return dict(tf32=ec.trt_tf32, hardware_compat=ec.trt_hardware_compatible, version_compat=ec.trt_version_compatible)
 
 
 def weights_id(src: WeightSource) -> str:
@@ -140,12 +148,21 @@ def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: Expo
                      force: bool = False, progress: Optional[Callable[[str], None]] = None) -> Dict:
     """Export everything into `out` atomically. Returns the manifest dict."""
     key = cache_key(var.cfg, ec, weights_id(src))
-    if ec.target == "trt":            # fail before a long export, not after it
-        from .trt_build import require_gpu
-        require_gpu()
+    machine = None
+    if ec.target == "trt":            # fail before a long export, not after it; engines are for this machine
+        from .trt_build import this_machine
+        machine = this_machine()
     if prepare_out(out, force, key):
-        log.info("%s is up to date (cache key %s); nothing to do", out, key[:12])
-        return load_manifest(out, verify_hashes=False).data
+        data = load_manifest(out, verify_hashes=False).data
+        why = None
+        if machine is not None:
+            from .trt_build import engines_stale
+            why = engines_stale(data, machine, **_trt_options(ec))
+        if why is None:
+            log.info("%s is up to date (cache key %s); nothing to do", out, key[:12])
+            return data
+        log.info("%s: %s; building new engines (the ONNX graphs are reused)", out, why)
+        return _rebuild_engines(out, ec)
     parent = os.path.dirname(os.path.abspath(out)) or "."
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
     try:
@@ -168,6 +185,28 @@ def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: Expo
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rebuild_engines(out: str, ec: ExportConfig) -> Dict:
+    """New engines (and timing cache) for up-to-date graphs: built next to `out`, moved in,
+    then the manifest is rewritten. A failed build leaves `out` as it was."""
+    from .trt_build import TIMING_CACHE, build_engines
+    data = load_manifest(out).data              # hashes checked: the engines are built from these graphs
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.engines-", dir=parent)
+    try:
+        if os.path.isfile(os.path.join(out, TIMING_CACHE)):
+            shutil.copyfile(os.path.join(out, TIMING_CACHE), os.path.join(tmp, TIMING_CACHE))
+        data["engines"], data["tensorrt"] = build_engines(out, data, out_dir=tmp, **_trt_options(ec))
+        data["export"] = asdict(ec)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        write_manifest(out, data)
+        return data
+    except OSError as e:
+        raise ExportError(f"rebuilding the engines failed while writing ({e.strerror or e}: {e.filename or ''})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
@@ -225,8 +264,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
     )
     if ec.target == "trt":
         from .trt_build import build_engines
-        data["engines"], data["tensorrt"] = build_engines(tmp, data, hardware_compat=ec.trt_hardware_compatible,
-                                                          version_compat=ec.trt_version_compatible)
+        data["engines"], data["tensorrt"] = build_engines(tmp, data, **_trt_options(ec))
     write_manifest(tmp, data)
     return data
 

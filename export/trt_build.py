@@ -7,22 +7,30 @@ Layout:
                   shapes; profiles after the first get extra_memory_target = 0 so the weights
                   are not duplicated per profile.
   decoder.plan    the decoder (static shapes).
-  timing.cache    shared by both builds, saved next to the engines and reused on rebuilds.
+  timing.cache    shared by both builds, saved next to the engines and reused on rebuilds when
+                  TensorRT accepts it for this GPU (else a fresh one replaces it).
 Networks are strongly typed (TensorRT 11 has no precision flags): half precision comes from the
 ONNX (the transformer and KV cache of fp16/bf16 artifacts) while the DSE/SSG arithmetic, the
-logits and the sampler stay fp32 because the graph says so.
+logits and the sampler stay fp32 because the graph says so. BuilderFlag.TF32 is ON by default
+in TensorRT ("Allow (but not require) computations on tensors of type DataType.FLOAT to use
+TF32 ... Enabled by default", the flag's docstring), strongly typed or not: it is cleared unless
+the plan asks for it (`tf32=True`, an opt-in), so fp32 stays fp32 (DESIGN.md, SPEC §6 bounds).
 
-Everything up to `build_engines` is plain Python over the manifest, so the plan is tested
-without TensorRT; the version rules live in contract.tensorrt.
+`plan` and `engines_stale` are plain Python over the manifest, so they are tested without
+TensorRT; the version rules live in contract.tensorrt.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
-from contract.tensorrt import engine_cache_key, import_tensorrt
+from contract.tensorrt import engine_cache_key, import_tensorrt, version_tuple
 from graphs.config import ConfigError
+
+log = logging.getLogger(__name__)
+TIMING_CACHE = "timing.cache"
 
 
 def require_gpu():
@@ -34,47 +42,123 @@ def require_gpu():
     return trt
 
 
+def this_machine(device: int = 0) -> Tuple[str, str, str]:
+    """(TensorRT version, GPU name, compute capability) that engines built here are for."""
+    trt = require_gpu()
+    import torch
+    p = torch.cuda.get_device_properties(device)
+    return trt.__version__, p.name, f"{p.major}.{p.minor}"
+
+
 @dataclass(frozen=True)
 class EnginePlan:
-    """What will be built for one engine (testable without TensorRT); the manifest's
-    `engines[name]` entry."""
+    """What will be built for one engine, flags included (testable without TensorRT); the
+    manifest's `engines[name]` entry."""
     name: str
     onnx: str
     file: str
     profiles: List[Dict[str, List[int]]]  # per profile (= scale): dynamic input -> shape (min = opt = max)
     extra_memory_target: List[float]      # per profile
+    tf32: bool = False                    # BuilderFlag.TF32 (cleared unless asked for)
+    hardware_compatible: bool = False     # HardwareCompatibilityLevel.AMPERE_PLUS
+    version_compatible: bool = False      # BuilderFlag.VERSION_COMPATIBLE
 
 
-def plan(man_data: Dict) -> List[EnginePlan]:
+def plan(man_data: Dict, tf32: bool = False, hardware_compat: bool = False,
+         version_compat: bool = False) -> List[EnginePlan]:
     """The engines `--target trt` builds: the all-scales step engine and the decoder."""
     step, dec = man_data["graphs"]["step"], man_data["graphs"]["decoder"]
     dyn = set(step["dynamic_inputs"])
     profiles = [{name: list(shape) for name, shape in prof.items() if name in dyn} for prof in step["profiles"]]
+    flags = dict(tf32=tf32, hardware_compatible=hardware_compat, version_compatible=version_compat)
     return [EnginePlan(name="step", onnx=step["file"], file="step_all.plan", profiles=profiles,
-                       extra_memory_target=[1.0] + [0.0] * (len(profiles) - 1)),
-            EnginePlan(name="decoder", onnx=dec["file"], file="decoder.plan", profiles=[], extra_memory_target=[])]
+                       extra_memory_target=[1.0] + [0.0] * (len(profiles) - 1), **flags),
+            EnginePlan(name="decoder", onnx=dec["file"], file="decoder.plan", profiles=[], extra_memory_target=[],
+                       **flags)]
 
 
-def _load_cache(config, path: str):
-    data = b""
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            data = f.read()
-    return config.create_timing_cache(data)
+def engines_stale(man_data: Dict, machine: Tuple[str, str, str], tf32: bool = False, hardware_compat: bool = False,
+                  version_compat: bool = False) -> Optional[str]:
+    """None if the manifest's engines were built for these graphs on this machine (TensorRT
+    version, GPU) with these options; else why they must be rebuilt."""
+    sec = man_data.get("tensorrt")
+    if not man_data.get("engines") or not sec:
+        return "there are no TensorRT engines yet"
+    key = engine_cache_key(man_data["cache_key"], *machine, hardware_compat, version_compat, tf32)
+    if sec.get("key") == key:
+        return None
+    old = (f"TensorRT {sec.get('version')} on {sec.get('gpu')} ({sec.get('compute_capability')}), "
+           f"tf32={sec.get('tf32', True)} hw={sec.get('hardware_compatible')} vc={sec.get('version_compatible')}")
+    new = f"TensorRT {machine[0]} on {machine[1]} ({machine[2]}), tf32={tf32} hw={hardware_compat} vc={version_compat}"
+    return f"the engines were built with {old}; this build is for {new}"
 
 
-def _build_one(trt, builder, logger, root: str, p: EnginePlan, cache, hardware_compat: bool, version_compat: bool):
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+def configure(trt, config, p: EnginePlan) -> None:
+    """Apply the plan's flags to a builder config."""
+    if p.tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if p.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if p.hardware_compatible:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+
+
+class TimingCache:
+    """The builds' shared timing cache. `set_timing_cache` returns False for a cache made on
+    another device (ignore_mismatch=False): then the build starts from a fresh cache (warning),
+    and only a cache that a finished build used is written back."""
+
+    def __init__(self, path: str):
+        self.path, self.cache, self.used = path, None, False
+
+    def attach(self, config) -> None:
+        if self.cache is None:
+            self.cache = self._first(config)
+        elif not config.set_timing_cache(self.cache, ignore_mismatch=False):
+            raise ConfigError("TensorRT refused the timing cache it accepted for the previous engine")
+
+    def _first(self, config):
+        data = b""
+        if os.path.isfile(self.path):
+            with open(self.path, "rb") as f:
+                data = f.read()
+        if data:
+            cache = config.create_timing_cache(data)
+            if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+                log.info("reusing the timing cache %s", self.path)
+                return cache
+            log.warning("TensorRT rejected the timing cache %s (made on another GPU or TensorRT): building with a "
+                        "fresh one, which replaces it", self.path)
+        cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise ConfigError("TensorRT could not create a timing cache")
+        return cache
+
+    def save(self) -> None:
+        if self.cache is None or not self.used:
+            return
+        with open(self.path + ".tmp", "wb") as f:
+            f.write(memoryview(self.cache.serialize()))
+        os.replace(self.path + ".tmp", self.path)
+
+
+def _network_flags(trt) -> int:
+    # TensorRT 10: strongly typed is opt-in; 11: always on, the flag deprecated and ignored
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 1 << int(flag) if flag is not None and version_tuple(trt.__version__) < (11,) else 0
+
+
+def _build_one(trt, builder, logger, onnx_dir: str, out_dir: str, p: EnginePlan, cache: TimingCache) -> None:
+    network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(os.path.join(root, p.onnx)):
+    if not parser.parse_from_file(os.path.join(onnx_dir, p.onnx)):
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ConfigError(f"TensorRT could not parse {p.onnx}: {errs}")
     config = builder.create_builder_config()
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    if hardware_compat:
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    if version_compat:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    cache.attach(config)
+    configure(trt, config, p)
     for shapes, extra in zip(p.profiles, p.extra_memory_target):
         prof = builder.create_optimization_profile()
         for name, shape in shapes.items():
@@ -82,35 +166,33 @@ def _build_one(trt, builder, logger, root: str, p: EnginePlan, cache, hardware_c
         if hasattr(prof, "extra_memory_target"):
             prof.extra_memory_target = extra
         config.add_optimization_profile(prof)
+    log.info("building %s from %s (tf32=%s)", p.file, p.onnx, p.tf32)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise ConfigError(f"TensorRT failed to build an engine for {p.onnx} (see the log above)")
-    path = os.path.join(root, p.file)
+    cache.used = True
+    path = os.path.join(out_dir, p.file)
     with open(path + ".tmp", "wb") as f:
         f.write(memoryview(blob))
     os.replace(path + ".tmp", path)
 
 
-def build_engines(root: str, man_data: Dict, hardware_compat: bool = False, version_compat: bool = False,
-                  device: Optional[int] = 0) -> Tuple[Dict, Dict]:
-    """Build the engines of `plan` into `root`; returns the manifest's `engines` and `tensorrt`."""
+def build_engines(onnx_dir: str, man_data: Dict, out_dir: Optional[str] = None, tf32: bool = False,
+                  hardware_compat: bool = False, version_compat: bool = False, device: int = 0) -> Tuple[Dict, Dict]:
+    """Build the engines of `plan` from the graphs in `onnx_dir` into `out_dir` (default: the
+    same), reusing `out_dir`'s timing cache; returns the manifest's `engines` and `tensorrt`."""
     trt = require_gpu()
-    import torch
+    machine = this_machine(device)
+    out_dir = out_dir or onnx_dir
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    cache_path = os.path.join(root, "timing.cache")
-    cache = _load_cache(builder.create_builder_config(), cache_path)
-    plans = plan(man_data)
+    cache = TimingCache(os.path.join(out_dir, TIMING_CACHE))
+    plans = plan(man_data, tf32=tf32, hardware_compat=hardware_compat, version_compat=version_compat)
     for p in plans:
-        _build_one(trt, builder, logger, root, p, cache, hardware_compat, version_compat)
-    with open(cache_path + ".tmp", "wb") as f:
-        f.write(memoryview(cache.serialize()))
-    os.replace(cache_path + ".tmp", cache_path)
-    props = torch.cuda.get_device_properties(device)
-    cc = f"{props.major}.{props.minor}"
-    engines = {p.name: asdict(p) for p in plans}
-    return engines, dict(version=trt.__version__, gpu=props.name, compute_capability=cc,
-                         hardware_compatible=hardware_compat, version_compatible=version_compat,
-                         timing_cache="timing.cache",
-                         key=engine_cache_key(man_data["cache_key"], trt.__version__, props.name, cc,
-                                              hardware_compat, version_compat))
+        _build_one(trt, builder, logger, onnx_dir, out_dir, p, cache)
+    cache.save()
+    version, gpu, cc = machine
+    return {p.name: asdict(p) for p in plans}, dict(
+        version=version, gpu=gpu, compute_capability=cc, hardware_compatible=hardware_compat,
+        version_compatible=version_compat, tf32=tf32, timing_cache=TIMING_CACHE,
+        key=engine_cache_key(man_data["cache_key"], version, gpu, cc, hardware_compat, version_compat, tf32))

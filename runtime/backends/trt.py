@@ -8,15 +8,21 @@ tensorrt it raises a clear error; nothing here is imported by the other backends
   every input and output of a scale is bound once to a static torch tensor (the cache prefix as
   past_kv, the cache slice as new_kv), and feeds are copied into those tensors before a run.
 * CUDA graphs: the first run of a scale executes normally, the second captures
-  `execute_async_v3` into a torch.cuda.CUDAGraph, later runs replay it.
-* The manifest's TensorRT version and GPU are checked against this machine first
-  (contract.tensorrt.check_compat).
+  `execute_async_v3` into a torch.cuda.CUDAGraph, later runs replay it. If capture fails, that
+  scale runs plain `execute_async_v3` from then on (one warning); a real execution error then
+  surfaces from the plain run, not hidden behind a capture error.
+* Before loading: the manifest's TensorRT version and GPU against this machine
+  (contract.tensorrt.check_compat). Version-compatible plans embed TensorRT's lean runtime
+  (host code): the runtime is allowed to load it (`engine_host_code_allowed`, default False)
+  only for those; the plan's sha256 was checked against the manifest. After loading: every I/O
+  tensor's mode, dtype and per-profile shapes against the manifest (`check_engine_io`).
 
 Not run on the build machines (no GPU, no TensorRT); scripts/gpu_check.sh exercises it.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import logging
+from typing import Dict, List, Optional
 
 import torch
 
@@ -26,16 +32,71 @@ from graphs.config import ConfigError
 
 from ..pipeline import BackendInfo
 
+log = logging.getLogger(__name__)
+
+# TensorRT DataType member names -> the manifest's dtype names (contract.manifest.DTYPES)
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+              "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
+
+
+def _enum_name(v) -> str:
+    return getattr(v, "name", str(v).rsplit(".", 1)[-1])
+
+
+def make_runtime(trt, sec: Dict):
+    """A trt.Runtime that may load these engines: version-compatible plans carry host code."""
+    rt = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    if sec.get("version_compatible"):
+        rt.engine_host_code_allowed = True
+    return rt
+
+
+def deserialize(rt, path: str, sec: Dict):
+    with open(path, "rb") as f:
+        engine = rt.deserialize_cuda_engine(f.read())
+    if engine is None:          # the version/GPU check passed already: TensorRT's log says why
+        raise ConfigError(f"{path}: TensorRT could not deserialize the engine (TensorRT's log above says why; it was "
+                          f"built with TensorRT {sec['version']} for {sec['gpu']}, which this machine may load); "
+                          f"if the log names no cause, re-export with --target trt --force")
+    return engine
+
+
+def check_engine_io(engine, path: str, inputs: List[Dict], outputs: List[Dict],
+                    profiles: List[Dict[str, list]], output_shapes: List[Dict[str, list]]) -> None:
+    """The engine's I/O tensors are the manifest's: names, direction, dtype, and per profile the
+    shapes (inputs: min = opt = max = the manifest's; outputs: every static dimension)."""
+    def fail(what):
+        raise ConfigError(f"{path}: {what}; the engine does not belong to these artifacts: re-export with "
+                          f"--target trt --force")
+    have = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    want = {t["name"]: ("INPUT", t) for t in inputs}
+    want.update({t["name"]: ("OUTPUT", t) for t in outputs})
+    if sorted(have) != sorted(want):
+        fail(f"engine tensors {sorted(have)} differ from the manifest's {sorted(want)}")
+    if engine.num_optimization_profiles != len(profiles):
+        fail(f"{engine.num_optimization_profiles} optimization profiles, the manifest has {len(profiles)}")
+    for name, (mode, t) in want.items():
+        got_mode, got_dt = _enum_name(engine.get_tensor_mode(name)), _enum_name(engine.get_tensor_dtype(name))
+        if got_mode != mode:
+            fail(f"{name} is an {got_mode.lower()} of the engine, an {mode.lower()} in the manifest")
+        if TRT_DTYPES.get(got_dt, got_dt) != t["dtype"]:
+            fail(f"{name} is {TRT_DTYPES.get(got_dt, got_dt)} in the engine, {t['dtype']} in the manifest")
+        static = list(engine.get_tensor_shape(name))           # -1 = dynamic
+        for k in range(len(profiles)):
+            expect = list((profiles if mode == "INPUT" else output_shapes)[k][name])
+            if mode == "INPUT" and -1 in static:
+                got = [list(s) for s in engine.get_tensor_profile_shape(name, k)]
+                if got != [expect] * 3:
+                    fail(f"{name} has (min, opt, max) shapes {got} in profile {k}, the manifest says {expect}")
+            elif len(static) != len(expect) or any(g not in (-1, e) for g, e in zip(static, expect)):
+                fail(f"{name} has shape {static} in the engine, the manifest says {expect} (profile {k})")
+
 
 class _Engine:
     """One deserialized engine, a context per profile sharing `scratch`, static I/O tensors."""
 
-    def __init__(self, trt, rt, path: str, n_profiles: int, stream: torch.cuda.Stream):
-        with open(path, "rb") as f:
-            self.engine = rt.deserialize_cuda_engine(f.read())
-        if self.engine is None:
-            raise ConfigError(f"{path}: TensorRT could not deserialize the engine (built for another TensorRT/GPU?); "
-                              f"re-export with --target trt")
+    def __init__(self, trt, engine, n_profiles: int, stream: torch.cuda.Stream):
+        self.engine = engine
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self.contexts = [self.engine.create_execution_context(strategy) for _ in range(max(n_profiles, 1))]
         size = self._scratch_bytes(max(n_profiles, 1))
@@ -68,15 +129,24 @@ class TrtBackend:
         self.man, self.trt, self.cuda_graphs = man, trt, cuda_graphs
         self.K = len(engines["step"]["profiles"])
         self.stream = torch.cuda.Stream()
-        rt = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.step_engine = _Engine(trt, rt, man.path(engines["step"]["file"]), self.K, self.stream)
-        self.dec_engine = _Engine(trt, rt, man.path(engines["decoder"]["file"]), 0, self.stream)
+        rt = make_runtime(trt, sec)
+        step, dec = man.graph("step"), man.graph("decoder")
+        path = man.path(engines["step"]["file"])
+        e = deserialize(rt, path, sec)
+        check_engine_io(e, path, step["inputs"], step["outputs"], step["profiles"], step["output_shapes"])
+        self.step_engine = _Engine(trt, e, self.K, self.stream)
+        path = man.path(engines["decoder"]["file"])
+        e = deserialize(rt, path, sec)
+        check_engine_io(e, path, dec["inputs"], dec["outputs"], [{i["name"]: i["shape"] for i in dec["inputs"]}],
+                        [{o["name"]: o["shape"] for o in dec["outputs"]}])
+        self.dec_engine = _Engine(trt, e, 0, self.stream)
         self.consts = man.scale_consts("cuda")
         self.dynamic = set(man.graph("step")["dynamic_inputs"])
         self.in_dtype = man.input_dtypes("step")
         self.kv: Optional[torch.Tensor] = None
         self.bound: Dict[int, Dict[str, torch.Tensor]] = {}     # scale (or -1: decoder) -> static tensors
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.no_graph: set = set()                              # keys whose capture failed: plain runs
         self.runs: Dict[int, int] = {}
         self.info = BackendInfo(name="tensorrt", cfg=man.cfg, k_max=man.k_max, transform=man.transform,
                                 kv_dtype=man.kv_dtype, batch=man.batch, device="cuda")
@@ -88,6 +158,7 @@ class TrtBackend:
             self.kv = torch.empty(shape, dtype=dtype, device="cuda")
             self.bound.clear()
             self.graphs.clear()
+            self.no_graph.clear()
             self.runs.clear()
         return self.kv
 
@@ -99,28 +170,41 @@ class TrtBackend:
                 raise RuntimeError(f"TensorRT refused the address of {name}")
         self.bound[key] = tensors
 
+    def _run_plain(self, ctx) -> None:
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed (TensorRT's log above says why)")
+
+    def _capture(self, key: int, ctx) -> Optional["torch.cuda.CUDAGraph"]:
+        """One execute_async_v3 captured into a CUDA graph, or None (with a warning) if capture
+        fails: the caller then runs plainly, so a real execution error shows as itself."""
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=self.stream):
+                ok = ctx.execute_async_v3(self.stream.cuda_stream)   # no raise inside: capture_end would mask it
+            if not ok:
+                raise RuntimeError("execute_async_v3 returned False during capture")
+            return g
+        except Exception as e:      # noqa: BLE001 - any capture failure means "run without a graph"
+            log.warning("CUDA graph capture failed for %s (%s: %s); it runs without a CUDA graph from now on",
+                        "the decoder" if key < 0 else f"scale {key}", type(e).__name__, e)
+            return None
+
     def _execute(self, key: int, ctx):
-        s = self.stream
-        if not self.cuda_graphs:
-            if not ctx.execute_async_v3(s.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-            return
         n = self.runs.get(key, 0)
         self.runs[key] = n + 1
         if key in self.graphs:
-            with torch.cuda.stream(s):
+            with torch.cuda.stream(self.stream):
                 self.graphs[key].replay()
-        elif n == 0:                              # first run: plain (also updates TensorRT's state)
-            if not ctx.execute_async_v3(s.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-        else:                                     # second run: capture, then replay from now on
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=s):
-                if not ctx.execute_async_v3(s.cuda_stream):
-                    raise RuntimeError("TensorRT execution failed during CUDA graph capture")
-            self.graphs[key] = g
-            with torch.cuda.stream(s):
-                g.replay()
+            return
+        if self.cuda_graphs and n >= 1 and key not in self.no_graph:   # first run plain, second captures
+            g = self._capture(key, ctx)
+            if g is not None:
+                self.graphs[key] = g
+                with torch.cuda.stream(self.stream):
+                    g.replay()
+                return
+            self.no_graph.add(key)
+        self._run_plain(ctx)
 
     def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.kv is None or kv_out.untyped_storage().data_ptr() != self.kv.untyped_storage().data_ptr():
