@@ -27,6 +27,7 @@ def main() -> int:
     p.add_argument("--target", choices=("onnx", "trt"), default="onnx")
     p.add_argument("--trt-hardware-compatible", action="store_true", help="engines for Ampere and newer GPUs")
     p.add_argument("--trt-version-compatible", action="store_true", help="engines for later TensorRT of this major")
+    p.add_argument("--trt-tf32", action="store_true", help="let TensorRT run fp32 MatMuls in TF32 (off: true fp32)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     a = p.parse_args()
 
@@ -39,7 +40,7 @@ def main() -> int:
     cfg = get_preset(a.model)
     ec = ExportConfig(precision=a.precision, batch=a.batch, transform=a.dse,
                       top_k=a.top_k, opset=a.opset, target=a.target,
-                      trt_hardware_compatible=a.trt_hardware_compatible, trt_version_compatible=a.trt_version_compatible)
+                      trt_hardware_compatible=a.trt_hardware_compatible, trt_version_compatible=a.trt_version_compatible, trt_tf32=a.trt_tf32)
     if os.path.isdir(a.out) and os.listdir(a.out) and not is_artifacts_dir(a.out):
         prepare_out(a.out, a.force, "")        # fails fast with the clear message, before loading weights
     var, vae, src = load_models(cfg, a.ckpt, a.vae_ckpt, a.random_init)
