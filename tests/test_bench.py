@@ -40,7 +40,7 @@ def test_bench_bad_input(artifacts):
     assert r.returncode == 2 and "give --model" in r.stderr
 
 
-@pytest.mark.parametrize("name", [TINY, "var-d4-tiny"])
+@pytest.mark.parametrize("name", [TINY, "var-d4-tiny", "var-d2-512-tiny"])
 def test_roofline_flops_match_a_flop_counter(name):
     """Our closed-form FLOPs per scale agree with torch's FlopCounterMode on the real step."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -60,7 +60,9 @@ def test_roofline_flops_match_a_flop_counter(name):
         feeds = {n: v for n, v in comp.example_feeds(k).items() if not n.startswith("scale_")}
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             step(**feeds)
-        assert step_flops(cfg, k, 2) == pytest.approx(fc.get_total_flops(), rel=0.12)
+        # the roofline leaves out the f_hat update (phi's 3x3 conv on the P x P latent)
+        counts = {str(op): n for op, n in fc.get_flop_counts()["Global"].items()}
+        assert step_flops(cfg, k, 2) == pytest.approx(fc.get_total_flops() - counts.get("aten.convolution", 0), rel=0.12)
     n = sum(p.numel() for n, p in var.named_parameters() if not n.startswith(("pos_", "lvl_")))
     assert transformer_bytes(cfg, 4) == 4 * n
 

@@ -308,3 +308,22 @@ def test_dse_512_matrix_equals_fft(transform, h, H):
     l32 = l64.float()
     ref32 = dse_fft(l32, (H, H), transform)
     assert (_apply(M.astype(np.float32), l32) - ref32).abs().max() <= 1e-6 * max(1.0, ref32.abs().max())
+
+
+@pytest.mark.slow
+def test_512px_export_lint_and_parity(tmp_path):
+    """var-d2-512-tiny through export (one step graph, 512x512 decoder), lint and teacher-forced
+    parity of ONNX Runtime against eager, with SSG on."""
+    from tests.conftest import run_script
+    out = tmp_path / "a512"
+    r = run_script("export.py", "--model", "var-d2-512-tiny", "--random-init", "0", "--top-k", "64", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["patch_nums"] == list(PATCH_NUMS_512) and man["config"]["shared_aln"]
+    assert man["graphs"]["decoder"]["outputs"][0]["shape"] == [1, 3, 512, 512]
+    assert man["graphs"]["step"]["profiles"][9]["scale_dse"] == [1024, 576]
+    r = run_script("lint.py", out)
+    assert r.returncode == 0 and "2 graphs, 0 issues" in r.stdout
+    r = run_script("parity.py", "--artifacts", out, "--class", "3", "--seeds", "0", "--top-k", "40")
+    assert r.returncode == 0 and "parity OK" in r.stdout, r.stdout[-2000:] + r.stderr[-1000:]

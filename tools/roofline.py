@@ -30,8 +30,9 @@ def step_flops(cfg: VARConfig, k: int, batch: int) -> float:
                  + 2 * 2 * n * e * C         # q k^T and attn v over past + this scale
                  + 2 * n * C * C             # proj
                  + 2 * 2 * n * C * hidden    # fc1, fc2
-                 + 2 * C * 6 * C)            # AdaLN modulation (once per row)
-    flops = rows * (D * per_block + 2 * n * C * V + 2 * C * 2 * C)    # + head, head AdaLN
+                 + (0 if cfg.shared_aln else 2 * C * 6 * C))   # AdaLN modulation (once per row)
+    shared = 2 * C * 6 * C if cfg.shared_aln else 0                  # var-d36: one AdaLN for all blocks
+    flops = rows * (D * per_block + shared + 2 * n * C * V + 2 * C * 2 * C)    # + head, head AdaLN
     flops += rows * 2 * cfg.Cvae * C * n if k else 0                  # word_embed
     if k:
         flops += batch * 2 * n * cfg.patch_nums[k - 1] ** 2 * V       # DSE prior (folded matrix)
@@ -41,8 +42,11 @@ def step_flops(cfg: VARConfig, k: int, batch: int) -> float:
 def transformer_bytes(cfg: VARConfig, bytes_per_param: int) -> float:
     C, D = cfg.width, cfg.depth
     hidden = round(C * cfg.mlp_ratio)
-    block = 3 * C * C + 2 * C + C * C + C + 2 * C * hidden + hidden + C + C * 6 * C + 6 * C + cfg.num_heads
+    ada = 6 * C if cfg.shared_aln else C * 6 * C + 6 * C          # shared AdaLN: each block keeps ada_gss
+    block = 3 * C * C + 2 * C + C * C + C + 2 * C * hidden + hidden + C + ada + cfg.num_heads
     other = cfg.V * C + cfg.V + C * 2 * C + 2 * C + (cfg.num_classes + 1) * C + cfg.Cvae * C + C
+    if cfg.shared_aln:
+        other += C * 6 * C + 6 * C
     return float((D * block + other) * bytes_per_param)
 
 
