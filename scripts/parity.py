@@ -5,11 +5,10 @@
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from tools.cli import add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
+from tools.outputs import check_outputs, write_json
 from graphs.config import ConfigError, SamplerConfig, make_ssg
 
 
@@ -24,6 +23,7 @@ def main() -> int:
     add_sampling_args(p)
     p.set_defaults(classes=None)
     a = p.parse_args()
+    check_outputs(("--json", a.json, None), inputs=(a.artifacts,))
 
     from runtime.backends import open_backend
     from runtime.parity import compare
@@ -57,12 +57,9 @@ def main() -> int:
         for line in polygraphy_check(man):
             print(line)
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump([dict(backend=r.backend, precision=r.precision, ok=r.ok, rows=r.rows,
-                            image_max_abs=r.image_max_abs, image_psnr=r.image_psnr, failures=r.failures)
-                       for r in reports], f, indent=2)
-        os.replace(tmp, a.json)
+        write_json(a.json, [dict(backend=r.backend, precision=r.precision, ok=r.ok, rows=r.rows,
+                                 image_max_abs=r.image_max_abs, image_psnr=r.image_psnr, failures=r.failures)
+                            for r in reports], indent=2)
     bad = [r for r in reports if not r.ok]
     if bad:
         print(f"parity FAILED for {', '.join(r.backend for r in bad)}", file=sys.stderr)
