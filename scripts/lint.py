@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
 from tools.cli import parser, run_main  # first: keeps scripts/ from shadowing the packages
 from graphs.config import ConfigError
