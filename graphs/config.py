@@ -14,6 +14,14 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)   # official `--pn 512` (utils/arg_util.py)
 TRT_TOPK_LIMIT = 3840   # TensorRT's documented max K for TopK (10.x and 11.x)
 
+# Accepted ranges of the run-time numbers. The graphs compute in float32 (max 3.4e38): logits
+# of magnitude ~1e2 times a guidance or beta of 1e4, divided by a temperature of 1e-4, stay far
+# inside it; beyond these bounds the results are inf/NaN or already degenerate (greedy, uniform).
+SEED_MAX = 2 ** 63 - 1                  # seeds are stored as signed 64-bit integers
+GUIDANCE_MAX = 1e4                      # |--cfg|
+BETA_MAX = 1e4                          # |beta_k|
+TEMPERATURE_RANGE = (1e-4, 1e4)
+
 
 class ConfigError(ValueError):
     """A user-facing configuration error (bad preset, bad schedule, ...)."""
@@ -139,8 +147,9 @@ class SSGConfig:
     def __post_init__(self):
         if self.transform not in ("dct", "dft"):
             raise ConfigError(f"--dse must be 'dct' or 'dft', got {self.transform!r}")
-        if any(not math.isfinite(b) for b in self.betas):
-            raise ConfigError("SSG beta values must be finite")
+        if any(not (math.isfinite(b) and abs(b) <= BETA_MAX) for b in self.betas):
+            raise ConfigError(f"SSG beta values must be within -{BETA_MAX:g}..{BETA_MAX:g} (float32 range), got "
+                              f"{', '.join(f'{b:g}' for b in self.betas if not abs(b) <= BETA_MAX)}")
 
     def beta(self, k: int) -> float:
         return 0.0 if k == 0 else self.betas[k - 1]
@@ -203,8 +212,10 @@ class SamplerConfig:
             raise ConfigError(f"--top-k must be >= 0 (0 = no top-k), got {self.top_k}")
         if not (math.isfinite(self.top_p) and 0.0 <= self.top_p <= 1.0):
             raise ConfigError(f"--top-p must be in [0, 1] (0 = off), got {self.top_p}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"--temperature must be a finite number > 0, got {self.temperature}")
+        lo, hi = TEMPERATURE_RANGE
+        if not lo <= self.temperature <= hi:     # also refuses NaN
+            raise ConfigError(f"--temperature must be in {lo:g}..{hi:g} (logits/temperature must stay finite in "
+                              f"float32; use --top-k 1 for greedy sampling), got {self.temperature:g}")
 
     @property
     def top_p_threshold(self) -> float:
@@ -223,4 +234,14 @@ def check_guidance(w: float) -> float:
     """The classifier-free guidance weight (`--cfg` on the command line)."""
     if not math.isfinite(w):
         raise ConfigError(f"--cfg must be a finite number, got {w}")
+    if abs(w) > GUIDANCE_MAX:
+        raise ConfigError(f"--cfg must be within -{GUIDANCE_MAX:g}..{GUIDANCE_MAX:g} (larger weights overflow "
+                          f"float32 logits), got {w:g}")
     return w
+
+
+def check_seed(seed, flag: str = "--seed") -> int:
+    """A seed: an integer in 0..2**63-1 (what torch's generator and the manifest's int64 take)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"{flag} must be an integer in 0..{SEED_MAX}, got {seed!r:.40}")
+    return seed

@@ -6,17 +6,21 @@ memory-mapped `torch.load(weights_only=True)`, so a 4 GB checkpoint costs no ext
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
+import os
+import pickle
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, VARConfig
+from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, VARConfig, check_seed
 from .var import VAR, block_causal_buffers
 from .vqvae import VQVAE
 
@@ -51,9 +55,21 @@ class WeightSource:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+def open_regular(path: str, follow_symlinks: bool = True):
+    """Open `path` for binary reading only if it is a regular file. Opened non-blocking and
+    checked with fstat, so a FIFO or device (/dev/zero) is refused without blocking or reading."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def sha256_file(path: str, chunk: int = 1 << 24, follow_symlinks: bool = True) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, follow_symlinks) as f:
         while True:
             b = f.read(chunk)
             if not b:
@@ -65,8 +81,10 @@ def sha256_file(path: str, chunk: int = 1 << 24) -> str:
 # --------------------------------------------------------------------------- reading files
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise CheckpointError(f"checkpoint {path}: no such file (check the path, or use --random-init SEED)")
+    if not p.is_file():         # a folder, FIFO or device: never opened (a FIFO would block, /dev/zero never ends)
+        raise CheckpointError(f"checkpoint {path}: not a regular file")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -80,9 +98,15 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
                 sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, i.e. running the file's code: never do that
+        raise CheckpointError(f"checkpoint {path}: holds pickled objects other than tensors (possibly code); refusing "
+                              f"to load it. Only plain state dicts of tensors are read: save model.state_dict() "
+                              f"or use safetensors") from None
     except Exception as e:  # noqa: BLE001 - any reader failure is the same user-facing problem
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              f"the file is truncated, corrupt or not a PyTorch/safetensors state dict") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]      # some readers raise with no message
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}{': ' + first if first else ''}); "
+                              f"the file is empty, truncated, corrupt or not a PyTorch/safetensors state dict") from None
     if isinstance(sd, dict):
         for wrap in ("state_dict", "model"):
             if wrap in sd and isinstance(sd[wrap], dict):
@@ -191,6 +215,7 @@ def load_models(cfg: VARConfig, ckpt: Optional[str] = None, vae_ckpt: Optional[s
                 random_init: Optional[int] = None, hash_files: bool = True) -> Tuple[VAR, VQVAE, WeightSource]:
     """Return (var, vae, source) in eval mode, fp32, on the CPU."""
     if random_init is not None:
+        check_seed(random_init, "--random-init")
         if ckpt or vae_ckpt:
             raise ConfigError("use either --ckpt/--vae-ckpt or --random-init, not both")
         var, vae = random_models(cfg, random_init)
@@ -214,7 +239,7 @@ def random_state_dicts(cfg: VARConfig, seed: int) -> Tuple[Dict[str, torch.Tenso
     (truncated normal, std sqrt(1/3C)); the head is scaled so logits have std ~2, which keeps
     top-k/top-p meaningful on a random model."""
     var_m, vae_m = _meta_models(cfg)
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(check_seed(int(seed), "seed"))
     C = cfg.width
     std = math.sqrt(1 / C / 3)
 

@@ -11,14 +11,15 @@ On a GPU (--device cuda) it also prints the roofline floor and each backend's di
 """
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import resource
 import statistics
 import sys
 import time
 
-from tools.cli import add_model_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
+from tools.cli import add_model_args, finite_float, parser, run_main  # first: keeps scripts/ from shadowing the packages
+from tools.outputs import check_outputs, write_json, write_outputs
 from graphs.config import ConfigError, SamplerConfig, make_ssg
 
 
@@ -113,13 +114,18 @@ def artifacts_for(a, batch: int) -> str:
         return a.artifacts
     if not a.model:
         raise ConfigError("give --model (with --ckpt/--vae-ckpt or --random-init) or --artifacts DIR")
-    from export.onnx_export import ExportConfig, export_artifacts
+    from export.onnx_export import ExportConfig, OutTaken, export_artifacts
     from graphs.config import get_preset
     from graphs.weights import load_models
     out = os.path.join(a.artifacts_root, f"{a.model}-b{batch}")
     var, vae, src = load_models(get_preset(a.model), a.ckpt, a.vae_ckpt, a.random_init)
     print(f"artifacts {out} (exported unless up to date)", file=sys.stderr)
-    export_artifacts(var, vae, src, out, ExportConfig(batch=batch))
+    try:
+        export_artifacts(var, vae, src, out, ExportConfig(batch=batch))
+    except OutTaken:        # bench never replaces artifacts (it has no --force): say what to do instead
+        raise ConfigError(f"{out} holds other artifacts (another model, weights or options): benchmark them with "
+                          f"--artifacts {out}, choose another --artifacts-root, or replace them with "
+                          f"scripts/export.py --force --out {out}") from None
     del var, vae
     return out
 
@@ -189,6 +195,13 @@ def floor_line(a, cfg, man):
                        f"{f.flops / 1e9:.1f} GFLOP, compute-bound scales {f.compute_bound_scales}")
 
 
+def positive_float(s: str) -> float:
+    v = finite_float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
 def main() -> int:
     p = parser("Benchmark backends side by side.")
     add_model_args(p)
@@ -199,11 +212,12 @@ def main() -> int:
     p.add_argument("--backends", default="eager,onnxruntime")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--peak-tflops", type=float, help="roofline: peak compute (default on a known GPU: data sheet)")
-    p.add_argument("--bandwidth-gbs", type=float, help="roofline: memory bandwidth in GB/s")
+    p.add_argument("--peak-tflops", type=positive_float, help="roofline: peak compute (default on a known GPU: data sheet)")
+    p.add_argument("--bandwidth-gbs", type=positive_float, help="roofline: memory bandwidth in GB/s")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     a = p.parse_args()
+    check_outputs(("--json", a.json, None), ("--plot", a.plot, ".png"), inputs=(a.artifacts, a.ckpt, a.vae_ckpt))
     names = [b.strip() for b in a.backends.split(",") if b.strip()]
     if not names:
         raise ConfigError("--backends is empty")
@@ -239,13 +253,8 @@ def main() -> int:
             ax.set_title(f"{row['model']} batch {row['batch']} per-scale latency")
             ax.legend()
         fig.tight_layout()
-        tmp = a.plot + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, a.plot)
-    if a.json:
-        with open(a.json + ".tmp", "w") as f:
-            json.dump(dict(runs=rows, dse=dse, peak_rss_gib=peak, argv=sys.argv[1:]), f, indent=2)
-        os.replace(a.json + ".tmp", a.json)
+        write_outputs([(a.plot, lambda path: fig.savefig(path, dpi=100, format="png"))])
+    write_json(a.json, dict(runs=rows, dse=dse, peak_rss_gib=peak, argv=sys.argv[1:]), indent=2)
     summary = summaries[0]                # the first batch size (batch 1 by default)
     parts = []
     if "eager" in summary and "onnxruntime" in summary:

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time
@@ -28,27 +27,31 @@ def main() -> int:
     p.add_argument("--trt-hardware-compatible", action="store_true", help="engines for Ampere and newer GPUs")
     p.add_argument("--trt-version-compatible", action="store_true", help="engines for later TensorRT of this major")
     p.add_argument("--trt-tf32", action="store_true", help="let TensorRT run fp32 MatMuls in TF32 (off: true fp32)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it holds other var-ssg artifacts (never a folder of other files)")
     a = p.parse_args()
 
     from tqdm import tqdm
-    from contract.manifest import is_artifacts_dir
-    from export.onnx_export import ExportConfig, export_artifacts, prepare_out
+    from export.onnx_export import ExportConfig, check_out, export_artifacts
     from graphs.weights import load_models
 
     t0 = time.time()
     cfg = get_preset(a.model)
     ec = ExportConfig(precision=a.precision, batch=a.batch, transform=a.dse,
                       top_k=a.top_k, opset=a.opset, target=a.target,
-                      trt_hardware_compatible=a.trt_hardware_compatible, trt_version_compatible=a.trt_version_compatible, trt_tf32=a.trt_tf32)
-    if os.path.isdir(a.out) and os.listdir(a.out) and not is_artifacts_dir(a.out):
-        prepare_out(a.out, a.force, "")        # fails fast with the clear message, before loading weights
+                      trt_hardware_compatible=a.trt_hardware_compatible, trt_version_compatible=a.trt_version_compatible,
+                      trt_tf32=a.trt_tf32)
+    check_out(a.out)                  # user files, a file, a bad name: refused before loading weights
     var, vae, src = load_models(cfg, a.ckpt, a.vae_ckpt, a.random_init)
     stages = ["step", "decoder", "check"]
     with tqdm(total=len(stages), desc=f"export {cfg.name}", unit="stage", file=sys.stderr) as bar:
-        man = export_artifacts(var, vae, src, a.out, ec, force=a.force,
+        res = export_artifacts(var, vae, src, a.out, ec, force=a.force,
                                progress=lambda s: (bar.set_postfix_str(s), bar.update(1 if s != "step" else 0)))
         bar.update(bar.total - bar.n)
+    if res.reused:
+        print(f"{a.out} is up to date (same model, weights and options; files verified): nothing exported")
+        return 0
+    man = res.manifest
     ext = man["external_data"]
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print(f"wrote {a.out}: {len(man['graphs'])} graphs, {ext['file']} {ext['bytes'] / 2**20:.1f} MiB "

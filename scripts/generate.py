@@ -6,11 +6,10 @@
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from tools.cli import add_model_args, add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
+from tools.outputs import check_outputs, json_writer, write_outputs
 from graphs.config import ConfigError, SamplerConfig, get_preset, make_ssg, topk_bake
 
 
@@ -28,11 +27,8 @@ def main() -> int:
     from tqdm import tqdm
     from runtime.pipeline import Pipeline, save_grid
 
-    if not a.out.lower().endswith(".png"):
-        raise ConfigError(f"--out must be a .png file, got {a.out!r}")
-    out_dir = os.path.dirname(os.path.abspath(a.out))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise ConfigError(f"cannot write {a.out}: directory {out_dir} does not exist or is not writable")
+    check_outputs(("--out", a.out, ".png"), ("--save-tokens", a.save_tokens, None),
+                  inputs=(a.artifacts, a.ckpt, a.vae_ckpt))       # before the run, not after it
     sampler = SamplerConfig(top_k=a.top_k, top_p=a.top_p, temperature=a.temperature)
 
     if a.artifacts:
@@ -62,12 +58,8 @@ def main() -> int:
     note = (f"{cfg.name} backend={a.backend} classes={a.classes} seeds={a.seed}..{a.seed + len(a.classes) - 1} "
             f"cfg={a.guidance} more_smooth={a.more_smooth} "
             f"top_k={a.top_k} top_p={a.top_p} T={a.temperature} ssg={ssg.spec} dse={ssg.transform}; {source}")
-    save_grid(res.images, a.out, note)
-    if a.save_tokens:
-        tmp = a.save_tokens + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"note": note, "tokens": [t.tolist() for t in res.tokens]}, f)
-        os.replace(tmp, a.save_tokens)
+    write_outputs([(a.out, lambda path: save_grid(res.images, path, note)),      # both or neither
+                   (a.save_tokens, json_writer({"note": note, "tokens": [t.tolist() for t in res.tokens]}))])
     print(f"wrote {a.out} ({note})")
     if "RANDOM" in source:
         print("note: made with RANDOM weights, not a trained model", file=sys.stderr)

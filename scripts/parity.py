@@ -9,11 +9,10 @@ like with like, and every token it draws differently must be a near-tie (runtime
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from tools.cli import add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
+from tools.outputs import check_outputs, write_json
 from graphs.config import ConfigError
 
 
@@ -46,9 +45,7 @@ def main() -> int:
     p.set_defaults(classes=None)
     a = p.parse_args()
     seeds = parse_seeds(a.seeds) if a.seeds else [a.seed]
-    if a.json:
-        from tools.cli import check_output_path
-        check_output_path(a.json, ".json")
+    check_outputs(("--json", a.json, None), inputs=(a.artifacts,))
 
     from contract.manifest import load_manifest
     from graphs.config import parse_ssg_beta
@@ -86,8 +83,7 @@ def main() -> int:
         for line in polygraphy_check(man):
             print(line)
     if a.json:
-        from tools.cli import write_atomic
-        write_atomic(a.json, json.dumps([dict(seed=s, **r.to_json()) for s, r in reports], indent=2))
+        write_json(a.json, [dict(seed=s, **r.to_json()) for s, r in reports], indent=2)
     bad = [(s, r) for s, r in reports if not r.ok]
     flips = sum(len(r.flips) for _, r in reports)
     print(f"{len(reports)} runs, {flips} token flips, {sum(f['explained'] for _, r in reports for f in r.flips)} explained")

@@ -1,5 +1,7 @@
-"""Shared command-line pieces for scripts/: flags every backend shares, and one error policy
-(a user error prints one line and exits 2; nothing half-written is left behind).
+"""Shared command-line pieces for scripts/: flags every backend shares, and one error policy:
+user errors (ConfigError) and environment errors (OSError: disk full, permissions, a name too
+long; MemoryError) print one line and exit 2; only a real bug shows a traceback. Output files
+are checked before the work and written under temporary names (tools.outputs).
 
 Every script imports this module first. Python puts the running script's folder first on
 sys.path, where scripts/export.py would shadow the `export` package for every later import;
@@ -8,6 +10,7 @@ the packages come from the installation, so that folder is taken off the path he
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -17,7 +20,7 @@ from typing import Callable
 _SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _SCRIPTS]
 
-from graphs.config import DEFAULT_SSG_BETA, ConfigError
+from graphs.config import DEFAULT_SSG_BETA, GUIDANCE_MAX, SEED_MAX, ConfigError
 
 
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
@@ -25,7 +28,7 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> 
     g.add_argument("--model", required=model_required, help="preset, e.g. var-d16, var-d24, var-d2-tiny")
     g.add_argument("--ckpt", help="VAR checkpoint (.pth or .safetensors, official format)")
     g.add_argument("--vae-ckpt", help="VQVAE checkpoint (vae_ch160v4096z32.pth)")
-    g.add_argument("--random-init", type=int, metavar="SEED", help="seeded random weights (no checkpoint)")
+    g.add_argument("--random-init", type=seed_int, metavar="SEED", help="seeded random weights (no checkpoint)")
 
 
 def finite_float(s: str) -> float:
@@ -38,12 +41,32 @@ def finite_float(s: str) -> float:
     return v
 
 
+def seed_int(s: str) -> int:
+    """A seed: 0..2**63-1, refused here rather than as a traceback from torch's generator."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{SEED_MAX}, got {s}")
+    return v
+
+
+def guidance_float(s: str) -> float:
+    v = finite_float(s)
+    if abs(v) > GUIDANCE_MAX:
+        raise argparse.ArgumentTypeError(f"must be within -{GUIDANCE_MAX:g}..{GUIDANCE_MAX:g} (larger weights "
+                                         f"overflow float32 logits), got {s}")
+    return v
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling and guidance")
     g.add_argument("--class", dest="classes", type=int, nargs="+", default=[207], metavar="ID",
                    help="ImageNet class ids 0..999, -1 = unconditional (several make a grid)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cfg", dest="guidance", type=finite_float, default=1.5, help="classifier-free guidance (ramped k/(K-1))")
+    g.add_argument("--seed", type=seed_int, default=0, help="0..2**63-1")
+    g.add_argument("--cfg", dest="guidance", type=guidance_float, default=1.5,
+                   help="classifier-free guidance (ramped k/(K-1))")
     g.add_argument("--top-k", type=int, default=900, help="0 = no top-k")
     g.add_argument("--top-p", type=float, default=0.96, help="0 = off")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -53,29 +76,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dse", choices=("dct", "dft"), default="dct", help="DSE transform")
     g.add_argument("--more-smooth", action="store_true",
                    help="the official Gumbel-softmax f_hat update (smoother images, not for FID)")
-
-
-def check_output_path(path: str, ext: str) -> None:
-    """Refuse an output path before any work: wrong extension, a directory, no writable folder."""
-    if not str(path).lower().endswith(ext):
-        raise ConfigError(f"{path}: the output must be a {ext} file")
-    if os.path.isdir(path):
-        raise ConfigError(f"{path} is a directory; give a file name ending in {ext}")
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d) or not os.access(d, os.W_OK):
-        raise ConfigError(f"cannot write {path}: folder {d} does not exist or is not writable")
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write to a temporary name beside `path`, then rename: never a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,8 +94,29 @@ def run_main(main: Callable[[], int]) -> None:
     try:
         rc = main()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    except OSError as e:        # the machine, not the code: disk full, permissions, name too long, ...
+        _fail(describe_os_error(e))
+    except MemoryError:
+        _fail(OUT_OF_MEMORY)
+    except RuntimeError as e:   # torch reports a failed allocation as RuntimeError (CPU) / OutOfMemoryError (CUDA)
+        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
+            raise
+        _fail(OUT_OF_MEMORY)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(rc or 0)
+
+
+OUT_OF_MEMORY = "out of memory (use a smaller --batch or model, or a machine with more memory)"
+
+
+def describe_os_error(e: OSError) -> str:
+    what = e.strerror or errno.errorcode.get(e.errno or 0, "") or str(e) or type(e).__name__
+    names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+    return f"{what}: {names}" if names else what
+
+
+def _fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
