@@ -212,5 +212,6 @@ def test_an_image_depends_only_on_its_own_row(eager):
     a = Row(5, 42, 2.0, "linear:0.1,0.5", 30, 0.9, 1.2)
     alone = eager.run_rows([a])
     mixed = eager.run_rows([Row(9, 1, 1.0, "0", 10, 0.5, 0.7), a, Row(3, 7, more_smooth=True)])
-    assert torch.equal(alone.images[0], mixed.images[1])
     assert all(torch.equal(x[0], y[1]) for x, y in zip(alone.tokens, mixed.tokens))
+    # same tokens; pixels equal up to the float order of a batch-1 vs batch-3 matmul
+    assert (alone.images[0] - mixed.images[1]).abs().max() <= 1e-5
