@@ -92,7 +92,7 @@ def test_parity_script_good_and_perturbed(artifacts, tmp_path):
     r = run_script("parity.py", "--artifacts", d, "--backends", "eager,onnxruntime", "--class", "3",
                    "--seed", "1", "--top-k", "50", "--json", tmp_path / "p.json")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "logits max|d|/max|ref|" in r.stdout and "parity OK" in r.stdout
+    assert "ssg logits rel" in r.stdout and "parity OK" in r.stdout
     rep = json.load(open(tmp_path / "p.json"))
     assert rep[0]["ok"] and len(rep[0]["rows"]) == 10
     # perturb one weight (the head's bias of the ONNX graphs only) and refresh the hashes

@@ -285,7 +285,7 @@ def test_export_rebuilds_only_the_engines_for_a_new_tensorrt_or_gpu(artifacts, t
 
     def export(ec=ec):
         n = len(trt.state.configs)
-        man = export_artifacts(var, vae, src, str(out), ec)
+        man = export_artifacts(var, vae, src, str(out), ec).manifest
         assert load_manifest(str(out)).data["tensorrt"] == man["tensorrt"]      # hashes verified
         return man, (len(trt.state.configs) - n) // 2      # engines builds (step + decoder each)
 
