@@ -304,7 +304,7 @@ BAD = [
     (b'{"class": 207, "seed": 0, "cfg": NaN}', "--cfg must be a finite number"),
     (b'{"class": 207, "seed": 0, "cfg": 1e999}', "--cfg must be a finite number"),
     ({"class": 207, "seed": 0, "top_p": 2}, "--top-p must be in [0, 1]"),
-    ({"class": 207, "seed": 0, "temperature": 0}, "--temperature must be a finite number > 0"),
+    ({"class": 207, "seed": 0, "temperature": 0}, "--temperature must be in"),
     ({"class": 207, "seed": 0, "guidance": 2}, "unknown field 'guidance'"),
 ]
 
