@@ -5,7 +5,6 @@ official checkpoints load strictly (and for completeness).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -20,9 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphs import dse_matrix
 from graphs.config import PATCH_NUMS_512, ConfigError, SamplerConfig, get_preset, make_ssg
-from graphs.dse import TRANSFORMS, band_read, dse_fft, forward_transform, inverse_transform
 from graphs.var import VAR
 from graphs.vqvae import VQVAE
 from graphs.weights import CheckpointError, check_state_dict, load_models, official_files, random_state_dicts
@@ -266,48 +264,7 @@ def test_512px_kv_cache_matches_teacher_forcing(saved_512):
         assert (full[:1, b:e] - res.logits_cfg[k]).abs().max() <= 2e-5, k     # measured <= 5e-6 (|logits| ~ 8)
 
 
-# ------------------------------------------------------------------ DSE on the 512px pairs
-PAIRS_512 = list(zip(PATCH_512[:-1], PATCH_512[1:]))     # 1→2→3→4→6→9→13→18→24→32
-
-
-def _read_band(S, h, transform):
-    """The coarse h x h block of a fine spectrum (the inverse of DSE's band placement)."""
-    R = torch.from_numpy(band_read(h, S.shape[-1], transform)).to(S.dtype)
-    return torch.einsum("hH,...HW,wW->...hw", R, S, R)
-
-
-def _apply(M, l):   # l: (n, h, w)
-    H = int(round(M.shape[0] ** 0.5))
-    return (torch.as_tensor(M, dtype=l.dtype) @ l.reshape(l.shape[0], -1).T).T.reshape(-1, H, H)
-
-
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize("h,H", PAIRS_512)
-def test_dse_512_constant_stays_constant(transform, h, H):
-    l = torch.full((1, h, h), 1.75, dtype=torch.float64)
-    assert torch.allclose(dse_fft(l, (H, H), transform), torch.full((1, H, H), 1.75, dtype=torch.float64), atol=1e-12)
-    assert np.allclose(dse_matrix((h, h), (H, H), transform).sum(1), 1.0, atol=1e-12)
-
-
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize("h,H", PAIRS_512)
-def test_dse_512_round_trip(transform, h, H):
-    l = torch.randn(3, h, h, dtype=torch.float64, generator=torch.Generator().manual_seed(H))
-    prior = dse_fft(l, (H, H), transform)
-    P = _read_band(forward_transform(prior, transform), h, transform) / np.sqrt(H * H / (h * h))
-    assert torch.allclose(inverse_transform(P, transform), l, atol=1e-10)
-
-
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize("h,H", PAIRS_512)
-def test_dse_512_matrix_equals_fft(transform, h, H):
-    l64 = torch.randn(4, h, h, dtype=torch.float64, generator=torch.Generator().manual_seed(h))
-    M = dse_matrix((h, h), (H, H), transform)
-    assert M.dtype == np.float64 and M.shape == (H * H, h * h)
-    assert (_apply(M, l64) - dse_fft(l64, (H, H), transform)).abs().max() <= 1e-12
-    l32 = l64.float()
-    ref32 = dse_fft(l32, (H, H), transform)
-    assert (_apply(M.astype(np.float32), l32) - ref32).abs().max() <= 1e-6 * max(1.0, ref32.abs().max())
+# DSE on the 512px scale pairs: tests/test_dse.py runs its properties on both schedules' pairs.
 
 
 @pytest.mark.slow

@@ -1,14 +1,15 @@
-"""DSE properties (SPEC section 2) for both transforms on all 9 VAR scale pairs, and the
+"""DSE properties (SPEC section 2) for both transforms on every VAR scale pair (256px and 512px), and the
 folded matrix form against the torch.fft form."""
 import numpy as np
 import pytest
 import torch
 
 from graphs import dse_matrix
-from graphs.config import PATCH_NUMS_256
+from graphs.config import PATCH_NUMS_256, PATCH_NUMS_512
 from graphs.dse import TRANSFORMS, band_read, dse_chain_matrices, dse_fft, forward_transform, inverse_transform
 
-PAIRS = list(zip(PATCH_NUMS_256[:-1], PATCH_NUMS_256[1:]))
+# every scale pair of both schedules: 256px (1→2→…→16) and 512px (1→2→3→4→6→9→13→18→24→32)
+PAIRS = sorted({p for pn in (PATCH_NUMS_256, PATCH_NUMS_512) for p in zip(pn[:-1], pn[1:])})
 
 
 def read_band(S, src, transform):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphs.config import ConfigError, SamplerConfig, SSGConfig, make_ssg, parse_ssg_beta
+from graphs.config import ConfigError, SamplerConfig, make_ssg, parse_ssg_beta
 from runtime.backends.eager import EagerBackend
 from runtime.pipeline import Pipeline
 
