@@ -383,11 +383,6 @@ def artifacts_dir_problem(root: str) -> Optional[str]:
     return None
 
 
-def is_artifacts_dir(root: str) -> bool:
-    """A directory written by scripts/export.py holding only its artifacts: safe to replace with --force."""
-    return os.path.isdir(root) and artifacts_dir_problem(root) is None
-
-
 def write_manifest(root: str, data: Dict[str, Any]) -> None:
     """List and hash every file in `root`, then write manifest.json atomically."""
     files = {}

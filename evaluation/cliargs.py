@@ -29,7 +29,7 @@ def add_job_args(p: argparse.ArgumentParser, per_class: int) -> None:
 def open_from_args(a: argparse.Namespace, transforms=None):
     backend = a.backend or ("onnxruntime" if a.artifacts else "eager")
     return open_pipeline(backend, a.artifacts, a.model, a.ckpt, a.vae_ckpt, a.random_init,
-                         transforms or (a.dse,), a.top_k, a.device)
+                         transforms or ((a.dse,) if a.dse else None), a.top_k, a.device)
 
 
 def job_from_args(a: argparse.Namespace, pipe, ssg_beta: Optional[str] = None) -> Job:
@@ -38,7 +38,7 @@ def job_from_args(a: argparse.Namespace, pipe, ssg_beta: Optional[str] = None) -
     return Job(classes=tuple(classes), per_class=a.per_class, seed=a.seed, guidance=a.guidance,
                sampler=SamplerConfig(top_k=a.top_k, top_p=a.top_p, temperature=a.temperature),
                ssg=make_ssg(a.ssg_beta if ssg_beta is None else ssg_beta, pipe.info.transform, cfg.num_scales),
-               batch=batch_size_for(pipe, a.batch))
+               batch=batch_size_for(pipe, a.batch), more_smooth=bool(getattr(a, "more_smooth", False)))
 
 
 def precheck(a: argparse.Namespace, betas=()) -> None:

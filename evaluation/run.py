@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def open_pipeline(backend: str = "eager", artifacts: Optional[str] = None, model: Optional[str] = None,
                   ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, random_init: Optional[int] = None,
-                  transforms: Sequence[str] = ("dct",), top_k: int = 900,
+                  transforms: Optional[Sequence[str]] = None, top_k: Optional[int] = None,
                   device: str = "cpu") -> Tuple[List[Pipeline], str]:
     """One Pipeline per DSE transform, and a note on the weights. Artifacts bake one transform;
     the eager backend over --model builds any (that is how a sweep compares dct with dft)."""
@@ -30,7 +30,7 @@ def open_pipeline(backend: str = "eager", artifacts: Optional[str] = None, model
         b = open_backend(backend, artifacts, device=device)
         if model and model != b.info.cfg.name:
             raise ConfigError(f"--model {model} but the artifacts in {artifacts} are {b.info.cfg.name}")
-        bad = [t for t in transforms if t != b.info.transform]
+        bad = [t for t in (transforms or ()) if t != b.info.transform]
         if bad:
             raise ConfigError(f"--dse {bad[0]} but {artifacts} bakes DSE transform {b.info.transform}: "
                               f"give artifacts exported with --dse {bad[0]} (or use --model with the eager backend)")
@@ -44,15 +44,16 @@ def open_pipeline(backend: str = "eager", artifacts: Optional[str] = None, model
     from runtime.backends.eager import EagerBackend
     var, vae, src = load_models(cfg, ckpt, vae_ckpt, random_init)
     pipes = [Pipeline(EagerBackend(var, vae, transform=t, k_max=topk_bake(top_k, cfg.V), device=device,
-                                   source_note=src.describe())) for t in transforms]
+                                   source_note=src.describe())) for t in (transforms or ("dct",))]
     return pipes, src.describe()
 
 
 def generate(pipe: Pipeline, classes: Sequence[int], seed: int, guidance: float, sampler: SamplerConfig,
-             ssg: SSGConfig, keep_fhat: bool = False):
+             ssg: SSGConfig, keep_fhat: bool = False, more_smooth: bool = False):
     """One batch (image j uses seed + j); with keep_fhat the result has `f_hats`: K tensors
     B Cv P P, f_hat after each scale."""
-    return pipe.run(list(classes), seed, guidance=guidance, sampler=sampler, ssg=ssg, keep_fhat=keep_fhat)
+    return pipe.run(list(classes), seed, guidance=guidance, sampler=sampler, ssg=ssg, keep_fhat=keep_fhat,
+                    more_smooth=more_smooth)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Job:
     sampler: SamplerConfig
     ssg: SSGConfig
     batch: int
+    more_smooth: bool = False
 
     def __post_init__(self):
         if self.per_class < 1:
@@ -93,7 +95,8 @@ class Job:
                 "classes": list(self.classes), "per_class": self.per_class, "seed": self.seed,
                 "seed_rule": "image i uses seed S + i", "batch": self.batch,
                 "guidance": self.guidance, **asdict(self.sampler),
-                "ssg_beta": self.ssg.spec, "betas": list(self.ssg.betas), "dse": self.ssg.transform}
+                "ssg_beta": self.ssg.spec, "betas": list(self.ssg.betas), "dse": self.ssg.transform,
+                "more_smooth": self.more_smooth}
 
 
 def batch_size_for(pipe: Pipeline, requested: Optional[int], default: int = 8) -> int:
@@ -112,7 +115,7 @@ def check_job(pipe: Pipeline, job: Job) -> None:
     last = job.seed + len(job.labels) - 1
     for c in sorted(set(job.classes)):
         pipe.check_row(Row(c, last, job.guidance, job.ssg.betas, job.sampler.top_k, job.sampler.top_p,
-                           job.sampler.temperature))
+                           job.sampler.temperature, job.more_smooth))
 
 
 def run_batches(pipe: Pipeline, job: Job, todo: Sequence[int], keep_fhat: bool = False
@@ -122,7 +125,8 @@ def run_batches(pipe: Pipeline, job: Job, todo: Sequence[int], keep_fhat: bool =
     for b in todo:
         rows, seed, n = job.batch_rows(b)
         t0 = time.perf_counter()
-        res = generate(pipe, rows, seed, job.guidance, job.sampler, job.ssg, keep_fhat=keep_fhat)
+        res = generate(pipe, rows, seed, job.guidance, job.sampler, job.ssg, keep_fhat=keep_fhat,
+                       more_smooth=job.more_smooth)
         dt = time.perf_counter() - t0
         f_hats = [f[:n].float().cpu() for f in res.f_hats] if keep_fhat else None
         yield b, to_uint8(res.images[:n]), f_hats, dt

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Tuple
+from typing import Optional, Tuple
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)   # official `--pn 512` (utils/arg_util.py)
@@ -202,13 +202,14 @@ def make_ssg(spec: str = DEFAULT_SSG_BETA, transform: str = "dct", num_scales: i
 @dataclass(frozen=True)
 class SamplerConfig:
     """Sampling as in SPEC section 3. `top_k_max` is what a graph bakes in (TopK's K);
-    `top_k` <= top_k_max is chosen per run. top_k 0 means no top-k (all V)."""
-    top_k: int = 900
+    `top_k` <= top_k_max is chosen per run. top_k 0 means no top-k (all V); None: VAR's 900, or
+    the artifacts' baked K when that is smaller."""
+    top_k: Optional[int] = 900
     top_p: float = 0.96
     temperature: float = 1.0
 
     def __post_init__(self):
-        if self.top_k < 0:
+        if self.top_k is not None and self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0 (0 = no top-k), got {self.top_k}")
         if not (math.isfinite(self.top_p) and 0.0 <= self.top_p <= 1.0):
             raise ConfigError(f"--top-p must be in [0, 1] (0 = off), got {self.top_p}")
@@ -223,8 +224,9 @@ class SamplerConfig:
         return 2.0 if self.top_p <= 0 or self.top_p >= 1 else self.top_p
 
 
-def topk_bake(top_k: int, vocab: int) -> int:
+def topk_bake(top_k: Optional[int], vocab: int) -> int:
     """K baked into a sampler graph. 0 means the sort-free bisection sampler (no top-k)."""
+    top_k = 900 if top_k is None else top_k
     if top_k <= 0 or top_k >= vocab:
         return 0 if vocab > TRT_TOPK_LIMIT else vocab
     return top_k

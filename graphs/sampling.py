@@ -39,9 +39,7 @@ def sorted_candidates(logits, temperature, top_k, top_p, k_max: int):
 def sample_sorted(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
                   top_k: torch.Tensor, top_p: torch.Tensor, k_max: int) -> torch.Tensor:
     """logits: B n V (fp32); u: B n; temperature/top_p: (1,) float; top_k: (1,) int64 <= k_max."""
-    p, idx = sorted_candidates(logits, temperature, top_k, top_p, k_max)
-    j = _inverse_cdf(p, u)                                    # B n 1
-    return idx.gather(-1, j).squeeze(-1)
+    return sample_with_support(logits, u, temperature, top_k, top_p, k_max)[0]
 
 
 def bisect_candidates(logits, temperature, top_p, steps: int = BISECT_STEPS) -> torch.Tensor:
@@ -59,16 +57,14 @@ def bisect_candidates(logits, temperature, top_p, steps: int = BISECT_STEPS) -> 
 
 
 def sample_bisect(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
-                  top_p: torch.Tensor, steps: int = BISECT_STEPS) -> torch.Tensor:
+                  top_p: torch.Tensor) -> torch.Tensor:
     """No top-k. Keeps {p >= t} with t the largest threshold (to 2^-steps of max p) whose mass
     reaches top_p, i.e. the nucleus, without sorting V."""
-    return _inverse_cdf(bisect_candidates(logits, temperature, top_p, steps), u).squeeze(-1)
+    return sample_with_support(logits, u, temperature, None, top_p, 0)[0]
 
 
 def sample(logits, u, temperature, top_k, top_p, k_max: int) -> torch.Tensor:
-    if k_max > 0:
-        return sample_sorted(logits, u, temperature, top_k, top_p, k_max)
-    return sample_bisect(logits, u, temperature, top_p)
+    return sample_with_support(logits, u, temperature, top_k, top_p, k_max)[0]
 
 
 def sample_with_support(logits, u, temperature, top_k, top_p, k_max: int):

@@ -75,6 +75,7 @@ class UnifiedStep(nn.Module):
         x = torch.where(scale_first > 0.5, x_first, x_word) + lvl_pos
         h, new_kv = blocks_with_cache(var, x, cond, past_kv, self.spec.dtype)   # n depth 2 2B H hd
         lg = var.logits(h, cond.to(self.spec.dtype))
+        beta = beta * (1 - scale_first)                                        # scale 0 has no prior
         tokens, logits, logits_cfg, h_BnC = step_tail(lg, scale_t, guidance, beta, scale_dse @ prev_logits, noise,
                                                       temperature, top_k, top_p, self.spec.k_max, codebook(self.vae),
                                                       forced, force, smooth, gumbel)

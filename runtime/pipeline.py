@@ -22,12 +22,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from graphs.config import (DEFAULT_SSG_BETA, ConfigError, SamplerConfig, SSGConfig, VARConfig, check_guidance,
-                           parse_ssg_beta)
+from graphs.config import (DEFAULT_SSG_BETA, SEED_MAX, ConfigError, SamplerConfig, SSGConfig, VARConfig,
+                           check_guidance, check_seed, parse_ssg_beta)
 from graphs.unified import prev_rows
 
 log = logging.getLogger(__name__)
-MAX_SEED = 2 ** 63 - 1
+DEFAULT_TOP_K = 900                  # VAR's FID setting
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Row:
     seed: int                        # 0..2**63-1: this row's noise comes only from it
     guidance: float = 1.5            # classifier-free guidance weight (`--cfg`)
     ssg_beta: Union[str, Tuple[float, ...]] = DEFAULT_SSG_BETA
-    top_k: int = 900                 # 0 = no top-k
+    top_k: Optional[int] = None      # None: 900 or the artifacts' baked K if smaller; 0 = no top-k
     top_p: float = 0.96              # 0 = off
     temperature: float = 1.0
     more_smooth: bool = False        # the official Gumbel-softmax f_hat update
@@ -94,17 +94,19 @@ class Pipeline:
         if isinstance(row.class_id, bool) or not isinstance(row.class_id, (int, np.integer)) or \
                 not -1 <= int(row.class_id) < mc.num_classes:
             raise ConfigError(f"class id {row.class_id!r} is outside 0..{mc.num_classes - 1} (or -1 for unconditional)")
-        if isinstance(row.seed, bool) or not isinstance(row.seed, (int, np.integer)) or not 0 <= int(row.seed) <= MAX_SEED:
-            raise ConfigError(f"seed {row.seed!r} is outside 0..{MAX_SEED}")
+        check_seed(int(row.seed) if isinstance(row.seed, np.integer) else row.seed, "seed")
         check_guidance(row.guidance)
         if isinstance(row.ssg_beta, str):
             betas = parse_ssg_beta(row.ssg_beta, mc.num_scales)
         else:
             betas = tuple(float(b) for b in row.ssg_beta)
-            SSGConfig(betas=betas, transform=info.transform)          # finite
             if len(betas) != mc.num_scales - 1:
                 raise ConfigError(f"SSG schedule has {len(betas)} values, expected {mc.num_scales - 1}")
-        s = SamplerConfig(top_k=row.top_k, top_p=row.top_p, temperature=row.temperature)
+        SSGConfig(betas=betas, transform=info.transform)          # finite and within range
+        top_k = row.top_k
+        if top_k is None:                     # the default: VAR's 900, or what the artifacts bake
+            top_k = 0 if info.k_max == 0 else min(DEFAULT_TOP_K, info.k_max)
+        s = SamplerConfig(top_k=top_k, top_p=row.top_p, temperature=row.temperature)
         V = mc.V
         if s.top_k == 0 or s.top_k >= V:
             if 0 < info.k_max < V:
@@ -134,8 +136,8 @@ class Pipeline:
             raise ConfigError(f"--dse {ssg.transform} but the artifacts bake DSE transform {self.info.transform}: "
                               f"use --dse {self.info.transform} or re-export with --dse {ssg.transform}")
         betas = ssg.betas if ssg is not None else (0.0,) * (mc.num_scales - 1)
-        if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED - len(classes):
-            raise ConfigError(f"seed {seed!r} is outside 0..{MAX_SEED - len(classes)} (image i uses seed + i)")
+        if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX - (len(classes) - 1):
+            raise ConfigError(f"seed {seed!r} is outside 0..{SEED_MAX - (len(classes) - 1)} (image i uses seed + i)")
         rows = [Row(c, int(seed) + i, guidance, betas, sampler.top_k, sampler.top_p, sampler.temperature, more_smooth)
                 for i, c in enumerate(classes)]
         return self.run_rows(rows, keep_logits=keep_logits, progress=progress, **kw)
@@ -163,7 +165,8 @@ class Pipeline:
         rows, checked = rows + [rows[0]] * (B - n_real), checked + [checked[0]] * (B - n_real)   # pad
         dev, V = info.device, mc.V
         f32 = dict(dtype=torch.float32, device=dev)
-        drawn = [draw_row_noise(r.seed, mc.patch_nums, V, r.more_smooth) for r in rows]
+        drawn = [draw_row_noise(r.seed, mc.patch_nums, V, r.more_smooth) for r in rows[:n_real]]
+        drawn += [drawn[0]] * (B - n_real)                          # pads repeat row 0: same noise
         noise = [torch.stack([d[0][k] for d in drawn]).to(dev) for k in range(mc.num_scales)]
         per_row = dict(label=torch.tensor([int(r.class_id) for r in rows], dtype=torch.int64, device=dev),
                        guidance=torch.tensor([float(r.guidance) for r in rows], **f32),
@@ -189,7 +192,7 @@ class Pipeline:
             forced = torch.zeros(B, n, dtype=torch.int64, device=dev)
             if force_tokens is not None:
                 forced[:n_real] = force_tokens[k].to(dev)
-            gumbel = torch.zeros(B, n, V, device=dev)
+            gumbel = torch.zeros(B, n, V, device=dev)                 # rows without more_smooth: unused
             for i, d in enumerate(drawn):
                 if d[1] is not None:
                     gumbel[i] = d[1][k]

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import List
 
 import numpy as np
+import torch
 
 from contract.manifest import Manifest
+from graphs.config import ConfigError
 
 
 def polygraphy_check(man: Manifest, scales=(0, 1, 5)) -> List[str]:
@@ -31,15 +33,19 @@ def polygraphy_check(man: Manifest, scales=(0, 1, 5)) -> List[str]:
         for name, shape in man.profile(k).items():
             if name in feed:
                 continue
+            if dtypes[name] == torch.bfloat16:
+                raise ConfigError("--polygraphy: numpy has no bfloat16; check fp32/fp16 artifacts")
             dt = np.dtype(str(dtypes[name]).replace("torch.", ""))
             if name == "label":
                 feed[name] = np.arange(shape[0], dtype=dt) % man.cfg.num_classes
             elif name == "top_k":
-                feed[name] = np.array([max(man.k_max, 1)], dtype=dt)
+                feed[name] = np.full(shape, max(man.k_max, 1), dtype=dt)
             elif name in ("temperature", "guidance"):
-                feed[name] = np.array([1.0], dtype=dt)
+                feed[name] = np.full(shape, 1.0, dtype=dt)
             elif name == "top_p":
-                feed[name] = np.array([0.9], dtype=dt)
+                feed[name] = np.full(shape, 0.9, dtype=dt)
+            elif name in ("forced", "force", "smooth", "gumbel", "beta"):
+                feed[name] = np.zeros(shape, dtype=dt)
             else:
                 feed[name] = (rng.random(shape) * (0.1 if name == "past_kv" else 1.0)).astype(dt)
         r1 = OnnxrtRunner(session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), name="ort-optimized")

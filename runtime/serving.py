@@ -103,7 +103,10 @@ def _num(d: Dict[str, Any], key: str) -> float:
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise RequestError(f"{key!r} must be a number, got {json.dumps(v)[:40]}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:
+        raise RequestError(f"{key!r} is too large: {str(v)[:40]}...") from None
 
 
 def parse_request(body: bytes, pipe) -> "Row":
@@ -134,9 +137,15 @@ def parse_request(body: bytes, pipe) -> "Row":
     if "ssg_beta" in d:
         v = d["ssg_beta"]
         if isinstance(v, list) and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v):
-            kw["ssg_beta"] = tuple(float(b) for b in v)
+            try:
+                kw["ssg_beta"] = tuple(float(b) for b in v)
+            except OverflowError:
+                raise RequestError("'ssg_beta' holds a number too large for a float") from None
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            kw["ssg_beta"] = repr(float(v))
+            try:
+                kw["ssg_beta"] = repr(float(v))
+            except OverflowError:
+                raise RequestError("'ssg_beta' is too large for a float") from None
         elif isinstance(v, str):
             kw["ssg_beta"] = v
         else:

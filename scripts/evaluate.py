@@ -31,6 +31,8 @@ def main() -> int:
     p.add_argument("--cache-dir", help="keep the reference's features here (computed once)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
+    from tools.outputs import check_outputs       # output paths checked before any work
+    check_outputs(("--json", a.json, ".json"))
 
     from graphs.config import ConfigError
     if bool(a.features) == bool(a.files):

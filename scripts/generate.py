@@ -47,9 +47,9 @@ def main() -> int:
         from graphs.weights import load_models
         from runtime.backends.eager import EagerBackend
         var, vae, src = load_models(cfg, a.ckpt, a.vae_ckpt, a.random_init)
-        backend = EagerBackend(var, vae, transform=a.dse, k_max=topk_bake(a.top_k, cfg.V), device=a.device)
+        backend = EagerBackend(var, vae, transform=a.dse or "dct", k_max=topk_bake(a.top_k, cfg.V), device=a.device)
         source = src.describe()
-    ssg = make_ssg(a.ssg_beta, a.dse, cfg.num_scales)
+    ssg = make_ssg(a.ssg_beta, a.dse or backend.info.transform, cfg.num_scales)
 
     pipe = Pipeline(backend)
     with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{a.backend}]", unit="scale", file=sys.stderr) as bar:

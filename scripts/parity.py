@@ -22,7 +22,10 @@ def parse_seeds(spec: str):
         out = []
         for part in spec.split(","):
             a, _, b = part.partition("-")
-            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+            lo, hi = int(a), int(b) if b else int(a)
+            if hi - lo >= 1000 or len(out) > 1000:
+                raise ConfigError("--seeds gives more than 1000 seeds; give 1..1000 seeds >= 0")
+            out += list(range(lo, hi + 1))
     except ValueError:
         raise ConfigError(f"--seeds must look like 5, 0-5 or 1,4,9; got {spec!r}") from None
     if not out or len(out) > 1000 or min(out) < 0:
@@ -59,13 +62,11 @@ def main() -> int:
         raise ConfigError("--backends needs at least one backend besides eager (e.g. eager,onnxruntime)")
     man = load_manifest(a.artifacts)          # validated and hashed once for every backend
     cfg = man.cfg
-    if a.dse != man.transform:
-        a.dse = man.transform                 # the artifacts bake it; the reference follows them
     ref = Pipeline(open_backend("eager", man, device=a.device))
     classes = a.classes or [(7 * i + 1) % cfg.num_classes for i in range(man.batch)]
     if len(classes) > man.batch:
         raise ConfigError(f"{len(classes)} classes but the artifacts were exported for batch {man.batch}")
-    top_k = min(a.top_k, man.k_max) if man.k_max else a.top_k      # the default 900 clipped to what is baked
+    top_k = a.top_k                           # None: the pipeline's default (900 or the baked K)
     betas = parse_ssg_beta(a.ssg_beta, cfg.num_scales)
     mode = "free-running" if a.free_running else "teacher-forced"
     reports = []

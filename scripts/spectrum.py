@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--out", required=True, help="PNG")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     a = p.parse_args()
+    from tools.outputs import check_outputs       # output paths checked before any work
+    check_outputs(("--out", a.out, ".png"), ("--json", a.json, ".json"))
     precheck(a, betas=(a.compare_beta,))
 
     from graphs.config import ConfigError

@@ -43,6 +43,8 @@ def main() -> int:
     p.add_argument("--json", metavar="FILE", help="table as JSON (default OUT_DIR/sweep.json)")
     p.add_argument("--plot", metavar="FILE", help="PNG (default OUT_DIR/sweep.png)")
     a = p.parse_args()
+    from tools.outputs import check_outputs       # output paths checked before any work
+    check_outputs(("--json", a.json, ".json"), ("--plot", a.plot, ".png"))
 
     from graphs.config import ConfigError
     betas = [s.strip() for s in a.betas.split(";") if s.strip()]

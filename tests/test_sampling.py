@@ -81,3 +81,16 @@ def test_bisect_off_keeps_everything():
     lg = torch.randn(1, 1, 10)
     fn = lambda x, u: sample_bisect(x, u, scal(1.0), scal(2.0))  # noqa: E731
     assert support(fn, lg, 20000).all()
+
+
+def test_kept_set_matches_official_filter_with_top_p():
+    """sample_with_support's kept set (what more_smooth's Gumbel-softmax runs over) is the
+    official top-k/top-p filter, for the sorted and the bisection forms."""
+    from graphs.sampling import sample_with_support
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 300, generator=g) * 3
+    u = torch.rand(2, 5, generator=g)
+    for top_k, top_p, k_max in ((50, 0.8, 64), (300, 0.9, 300), (0, 0.7, 0)):
+        tokens, keep = sample_with_support(logits, u, scal(1.0), scal(max(top_k, 1), torch.int64), scal(top_p), k_max)
+        assert torch.equal(keep, official_keep(logits, top_k, top_p)), (top_k, top_p)
+        assert keep.gather(-1, tokens.unsqueeze(-1)).all()          # every draw is a kept token

@@ -67,13 +67,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=seed_int, default=0, help="0..2**63-1")
     g.add_argument("--cfg", dest="guidance", type=guidance_float, default=1.5,
                    help="classifier-free guidance (ramped k/(K-1))")
-    g.add_argument("--top-k", type=int, default=900, help="0 = no top-k")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="0 = no top-k (default: 900, or the top-k the artifacts bake if smaller)")
     g.add_argument("--top-p", type=float, default=0.96, help="0 = off")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--ssg-beta", default=DEFAULT_SSG_BETA,
                    help="'0' off, a float, 'linear:START,END', or K-1 comma-separated values "
                         f"(default {DEFAULT_SSG_BETA}: ours, the paper publishes none)")
-    g.add_argument("--dse", choices=("dct", "dft"), default="dct", help="DSE transform")
+    g.add_argument("--dse", choices=("dct", "dft"), default=None,
+                   help="DSE transform (default: the one the artifacts bake, else dct)")
     g.add_argument("--more-smooth", action="store_true",
                    help="the official Gumbel-softmax f_hat update (smoother images, not for FID)")
 

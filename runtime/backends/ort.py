@@ -57,6 +57,9 @@ class OrtBackend:
             if not torch.cuda.is_available():
                 raise ConfigError("--device cuda: PyTorch sees no CUDA device (it holds the I/O buffers)")
             providers = (["TensorrtExecutionProvider"] if trt_provider else []) + ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if man.kv_dtype == torch.bfloat16:
+            raise ConfigError("the onnxruntime backend does not bind bf16 tensors here: use fp32/fp16 artifacts "
+                              "with onnxruntime, or --backend tensorrt / eager for bf16")
         self._weights = man.data["external_data"]["file"]
         self._mm = None
         wpath = man.path(self._weights)
