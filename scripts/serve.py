@@ -71,9 +71,13 @@ def main() -> int:
     stop = threading.Event()
     started = threading.Event()
 
+    terminated = threading.Event()
+
     def on_signal(signum, frame):
         log.info("%s: shutting down", signal.Signals(signum).name)
         stop.set()
+        if signum == signal.SIGTERM:
+            terminated.set()
         if not started.is_set():
             raise KeyboardInterrupt      # during start-up: unwind, the finally below cleans up
 
@@ -110,6 +114,9 @@ def main() -> int:
             print("note: serving RANDOM weights, not a trained model", flush=True)
         while not stop.wait(1.0):
             pass
+    except KeyboardInterrupt:
+        if not terminated.is_set():      # Ctrl-C during start-up: 130, as for any script
+            raise                        # SIGTERM during start-up is a clean stop like any other
     finally:
         started.set()                    # a second signal during shutdown only sets `stop`
         try:

@@ -148,15 +148,24 @@ def test_cli_serves_and_sigterm_leaves_no_process(artifacts):
                           artifacts(batch=4), "--port", str(port), "--host", "127.0.0.1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                          start_new_session=True)       # its own session: every Ray process it starts is in it
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         wait_healthy(port)
+        deadline = time.time() + 60            # the CLI announces itself once serve.run has returned
+        while not any(line.startswith("serving ") for line in lines) and time.time() < deadline:
+            time.sleep(0.2)
         ours = [pid for pid, (_, sid, _, _) in proc_table().items() if sid == p.pid]
         assert len(ours) > 3                                # driver, gcs, raylet, replicas ...
         status, headers, body = http("POST", port, "/v1/generate", {"class": 207, "seed": 0, **TOP})
         assert status == 200 and headers["content-type"] == "image/png"
         assert "RANDOM WEIGHTS" in png(body)[1]
         p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=90)
+        p.wait(timeout=90)
+        reader.join(timeout=10)
+        err = p.stderr.read()
+        out = "".join(lines)
         assert p.returncode == 0, err[-2000:]
         assert "serving var-d2-tiny" in out and out.strip().endswith("stopped")
         left = wait_gone(ours + [pid for pid, (_, sid, _, _) in proc_table().items() if sid == p.pid])
