@@ -32,7 +32,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from contract.manifest import (FORMAT, FORMAT_VERSION, PRECISION_DTYPES, artifacts_dir_problem, config_to_json,
+from contract.manifest import (MAX_BATCH, FORMAT, FORMAT_VERSION, PRECISION_DTYPES, artifacts_dir_problem, config_to_json,
                                dtype_name, load_manifest, write_manifest)
 from graphs.components import DecoderComponent, StepComponent
 from graphs.config import ConfigError, TRT_TOPK_LIMIT, VARConfig, topk_bake
@@ -66,8 +66,8 @@ class ExportConfig:
     def __post_init__(self):
         if self.precision not in PRECISION_DTYPES:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISION_DTYPES)}, got {self.precision!r}")
-        if not 1 <= self.batch <= 1024:
-            raise ConfigError(f"--batch must be in 1..1024, got {self.batch}")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise ConfigError(f"--batch must be in 1..{MAX_BATCH}, got {self.batch}")
         if self.transform not in ("dct", "dft"):
             raise ConfigError(f"--dse must be dct or dft, got {self.transform!r}")
         if not 17 <= self.opset <= MAX_OPSET:

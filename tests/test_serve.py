@@ -24,6 +24,19 @@ from tests.conftest import ROOT, run_script
 pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.slow
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_home(tmp_path_factory):
+    """Ray writes an auth token to $HOME/.ray: the tests keep it in a temporary home, so no file
+    outside the checkout changes (every server and Ray process started here inherits it)."""
+    old = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_path_factory.mktemp("home"))
+    yield
+    if old is None:
+        os.environ.pop("HOME", None)
+    else:
+        os.environ["HOME"] = old
+
+
 TOP = dict(top_k=900)      # the CLI's default: all 64 tokens of the tiny VQVAE (exported with top-k 64)
 
 
