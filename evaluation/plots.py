@@ -1,10 +1,11 @@
 """The evaluation plots (matplotlib, Agg: files only, no display needed)."""
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from tools.outputs import atomic_path
 
 
 def _pyplot():
@@ -15,13 +16,8 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
 
 
 def plot_spectrum(path: str, ratios: Dict[str, np.ndarray], deltas: Dict[str, np.ndarray],

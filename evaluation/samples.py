@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from graphs.config import ConfigError
+from tools.outputs import atomic_path
 
 
 def parse_classes(spec: str, num_classes: int = 1000) -> List[int]:
@@ -39,18 +40,6 @@ def parse_classes(spec: str, num_classes: int = 1000) -> List[int]:
         out.extend(c for c in range(a, b + 1) if c not in seen)
         seen.update(range(a, b + 1))
     return out
-
-
-@contextmanager
-def atomic_path(path: str):
-    """Yield a temporary name next to `path`; rename it to `path` only if the block succeeds."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_member(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:

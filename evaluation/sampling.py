@@ -20,7 +20,9 @@ import numpy as np
 from graphs.config import ConfigError
 
 from .run import Job, check_job, run_batches
-from .samples import NpzBatch, atomic_path, diff_settings, settings_array, write_npz_stream
+from tools.outputs import atomic_path
+
+from .samples import NpzBatch, diff_settings, settings_array, write_npz_stream
 
 log = logging.getLogger(__name__)
 

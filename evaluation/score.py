@@ -20,7 +20,9 @@ import torch
 from graphs.config import ConfigError
 
 from .metrics import PR_K, GaussianStats, frechet_distance, inception_score, precision_recall
-from .samples import NpzBatch, atomic_path
+from tools.outputs import atomic_path
+
+from .samples import NpzBatch
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ def main() -> int:
     for k, v in res.items():
         print(f"{k}: {'n/a' if v is None else f'{v:.6g}'}")
     if a.json:
-        from evaluation.samples import atomic_path
+        from tools.outputs import atomic_path
         with atomic_path(a.json) as tmp, open(tmp, "w") as f:
             json.dump(res, f, indent=1)
     return 0

@@ -89,7 +89,7 @@ def main() -> int:
     plot_spectrum(a.out, ratios, deltas, nyq,
                   title=f"{cfg.name} [{pipe.info.name}], {n} images per schedule, dse={pipe.info.transform}; {source}")
     if a.json:
-        from evaluation.samples import atomic_path
+        from tools.outputs import atomic_path
         out = {"settings": jobs[a.ssg_beta].settings(pipe, source), "compare_beta": a.compare_beta,
                "reference": a.ref, "image_bins": list(range(len(next(iter(ratios.values()))))),
                "image_ratio": {k: v.tolist() for k, v in ratios.items()},

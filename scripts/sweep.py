@@ -71,7 +71,8 @@ def main() -> int:
     from tqdm import tqdm
     from evaluation.run import check_job
     from evaluation.sampling import check_output, sample_to_npz
-    from evaluation.samples import NpzBatch, atomic_path
+    from evaluation.samples import NpzBatch
+    from tools.outputs import atomic_path
     points = [os.path.join(a.out_dir, f"{job.ssg.transform}_{_slug(job.ssg.spec)}") for _, job in jobs]
     for (pipe, job), point in zip(jobs, points):        # every point's conflicts before any work
         check_job(pipe, job)
@@ -140,7 +141,7 @@ def _slug(spec: str) -> str:
 
 def _metrics(point, samples, ref, extractor, cache_dir):
     """metrics.json of a point, recomputed only when the samples, reference or extractor changed."""
-    from evaluation.samples import atomic_path
+    from tools.outputs import atomic_path
     from evaluation.score import evaluate_files
     st, rst = os.stat(samples), os.stat(ref)
     key = [st.st_size, st.st_mtime_ns, os.path.abspath(ref), rst.st_size, rst.st_mtime_ns, extractor.key]

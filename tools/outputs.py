@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import secrets
 import stat
 from typing import Callable, Iterable, Optional, Sequence, Tuple
@@ -89,6 +90,18 @@ def write_outputs(items: Sequence[Tuple[Optional[str], Writer]]) -> None:
         for _, tmp, _ in todo:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
+
+
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary name beside `path`; rename it to `path` only if the block succeeds."""
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def json_writer(obj, **kw) -> Writer:
