@@ -8,9 +8,9 @@ from graphs.weights import CheckpointError, check_state_dict, load_models, rando
 from graphs.var import VAR
 
 
-def official_var_keys(depth, V=4096, Cvae=32, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)):
-    """Key names and shapes of FoundationVision/VAR's state dict, written out from its builder
-    (width 64*depth, heads=depth, MLP 4x, attn_l2_norm, no shared AdaLN)."""
+def official_var_keys(depth, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), shared_aln=False, V=4096, Cvae=32):
+    """Key -> shape of FoundationVision/VAR's state dict, written out from its builder
+    (width 64*depth, heads=depth, MLP 4x, attn_l2_norm; shared_aln as for var_d36)."""
     C, H = 64 * depth, depth
     L = sum(p * p for p in patch_nums)
     keys = {"pos_start": (1, 1, C), "pos_1LC": (1, L, C), "lvl_1L": (1, L),
@@ -18,14 +18,19 @@ def official_var_keys(depth, V=4096, Cvae=32, patch_nums=(1, 2, 3, 4, 5, 6, 8, 1
             "class_emb.weight": (1001, C), "lvl_embed.weight": (len(patch_nums), C),
             "head_nm.ada_lin.1.weight": (2 * C, C), "head_nm.ada_lin.1.bias": (2 * C,),
             "head.weight": (V, C), "head.bias": (V,)}
+    if shared_aln:
+        keys.update({"shared_ada_lin.1.weight": (6 * C, C), "shared_ada_lin.1.bias": (6 * C,)})
     for i in range(depth):
         b = f"blocks.{i}."
         keys.update({b + "attn.q_bias": (C,), b + "attn.v_bias": (C,), b + "attn.zero_k_bias": (C,),
                      b + "attn.scale_mul_1H11": (1, H, 1, 1), b + "attn.mat_qkv.weight": (3 * C, C),
                      b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
                      b + "ffn.fc1.weight": (4 * C, C), b + "ffn.fc1.bias": (4 * C,),
-                     b + "ffn.fc2.weight": (C, 4 * C), b + "ffn.fc2.bias": (C,),
-                     b + "ada_lin.1.weight": (6 * C, C), b + "ada_lin.1.bias": (6 * C,)})
+                     b + "ffn.fc2.weight": (C, 4 * C), b + "ffn.fc2.bias": (C,)})
+        if shared_aln:
+            keys[b + "ada_gss"] = (1, 1, 6, C)
+        else:
+            keys.update({b + "ada_lin.1.weight": (6 * C, C), b + "ada_lin.1.bias": (6 * C,)})
     return keys
 
 

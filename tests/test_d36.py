@@ -26,34 +26,10 @@ from graphs.vqvae import VQVAE
 from graphs.weights import CheckpointError, check_state_dict, load_models, official_files, random_state_dicts
 from runtime.backends.eager import EagerBackend
 from runtime.pipeline import Pipeline
+from tests.test_checkpoint import official_var_keys
 
 PATCH_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)      # written out, not imported: the official list
-
-
-def official_var_shapes(depth, patch_nums, shared_aln, V=4096, Cvae=32):
-    """Key -> shape of the official VAR state dict, from build_vae_var's rules."""
-    C, H = 64 * depth, depth
-    L = sum(p * p for p in patch_nums)
-    keys = {"pos_start": (1, 1, C), "pos_1LC": (1, L, C), "lvl_1L": (1, L),
-            "attn_bias_for_masking": (1, 1, L, L), "word_embed.weight": (C, Cvae), "word_embed.bias": (C,),
-            "class_emb.weight": (1001, C), "lvl_embed.weight": (len(patch_nums), C),
-            "head_nm.ada_lin.1.weight": (2 * C, C), "head_nm.ada_lin.1.bias": (2 * C,),
-            "head.weight": (V, C), "head.bias": (V,)}
-    if shared_aln:
-        keys.update({"shared_ada_lin.1.weight": (6 * C, C), "shared_ada_lin.1.bias": (6 * C,)})
-    for i in range(depth):
-        b = f"blocks.{i}."
-        keys.update({b + "attn.q_bias": (C,), b + "attn.v_bias": (C,), b + "attn.zero_k_bias": (C,),
-                     b + "attn.scale_mul_1H11": (1, H, 1, 1), b + "attn.mat_qkv.weight": (3 * C, C),
-                     b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
-                     b + "ffn.fc1.weight": (4 * C, C), b + "ffn.fc1.bias": (4 * C,),
-                     b + "ffn.fc2.weight": (C, 4 * C), b + "ffn.fc2.bias": (C,)})
-        if shared_aln:
-            keys[b + "ada_gss"] = (1, 1, 6, C)
-        else:
-            keys.update({b + "ada_lin.1.weight": (6 * C, C), b + "ada_lin.1.bias": (6 * C,)})
-    return keys
 
 
 def meta_state_dict(shapes):
@@ -100,7 +76,7 @@ def test_d36_offline_download_names_its_files(monkeypatch):
 
 def test_d36_official_layout_loads_strictly_on_meta():
     var = meta_var("var-d36")
-    want = official_var_shapes(36, PATCH_512, shared_aln=True)
+    want = official_var_keys(36, PATCH_512, shared_aln=True)
     assert {k: tuple(v.shape) for k, v in var.state_dict().items()} == want
     sd = meta_state_dict(want)
     check_state_dict(var, sd, "var_d36.pth", "VAR", "var-d36")
@@ -116,14 +92,14 @@ def test_d36_official_layout_loads_strictly_on_meta():
 
 
 def test_256px_d30_file_for_d36_names_the_mismatch():
-    sd = meta_state_dict(official_var_shapes(30, PATCH_256, shared_aln=False))
+    sd = meta_state_dict(official_var_keys(30, PATCH_256, shared_aln=False))
     with pytest.raises(CheckpointError, match=r"var_d30.pth: missing key 'shared_ada_lin.1.weight'.*"
                        r"looks like var-d30 for 256px \(pos_1LC for 680 tokens\) with per-block AdaLN.*"
                        r"the preset var-d36 is for 512px \(pos_1LC for 2240 tokens\) with shared AdaLN.*"
                        r"pass --model var-d30"):
         check_state_dict(meta_var("var-d36"), sd, "var_d30.pth", "VAR", "var-d36")
     # and the other way round, through real files
-    sd36 = meta_state_dict(official_var_shapes(36, PATCH_512, shared_aln=True))
+    sd36 = meta_state_dict(official_var_keys(36, PATCH_512, shared_aln=True))
     with pytest.raises(CheckpointError, match=r"looks like var-d36 for 512px.*preset var-d30 is for 256px.*--model var-d36"):
         check_state_dict(meta_var("var-d30"), sd36, "var_d36.pth", "VAR", "var-d30")
 
@@ -137,7 +113,7 @@ def test_256px_tiny_file_for_512px_preset_fails_through_load_models(tmp_path):
 
 
 def test_depth_hint_still_works_within_512px_family():
-    sd = meta_state_dict(official_var_shapes(20, PATCH_512, shared_aln=True))
+    sd = meta_state_dict(official_var_keys(20, PATCH_512, shared_aln=True))
     with pytest.raises(CheckpointError, match=r"looks like var-d20 but the preset is var-d36 \(pass --model var-d20\)"):
         check_state_dict(meta_var("var-d36"), sd, "x.pth", "VAR", "var-d36")
 
