@@ -36,12 +36,6 @@ def sorted_candidates(logits, temperature, top_k, top_p, k_max: int):
     return torch.where(keep, p, torch.zeros_like(p)), idx
 
 
-def sample_sorted(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
-                  top_k: torch.Tensor, top_p: torch.Tensor, k_max: int) -> torch.Tensor:
-    """logits: B n V (fp32); u: B n; temperature/top_p: (1,) float; top_k: (1,) int64 <= k_max."""
-    return sample_with_support(logits, u, temperature, top_k, top_p, k_max)[0]
-
-
 def bisect_candidates(logits, temperature, top_p, steps: int = BISECT_STEPS) -> torch.Tensor:
     """-> unnormalised kept probabilities over V (vocabulary order)."""
     p = (logits / temperature).softmax(dim=-1)                # B n V
@@ -54,17 +48,6 @@ def bisect_candidates(logits, temperature, top_p, steps: int = BISECT_STEPS) -> 
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
     return torch.where(p >= lo, p, torch.zeros_like(p))
-
-
-def sample_bisect(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
-                  top_p: torch.Tensor) -> torch.Tensor:
-    """No top-k. Keeps {p >= t} with t the largest threshold (to 2^-steps of max p) whose mass
-    reaches top_p, i.e. the nucleus, without sorting V."""
-    return sample_with_support(logits, u, temperature, None, top_p, 0)[0]
-
-
-def sample(logits, u, temperature, top_k, top_p, k_max: int) -> torch.Tensor:
-    return sample_with_support(logits, u, temperature, top_k, top_p, k_max)[0]
 
 
 def sample_with_support(logits, u, temperature, top_k, top_p, k_max: int):

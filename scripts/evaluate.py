@@ -16,7 +16,6 @@ import sys
 
 from tools.cli import parser, run_main  # first: keeps scripts/ from shadowing the packages
 
-KEYS = ("fid", "sfid", "is", "precision", "recall")
 
 
 def main() -> int:

@@ -147,13 +147,13 @@ def test_bisection_sampler_exports_for_v4096():
     """'No top-k' with V=4096 must still export for TensorRT: the bisection sampler has no
     TopK, and ONNX Runtime agrees with torch."""
     import onnxruntime as ort
-    from graphs.sampling import sample
+    from graphs.sampling import sample_with_support
     from export.onnx_export import _export_one
     import onnx_ir as ir
 
     class S(torch.nn.Module):
         def forward(self, logits, u, temperature, top_p):
-            return sample(logits, u, temperature, None, top_p, 0)
+            return sample_with_support(logits, u, temperature, None, top_p, 0)[0]
     lg = torch.randn(1, 16, 4096) * 3
     u = torch.rand(1, 16)
     t, p = torch.tensor([1.0]), torch.tensor([0.9])

@@ -38,6 +38,16 @@ def test_kv_cache_matches_teacher_forcing(tiny, eager):
         assert (full[:B, b:e] - res.logits_cfg[k]).abs().max() <= 1e-5, k
 
 
+def official_blocks(var, x, cond, cache):
+    """One scale through every block with the official per-block torch.cat KV cache (`cache`
+    is updated in place) -> logits."""
+    for i, blk in enumerate(var.blocks):
+        past = cache[i]
+        x, kk, vv = blk(x, cond, past)
+        cache[i] = (kk, vv) if past is None else (torch.cat((past[0], kk), 2), torch.cat((past[1], vv), 2))
+    return var.logits(x, cond)
+
+
 def official_greedy(var, vae, labels, cfg_w):
     """FoundationVision/VAR's autoregressive_infer_cfg(top_k=1), derived independently:
     per-block torch.cat KV cache, t = cfg*k/(K-1), F.interpolate bicubic up / area down,
@@ -54,11 +64,7 @@ def official_greedy(var, vae, labels, cfg_w):
     cur, toks = 0, []
     for k, pn in enumerate(c.patch_nums):
         cur += pn * pn
-        for i, blk in enumerate(var.blocks):
-            past = cache[i]
-            x, kk, vv = blk(x, cond, past)
-            cache[i] = (kk, vv) if past is None else (torch.cat((past[0], kk), 2), torch.cat((past[1], vv), 2))
-        lg = var.logits(x, cond)
+        lg = official_blocks(var, x, cond, cache)
         t = cfg_w * k / (K - 1)
         lg = (1 + t) * lg[:B] - t * lg[B:]
         idx = lg.argmax(-1)
@@ -171,11 +177,7 @@ def official_smooth(var, vae, label, cfg_w, top_k, gumbels):
     for k, pn in enumerate(c.patch_nums):
         r = k / (K - 1)
         cur += pn * pn
-        for i, blk in enumerate(var.blocks):
-            past = cache[i]
-            x, kk, vv = blk(x, cond, past)
-            cache[i] = (kk, vv) if past is None else (torch.cat((past[0], kk), 2), torch.cat((past[1], vv), 2))
-        lg = var.logits(x, cond)
+        lg = official_blocks(var, x, cond, cache)
         lg = (1 + cfg_w * r) * lg[:1] - cfg_w * r * lg[1:]
         lg = lg.masked_fill(lg < lg.topk(top_k, dim=-1)[0].amin(-1, keepdim=True), -torch.inf)
         soft = ((lg * (1 + r) + gumbels[k]) / max(0.27 * (1 - r * 0.95), 0.005)).softmax(-1)

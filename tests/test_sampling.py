@@ -1,7 +1,15 @@
 """The sampler: semantics against VAR's sort-based top-k/top-p, greedy, the bisection form."""
 import torch
 
-from graphs.sampling import bisect_candidates, sample_bisect, sample_sorted, sorted_candidates
+from graphs.sampling import bisect_candidates, sample_with_support, sorted_candidates
+
+
+def sample_sorted(logits, u, temperature, top_k, top_p, k_max):
+    return sample_with_support(logits, u, temperature, top_k, top_p, k_max)[0]
+
+
+def sample_bisect(logits, u, temperature, top_p):
+    return sample_with_support(logits, u, temperature, None, top_p, 0)[0]
 
 
 def official_keep(logits, top_k, top_p):
@@ -86,7 +94,6 @@ def test_bisect_off_keeps_everything():
 def test_kept_set_matches_official_filter_with_top_p():
     """sample_with_support's kept set (what more_smooth's Gumbel-softmax runs over) is the
     official top-k/top-p filter, for the sorted and the bisection forms."""
-    from graphs.sampling import sample_with_support
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 5, 300, generator=g) * 3
     u = torch.rand(2, 5, generator=g)
