@@ -29,15 +29,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from graphs.config import ConfigError, VARConfig, get_preset
-from graphs.weights import open_regular, sha256_file
+from graphs.config import DSE_TRANSFORMS, PRECISIONS, ConfigError, VARConfig, get_preset
+from common.files import open_regular, sha256_file
 
 FORMAT = "var-ssg-artifacts"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_BATCH = 1024
 MAX_MANIFEST_BYTES = 64 << 20
-PRECISIONS = ("fp32", "fp16", "bf16")
 # Artifact file names: plain names inside the directory (no separators, no "..", no hidden files).
 FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -235,7 +234,7 @@ def _validate(path: str, data: Any) -> VARConfig:
         c.fail("config", f"does not match the preset {preset}")
     B = c.int_in(data, "batch", 1, MAX_BATCH)
     precision = c.choice(data, "precision", PRECISIONS)
-    transform = c.choice(c.get(data, "dse", dict), "transform", ("dct", "dft"), "dse.transform")
+    transform = c.choice(c.get(data, "dse", dict), "transform", DSE_TRANSFORMS, "dse.transform")
     k_max = c.int_in(c.get(data, "sampler", dict), "k_max", 0, cfg.V, "sampler.k_max")
     w = c.get(data, "weights", dict)
     if c.choice(w, "kind", ("random", "checkpoint"), "weights.kind") == "random":

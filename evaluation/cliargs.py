@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from graphs.config import ConfigError, SamplerConfig, make_ssg
+from graphs.config import BACKENDS, ConfigError, SamplerConfig, make_ssg
 
 from .run import Job, batch_size_for, open_pipeline
 from .samples import parse_classes
@@ -13,7 +13,7 @@ from .samples import parse_classes
 def add_source_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what runs")
     g.add_argument("--artifacts", help="artifacts directory (scripts/export.py); or --model for the eager backend")
-    g.add_argument("--backend", choices=("eager", "onnxruntime", "tensorrt"), default=None,
+    g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="default: onnxruntime with --artifacts, eager with --model")
     g.add_argument("--device", default="cpu", help="eager/onnxruntime device: cpu or cuda")
 

@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from tools.outputs import atomic_path
+from common.files import atomic_path
 
 
 def _pyplot():

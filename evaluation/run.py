@@ -34,7 +34,7 @@ def open_pipeline(backend: str = "eager", artifacts: Optional[str] = None, model
         if bad:
             raise ConfigError(f"--dse {bad[0]} but {artifacts} bakes DSE transform {b.info.transform}: "
                               f"give artifacts exported with --dse {bad[0]} (or use --model with the eager backend)")
-        return [Pipeline(b)], getattr(b, "source_note", "")
+        return [Pipeline(b)], b.source_note
     if backend != "eager":
         raise ConfigError(f"--backend {backend} needs --artifacts DIR (run scripts/export.py first)")
     if not model:

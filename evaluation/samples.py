@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from graphs.config import ConfigError
-from tools.outputs import atomic_path
+from common.files import atomic_path
 
 
 def parse_classes(spec: str, num_classes: int = 1000) -> List[int]:

@@ -20,7 +20,7 @@ import numpy as np
 from graphs.config import ConfigError
 
 from .run import Job, check_job, run_batches
-from tools.outputs import atomic_path
+from common.files import atomic_path
 
 from .samples import NpzBatch, diff_settings, settings_array, write_npz_stream
 

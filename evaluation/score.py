@@ -20,7 +20,7 @@ import torch
 from graphs.config import ConfigError
 
 from .metrics import PR_K, GaussianStats, frechet_distance, inception_score, precision_recall
-from tools.outputs import atomic_path
+from common.files import atomic_path
 
 from .samples import NpzBatch
 

@@ -35,7 +35,7 @@ import torch
 from contract.manifest import (MAX_BATCH, FORMAT, FORMAT_VERSION, PRECISION_DTYPES, artifacts_dir_problem, config_to_json,
                                dtype_name, load_manifest, write_manifest)
 from graphs.components import DecoderComponent, StepComponent
-from graphs.config import ConfigError, TRT_TOPK_LIMIT, VARConfig, topk_bake
+from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, ConfigError, VARConfig, topk_bake
 from graphs.step import StepSpec
 from graphs.var import VAR
 from graphs.vqvae import VQVAE
@@ -56,7 +56,7 @@ class ExportConfig:
     precision: str = "fp32"
     batch: int = 1
     transform: str = "dct"
-    top_k: int = 900                  # baked TopK K (runtime top_k <= this); 0 = no top-k
+    top_k: int = DEFAULT_TOP_K                  # baked TopK K (runtime top_k <= this); 0 = no top-k
     opset: int = 18
     target: str = "onnx"              # "onnx" | "trt"
     trt_hardware_compatible: bool = False   # engines run on Ampere and newer, not only this GPU
@@ -68,7 +68,7 @@ class ExportConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISION_DTYPES)}, got {self.precision!r}")
         if not 1 <= self.batch <= MAX_BATCH:
             raise ConfigError(f"--batch must be in 1..{MAX_BATCH}, got {self.batch}")
-        if self.transform not in ("dct", "dft"):
+        if self.transform not in DSE_TRANSFORMS:
             raise ConfigError(f"--dse must be dct or dft, got {self.transform!r}")
         if not 17 <= self.opset <= MAX_OPSET:
             raise ConfigError(f"--opset must be in 17..{MAX_OPSET} (LayerNormalization needs 17; TensorRT 10 parses <= {MAX_OPSET})")

@@ -13,7 +13,7 @@ from typing import Dict, List
 
 import torch
 
-from .config import VARConfig
+from .config import DEFAULT_GUIDANCE, VARConfig
 from .step import StepSpec
 from .unified import UnifiedStep, prev_rows, scale_constants
 from .vqvae import FhatDecoder
@@ -80,7 +80,7 @@ class StepComponent:
         B = self.batch
         feeds = dict(label=torch.arange(B, dtype=torch.int64) % c.num_classes,
                      f_hat=torch.zeros(shp["f_hat"]), noise=torch.rand(shp["noise"]),
-                     guidance=torch.full((B,), 1.5), temperature=torch.ones(B),
+                     guidance=torch.full((B,), DEFAULT_GUIDANCE), temperature=torch.ones(B),
                      top_k=torch.ones(B, dtype=torch.int64), top_p=torch.full((B,), 0.96), beta=torch.zeros(B),
                      past_kv=torch.zeros(shp["past_kv"], dtype=self.spec.dtype), prev_logits=torch.zeros(shp["prev_logits"]),
                      forced=torch.zeros(shp["forced"], dtype=torch.int64), force=torch.zeros(B), smooth=torch.zeros(B),

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
+from common.errors import ConfigError  # noqa: F401  (re-exported: graphs.config.ConfigError)
+
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)   # official `--pn 512` (utils/arg_util.py)
 TRT_TOPK_LIMIT = 3840   # TensorRT's documented max K for TopK (10.x and 11.x)
@@ -23,8 +25,15 @@ BETA_MAX = 1e4                          # |beta_k|
 TEMPERATURE_RANGE = (1e-4, 1e4)
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration error (bad preset, bad schedule, ...)."""
+# Defaults and choice lists: defined here once, used by the graphs, the runtime, the server and
+# every CLI.
+DEFAULT_TOP_K = 900             # VAR's FID setting (TopK K baked by default)
+DEFAULT_TOP_P = 0.96
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_GUIDANCE = 1.5          # classifier-free guidance weight (`--cfg`), ramped k/(K-1)
+BACKENDS = ("eager", "onnxruntime", "tensorrt")
+DSE_TRANSFORMS = ("dct", "dft")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -145,8 +154,8 @@ class SSGConfig:
     spec: str = ""                  # the string the schedule was parsed from
 
     def __post_init__(self):
-        if self.transform not in ("dct", "dft"):
-            raise ConfigError(f"--dse must be 'dct' or 'dft', got {self.transform!r}")
+        if self.transform not in DSE_TRANSFORMS:
+            raise ConfigError(f"--dse must be one of {', '.join(DSE_TRANSFORMS)}, got {self.transform!r}")
         if any(not (math.isfinite(b) and abs(b) <= BETA_MAX) for b in self.betas):
             raise ConfigError(f"SSG beta values must be within -{BETA_MAX:g}..{BETA_MAX:g} (float32 range), got "
                               f"{', '.join(f'{b:g}' for b in self.betas if not abs(b) <= BETA_MAX)}")
@@ -204,9 +213,9 @@ class SamplerConfig:
     """Sampling as in SPEC section 3. `top_k_max` is what a graph bakes in (TopK's K);
     `top_k` <= top_k_max is chosen per run. top_k 0 means no top-k (all V); None: VAR's 900, or
     the artifacts' baked K when that is smaller."""
-    top_k: Optional[int] = 900
-    top_p: float = 0.96
-    temperature: float = 1.0
+    top_k: Optional[int] = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    temperature: float = DEFAULT_TEMPERATURE
 
     def __post_init__(self):
         if self.top_k is not None and self.top_k < 0:
@@ -226,7 +235,7 @@ class SamplerConfig:
 
 def topk_bake(top_k: Optional[int], vocab: int) -> int:
     """K baked into a sampler graph. 0 means the sort-free bisection sampler (no top-k)."""
-    top_k = 900 if top_k is None else top_k
+    top_k = DEFAULT_TOP_K if top_k is None else top_k
     if top_k <= 0 or top_k >= vocab:
         return 0 if vocab > TRT_TOPK_LIMIT else vocab
     return top_k

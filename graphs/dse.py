@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .resample import bilinear_matrix
+from .config import DSE_TRANSFORMS
 
-TRANSFORMS = ("dct", "dft")
+TRANSFORMS = DSE_TRANSFORMS
 
 
 # ---------------------------------------------------------------- band placement, per axis

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VARConfig
+from .config import DEFAULT_TOP_K, VARConfig
 from .dse import TRANSFORMS, dse_fft
 from .sampling import sample_with_support
 from .var import VAR
@@ -47,7 +47,7 @@ class StepSpec:
     """What a step bakes in: the DSE transform, TopK's K (0 = bisection sampler) and the
     transformer + KV precision (CFG/SSG/DSE/sampling stay fp32)."""
     transform: str = "dct"
-    k_max: int = 900
+    k_max: int = DEFAULT_TOP_K
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self):

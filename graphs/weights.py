@@ -6,20 +6,17 @@ memory-mapped `torch.load(weights_only=True)`, so a 4 GB checkpoint costs no ext
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
 import math
-import os
 import pickle
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from common.files import sha256_file
 from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, VARConfig, check_seed
 from .var import VAR, block_causal_buffers
 from .vqvae import VQVAE
@@ -53,29 +50,6 @@ class WeightSource:
 
     def to_json(self) -> Dict:
         return {k: v for k, v in self.__dict__.items()}
-
-
-def open_regular(path: str, follow_symlinks: bool = True):
-    """Open `path` for binary reading only if it is a regular file. Opened non-blocking and
-    checked with fstat, so a FIFO or device (/dev/zero) is refused without blocking or reading."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", path)
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-def sha256_file(path: str, chunk: int = 1 << 24, follow_symlinks: bool = True) -> str:
-    h = hashlib.sha256()
-    with open_regular(path, follow_symlinks) as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- reading files

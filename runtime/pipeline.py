@@ -22,12 +22,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from graphs.config import (DEFAULT_SSG_BETA, SEED_MAX, ConfigError, SamplerConfig, SSGConfig, VARConfig,
+from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
+                           SEED_MAX, ConfigError, SamplerConfig, SSGConfig, VARConfig,
                            check_guidance, check_seed, parse_ssg_beta)
 from graphs.unified import prev_rows
 
+from .backends.base import Backend, BackendInfo
+
 log = logging.getLogger(__name__)
-DEFAULT_TOP_K = 900                  # VAR's FID setting
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,11 @@ class Row:
     or the K-1 values themselves."""
     class_id: int                    # 0..num_classes-1, or -1: unconditional (the official label)
     seed: int                        # 0..2**63-1: this row's noise comes only from it
-    guidance: float = 1.5            # classifier-free guidance weight (`--cfg`)
+    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance weight (`--cfg`)
     ssg_beta: Union[str, Tuple[float, ...]] = DEFAULT_SSG_BETA
     top_k: Optional[int] = None      # None: 900 or the artifacts' baked K if smaller; 0 = no top-k
-    top_p: float = 0.96              # 0 = off
-    temperature: float = 1.0
+    top_p: float = DEFAULT_TOP_P     # 0 = off
+    temperature: float = DEFAULT_TEMPERATURE
     more_smooth: bool = False        # the official Gumbel-softmax f_hat update
 
 
@@ -57,17 +59,6 @@ class RunResult:
     sampling: Dict[str, list] = field(default_factory=dict)       # per row: the top_k / top_p fed
 
 
-@dataclass(frozen=True)
-class BackendInfo:
-    name: str
-    cfg: VARConfig
-    k_max: int                 # TopK K the backend's sampler bakes in (0 = bisection)
-    transform: str             # DSE transform
-    kv_dtype: torch.dtype
-    batch: Optional[int]       # None = any (eager); artifacts: the exported batch (static shapes)
-    device: str = "cpu"        # where the pipeline keeps the KV cache and f_hat
-
-
 def draw_row_noise(seed: int, patch_nums: Sequence[int], V: int, smooth: bool):
     """One row's noise: uniforms per scale from `seed`; Gumbel noise (n_k x V) per scale from
     a second stream (seed + 2**63), only for more_smooth rows (else None)."""
@@ -82,7 +73,7 @@ def draw_row_noise(seed: int, patch_nums: Sequence[int], V: int, smooth: bool):
 
 
 class Pipeline:
-    def __init__(self, backend):
+    def __init__(self, backend: Backend):
         self.backend = backend
         self.info: BackendInfo = backend.info
 
@@ -124,7 +115,7 @@ class Pipeline:
         return betas, top_k, s.top_p_threshold
 
     # ------------------------------------------------------------------ runs
-    def run(self, classes: Sequence[int], seed: int, guidance: float = 1.5,
+    def run(self, classes: Sequence[int], seed: int, guidance: float = DEFAULT_GUIDANCE,
             sampler: SamplerConfig = SamplerConfig(), ssg: Optional[SSGConfig] = None,
             keep_logits: bool = False, progress: Optional[Callable[[int], None]] = None,
             more_smooth: bool = False, **kw) -> RunResult:
@@ -177,8 +168,7 @@ class Pipeline:
         betas = torch.tensor([[0.0] + list(c[0]) for c in checked], **f32)                 # B K
         force = torch.full((B,), 1.0 if force_tokens is not None else 0.0, **f32)
         shape = (mc.L, mc.depth, 2, 2 * B, mc.num_heads, mc.head_dim)
-        alloc_kv = getattr(self.backend, "alloc_kv", None)      # backends that bind fixed addresses own it
-        kv = alloc_kv(shape, info.kv_dtype) if alloc_kv else torch.empty(shape, dtype=info.kv_dtype, device=dev)
+        kv = self.backend.alloc_kv(shape, info.kv_dtype)       # TensorRT owns it (fixed addresses)
         f_hat = torch.zeros(B, mc.Cvae, mc.patch_nums[-1], mc.patch_nums[-1], device=dev)
         res = RunResult(images=torch.empty(0), tokens=[], rows=rows[:n_real],
                         sampling=dict(top_k=[c[1] for c in checked[:n_real]], top_p=[c[2] for c in checked[:n_real]]))

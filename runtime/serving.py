@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from graphs.config import ConfigError
+from graphs.config import BACKENDS, ConfigError
 
 if TYPE_CHECKING:
     from runtime.pipeline import Row
@@ -65,7 +65,7 @@ class ServeOptions:
     pythonpath: Tuple[str, ...] = field(default_factory=tuple)   # where the replicas import this code from
 
     def check(self) -> None:
-        if self.backend not in ("eager", "onnxruntime", "tensorrt"):
+        if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of eager, onnxruntime, tensorrt")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
@@ -196,7 +196,7 @@ class _InfoOnly:
     with Pipeline.check_row without loading any weights."""
 
     def __init__(self, man, backend: str, device: str):
-        from runtime.pipeline import BackendInfo
+        from runtime.backends.base import BackendInfo
         self.info = BackendInfo(name=backend, cfg=man.cfg, k_max=man.k_max, transform=man.transform,
                                 kv_dtype=man.kv_dtype, batch=None if backend == "eager" else man.batch,
                                 device=device)

@@ -19,7 +19,7 @@ import sys
 import time
 
 from tools.cli import add_model_args, finite_float, parser, run_main  # first: keeps scripts/ from shadowing the packages
-from tools.outputs import check_outputs, write_json, write_outputs
+from common.files import check_outputs, write_json, write_outputs
 from graphs.config import ConfigError, SamplerConfig, make_ssg
 
 

@@ -157,7 +157,7 @@ def main() -> int:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per request")
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args()
-    from tools.outputs import check_outputs       # output paths checked before any work
+    from common.files import check_outputs       # output paths checked before any work
     check_outputs(("--json", a.json, ".json"))
     device = a.device or ("cuda" if a.backend == "tensorrt" else "cpu")
     if a.concurrency < 1 or a.requests < 1 or a.sequential < 0:

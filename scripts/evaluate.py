@@ -30,7 +30,7 @@ def main() -> int:
     p.add_argument("--cache-dir", help="keep the reference's features here (computed once)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
-    from tools.outputs import check_outputs       # output paths checked before any work
+    from common.files import check_outputs       # output paths checked before any work
     check_outputs(("--json", a.json, ".json"))
 
     from graphs.config import ConfigError
@@ -51,7 +51,7 @@ def main() -> int:
     for k, v in res.items():
         print(f"{k}: {'n/a' if v is None else f'{v:.6g}'}")
     if a.json:
-        from tools.outputs import atomic_path
+        from common.files import atomic_path
         with atomic_path(a.json) as tmp, open(tmp, "w") as f:
             json.dump(res, f, indent=1)
     return 0

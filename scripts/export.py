@@ -11,7 +11,7 @@ import sys
 import time
 
 from tools.cli import add_model_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
-from graphs.config import get_preset
+from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, get_preset
 
 
 def main() -> int:
@@ -20,8 +20,8 @@ def main() -> int:
     p.add_argument("--out", required=True, help="artifacts directory (written atomically)")
     p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (transformer + KV; DSE/SSG stay fp32)")
     p.add_argument("--batch", type=int, default=1, help="images per run, fixed at export (2x rows with CFG)")
-    p.add_argument("--top-k", type=int, default=900, help="TopK K baked in; runs may use any top-k <= it; 0 = none")
-    p.add_argument("--dse", choices=("dct", "dft"), default="dct")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="TopK K baked in; runs may use any top-k <= it; 0 = none")
+    p.add_argument("--dse", choices=DSE_TRANSFORMS, default="dct")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--target", choices=("onnx", "trt"), default="onnx")
     p.add_argument("--trt-hardware-compatible", action="store_true", help="engines for Ampere and newer GPUs")

@@ -9,15 +9,15 @@ from __future__ import annotations
 import sys
 
 from tools.cli import add_model_args, add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
-from tools.outputs import check_outputs, json_writer, write_outputs
-from graphs.config import ConfigError, SamplerConfig, get_preset, make_ssg, topk_bake
+from common.files import check_outputs, json_writer, write_outputs
+from graphs.config import BACKENDS, ConfigError, SamplerConfig, get_preset, make_ssg, topk_bake
 
 
 def main() -> int:
     p = parser("Generate images with VAR + SSG.")
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--backend", choices=("eager", "onnxruntime", "tensorrt"), default="eager")
+    p.add_argument("--backend", choices=BACKENDS, default="eager")
     p.add_argument("--artifacts", help="artifacts directory (scripts/export.py); required for onnxruntime/tensorrt")
     p.add_argument("--device", default="cpu", help="eager/onnxruntime device: cpu or cuda")
     p.add_argument("--out", default="out.png", help="PNG file (a grid for several classes)")

@@ -19,7 +19,7 @@ def load_graph(path: str):
     """The ONNX model at `path` without its external data, or a one-line error."""
     import onnx
     from google.protobuf.message import DecodeError
-    from graphs.weights import open_regular
+    from common.files import open_regular
     try:
         with open_regular(path) as f:          # a FIFO or device is refused, never read
             if os.fstat(f.fileno()).st_size > MAX_GRAPH_BYTES:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from tools.cli import add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
-from tools.outputs import check_outputs, write_json
+from common.files import check_outputs, write_json
 from graphs.config import ConfigError
 
 

@@ -33,7 +33,7 @@ def main() -> int:
     p.add_argument("--out", required=True, help="PNG")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     a = p.parse_args()
-    from tools.outputs import check_outputs       # output paths checked before any work
+    from common.files import check_outputs       # output paths checked before any work
     check_outputs(("--out", a.out, ".png"), ("--json", a.json, ".json"))
     precheck(a, betas=(a.compare_beta,))
 
@@ -89,7 +89,7 @@ def main() -> int:
     plot_spectrum(a.out, ratios, deltas, nyq,
                   title=f"{cfg.name} [{pipe.info.name}], {n} images per schedule, dse={pipe.info.transform}; {source}")
     if a.json:
-        from tools.outputs import atomic_path
+        from common.files import atomic_path
         out = {"settings": jobs[a.ssg_beta].settings(pipe, source), "compare_beta": a.compare_beta,
                "reference": a.ref, "image_bins": list(range(len(next(iter(ratios.values()))))),
                "image_ratio": {k: v.tolist() for k, v in ratios.items()},

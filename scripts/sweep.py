@@ -43,7 +43,7 @@ def main() -> int:
     p.add_argument("--json", metavar="FILE", help="table as JSON (default OUT_DIR/sweep.json)")
     p.add_argument("--plot", metavar="FILE", help="PNG (default OUT_DIR/sweep.png)")
     a = p.parse_args()
-    from tools.outputs import check_outputs       # output paths checked before any work
+    from common.files import check_outputs       # output paths checked before any work
     check_outputs(("--json", a.json, ".json"), ("--plot", a.plot, ".png"))
 
     from graphs.config import ConfigError
@@ -72,7 +72,7 @@ def main() -> int:
     from evaluation.run import check_job
     from evaluation.sampling import check_output, sample_to_npz
     from evaluation.samples import NpzBatch
-    from tools.outputs import atomic_path
+    from common.files import atomic_path
     points = [os.path.join(a.out_dir, f"{job.ssg.transform}_{_slug(job.ssg.spec)}") for _, job in jobs]
     for (pipe, job), point in zip(jobs, points):        # every point's conflicts before any work
         check_job(pipe, job)
@@ -141,7 +141,7 @@ def _slug(spec: str) -> str:
 
 def _metrics(point, samples, ref, extractor, cache_dir):
     """metrics.json of a point, recomputed only when the samples, reference or extractor changed."""
-    from tools.outputs import atomic_path
+    from common.files import atomic_path
     from evaluation.score import evaluate_files
     st, rst = os.stat(samples), os.stat(ref)
     key = [st.st_size, st.st_mtime_ns, os.path.abspath(ref), rst.st_size, rst.st_mtime_ns, extractor.key]

@@ -566,14 +566,14 @@ def test_disk_full_while_writing_leaves_the_old_files(cli, tmp_path, monkeypatch
     """Disk full while writing the PNG (or the tokens after it): one line, exit 2, the previous
     PNG untouched, no tokens file, no temporary file."""
     import PIL.Image
-    import tools.outputs
+    import common.files
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     if fail == "png":
         monkeypatch.setattr(PIL.Image.Image, "save", full)
     else:
-        monkeypatch.setattr(tools.outputs.json, "dump", full)
+        monkeypatch.setattr(common.files.json, "dump", full)
     (tmp_path / "x.png").write_bytes(b"old image")
     before = snapshot(tmp_path)
     r = cli("generate.py", *MODEL, "--class", "3", "--top-k", "10", "--out", tmp_path / "x.png",

@@ -1,7 +1,7 @@
 """Shared command-line pieces for scripts/: flags every backend shares, and one error policy:
 user errors (ConfigError) and environment errors (OSError: disk full, permissions, a name too
 long; MemoryError) print one line and exit 2; only a real bug shows a traceback. Output files
-are checked before the work and written under temporary names (tools.outputs).
+are checked before the work and written under temporary names (common.files).
 
 Every script imports this module first. Python puts the running script's folder first on
 sys.path, where scripts/export.py would shadow the `export` package for every later import;
@@ -20,7 +20,8 @@ from typing import Callable
 _SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _SCRIPTS]
 
-from graphs.config import DEFAULT_SSG_BETA, GUIDANCE_MAX, SEED_MAX, ConfigError
+from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
+                           DSE_TRANSFORMS, GUIDANCE_MAX, SEED_MAX, ConfigError)
 
 
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
@@ -65,16 +66,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--class", dest="classes", type=int, nargs="+", default=[207], metavar="ID",
                    help="ImageNet class ids 0..999, -1 = unconditional (several make a grid)")
     g.add_argument("--seed", type=seed_int, default=0, help="0..2**63-1")
-    g.add_argument("--cfg", dest="guidance", type=guidance_float, default=1.5,
+    g.add_argument("--cfg", dest="guidance", type=guidance_float, default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance (ramped k/(K-1))")
     g.add_argument("--top-k", type=int, default=None,
-                   help="0 = no top-k (default: 900, or the top-k the artifacts bake if smaller)")
-    g.add_argument("--top-p", type=float, default=0.96, help="0 = off")
-    g.add_argument("--temperature", type=float, default=1.0)
+                   help=f"0 = no top-k (default: {DEFAULT_TOP_K}, or the top-k the artifacts bake if smaller)")
+    g.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="0 = off")
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     g.add_argument("--ssg-beta", default=DEFAULT_SSG_BETA,
                    help="'0' off, a float, 'linear:START,END', or K-1 comma-separated values "
                         f"(default {DEFAULT_SSG_BETA}: ours, the paper publishes none)")
-    g.add_argument("--dse", choices=("dct", "dft"), default=None,
+    g.add_argument("--dse", choices=DSE_TRANSFORMS, default=None,
                    help="DSE transform (default: the one the artifacts bake, else dct)")
     g.add_argument("--more-smooth", action="store_true",
                    help="the official Gumbel-softmax f_hat update (smoother images, not for FID)")

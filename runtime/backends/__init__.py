@@ -2,9 +2,7 @@
 matters when that backend is asked for."""
 from __future__ import annotations
 
-from graphs.config import ConfigError
-
-BACKENDS = ("eager", "onnxruntime", "tensorrt")
+from graphs.config import BACKENDS, ConfigError
 
 
 def open_backend(name: str, artifacts=None, **kw):

@@ -6,16 +6,16 @@ from typing import Dict
 import copy
 import torch
 
-from graphs.config import ConfigError, VARConfig
+from graphs.config import DEFAULT_TOP_K, ConfigError, VARConfig
 from graphs.step import StepSpec, build_steps
 from graphs.var import VAR
 from graphs.vqvae import VQVAE
 
-from ..pipeline import BackendInfo
+from .base import BackendInfo, fresh_kv
 
 
 class EagerBackend:
-    def __init__(self, var: VAR, vae: VQVAE, transform: str = "dct", k_max: int = 900,
+    def __init__(self, var: VAR, vae: VQVAE, transform: str = "dct", k_max: int = DEFAULT_TOP_K,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", source_note: str = ""):
         cfg: VARConfig = var.cfg
         if device != "cpu" and not torch.cuda.is_available():
@@ -42,6 +42,9 @@ class EagerBackend:
                 raise ConfigError(f"the checkpoint files changed since export ({key} differs): re-export")
         return cls(var, vae, transform=man.transform, k_max=man.k_max, dtype=dtype, device=device,
                    source_note=src.describe())
+
+    def alloc_kv(self, shape, dtype) -> torch.Tensor:
+        return fresh_kv(self.info, shape, dtype)
 
     @torch.inference_mode()
     def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 from contract.manifest import Manifest, ManifestError
 from graphs.config import ConfigError
 
-from ..pipeline import BackendInfo
+from .base import BackendInfo, fresh_kv
 
 log = logging.getLogger(__name__)
 _ONNX_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
@@ -143,6 +143,9 @@ class OrtBackend:
     def _alloc(self, name: str, k: int, device, kv_out: torch.Tensor = None) -> Dict[str, torch.Tensor]:
         return {n: (kv_out if n == "new_kv" else torch.empty(shape, dtype=dt, device=device))
                 for n, (shape, dt) in self.man.output_specs(name, k).items()}
+
+    def alloc_kv(self, shape, dtype) -> torch.Tensor:
+        return fresh_kv(self.info, shape, dtype)
 
     def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
         # new_kv is bound to the cache slice: written in place

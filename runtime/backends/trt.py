@@ -30,7 +30,7 @@ from contract.manifest import Manifest
 from contract.tensorrt import check_compat, import_tensorrt
 from graphs.config import ConfigError
 
-from ..pipeline import BackendInfo
+from .base import BackendInfo
 
 log = logging.getLogger(__name__)
 

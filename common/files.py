@@ -1,4 +1,7 @@
-"""Output files of the scripts (PNG, tokens, JSON reports, plots).
+"""Files: the one place that opens inputs safely and writes outputs atomically.
+
+* `open_regular` / `sha256_file` read only regular files (a FIFO or device is refused without
+  blocking or reading).
 
 * `check_outputs` runs before any work: every path is checked (suffix, an existing directory
   to write in, not a folder/FIFO/device, a name the file system takes, no two outputs and no
@@ -8,6 +11,8 @@
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -15,9 +20,32 @@ import secrets
 import stat
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
-from graphs.config import ConfigError
+from .errors import ConfigError
 
 Writer = Callable[[str], None]          # writes the file at the path it is given
+
+
+def open_regular(path: str, follow_symlinks: bool = True):
+    """Open `path` for binary reading only if it is a regular file. Opened non-blocking and
+    checked with fstat, so a FIFO or device (/dev/zero) is refused without blocking or reading."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def sha256_file(path: str, chunk: int = 1 << 24, follow_symlinks: bool = True) -> str:
+    h = hashlib.sha256()
+    with open_regular(path, follow_symlinks) as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
 
 
 def _tmp_name(path: str) -> str:
