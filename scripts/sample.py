@@ -11,57 +11,6 @@ i // B, which runs with seed S + (i // B)·B: images depend on the batch size B 
 pipeline draws noise per row, so --resume refuses a different B.
 Exit codes: 0 done, 2 bad input (one line), 3 stopped early by --max-batches (rerun with --resume).
 """
-from __future__ import annotations
+from tools.cli import script_main
 
-import sys
-
-from tools.cli import add_model_args, add_sampling_args, parser, run_main  # first: keeps scripts/ from shadowing the packages
-
-
-def main() -> int:
-    p = parser("Sample images into an ADM-format .npz (resumable).")
-    add_model_args(p)
-    add_sampling_args(p)
-    from evaluation.cliargs import add_job_args, add_source_args, job_from_args, open_from_args, precheck
-    add_source_args(p)
-    add_job_args(p, per_class=50)
-    p.add_argument("--out", required=True, help="samples .npz")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run (same settings)")
-    p.add_argument("--png-dir", help="also write every image as a PNG into this existing folder")
-    p.add_argument("--max-batches", type=int, help="stop after this many new batches (time-sliced jobs)")
-    a = p.parse_args()
-    precheck(a)
-
-    from tqdm import tqdm
-    from evaluation.sampling import check_output, sample_to_npz
-
-    check_output(a.out, None, a.resume)             # path conflicts before the model loads
-    (pipe,), source = open_from_args(a)
-    job = job_from_args(a, pipe)
-    bar = None
-
-    def progress(done, total):      # the bar opens only once the run passed its checks
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, initial=done, desc=f"{pipe.info.cfg.name} [{pipe.info.name}]", unit="img",
-                       file=sys.stderr, smoothing=0.1)
-        bar.update(done - bar.n)
-
-    try:
-        complete = sample_to_npz(pipe, job, source, a.out, resume=a.resume, png_dir=a.png_dir,
-                                 max_batches=a.max_batches, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
-    if not complete:
-        print(f"stopped after --max-batches {a.max_batches}: rerun with --resume to continue", file=sys.stderr)
-        return 3
-    print(f"wrote {a.out}: {len(job.labels)} images, {len(job.classes)} classes x {job.per_class}, "
-          f"ssg={job.ssg.spec} dse={job.ssg.transform}; {source}")
-    if "RANDOM" in source:
-        print("note: made with RANDOM weights, not a trained model", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    run_main(main)
+script_main(__file__)

@@ -438,10 +438,7 @@ def test_gpu_check_sh_without_a_gpu_skips_every_row_with_its_reason(tmp_path):
 
 
 def test_gpu_check_chooses_exported_backends_before_exporting():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    from tools.commands import gpu_check
     choose_exported = gpu_check.choose_exported
     h200 = dict(cuda=True, ort="1.30.0", providers=["CPUExecutionProvider"], trt=None)      # the borrowed machine
     ok, why = choose_exported("cuda", h200)

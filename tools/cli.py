@@ -1,24 +1,20 @@
-"""Shared command-line pieces for scripts/: flags every backend shares, and one error policy:
-user errors (ConfigError) and environment errors (OSError: disk full, permissions, a name too
-long; MemoryError) print one line and exit 2; only a real bug shows a traceback. Output files
-are checked before the work and written under temporary names (common.files).
+"""The CLI layer's shared pieces: flags every command shares, one error policy (user errors
+(ConfigError) and environment errors (OSError: disk full, permissions, a name too long;
+MemoryError) print one line and exit 2; only a real bug shows a traceback), and the dispatch
+from `scripts/NAME.py` and the `var-ssg NAME` console command to `tools.commands.NAME.main`.
 
-Every script imports this module first. Python puts the running script's folder first on
-sys.path, where scripts/export.py would shadow the `export` package for every later import;
-the packages come from the installation, so that folder is taken off the path here.
+Only this layer (tools/) imports argparse; below it everything takes config dataclasses.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import math
 import os
 import sys
-from typing import Callable
-
-_SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _SCRIPTS]
+from typing import Callable, List, Optional
 
 from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
                            DSE_TRANSFORMS, GUIDANCE_MAX, SEED_MAX, ConfigError)
@@ -123,3 +119,36 @@ def describe_os_error(e: OSError) -> str:
 def _fail(msg: str):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+# --------------------------------------------------------------------------- dispatch
+COMMANDS = ("export", "generate", "parity", "lint", "bench", "gpu_check", "sample", "evaluate", "sweep",
+            "spectrum", "serve", "bench_serve")
+
+
+def _unshadow(script: str) -> None:
+    """Python puts the running script's folder first on sys.path; there `scripts/export.py` would
+    shadow the `export` package for every later import. Take that folder off (whichever checkout
+    the script came from: the packages come from the installation, editable or not)."""
+    d = os.path.dirname(os.path.realpath(script))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != d]
+
+
+def script_main(script: str) -> None:
+    """`scripts/NAME.py`: run tools.commands.NAME.main with the one error policy."""
+    _unshadow(script)
+    name = os.path.splitext(os.path.basename(script))[0]
+    cmd = importlib.import_module(f"tools.commands.{name}")
+    run_main(lambda: cmd.main(sys.argv[1:]))
+
+
+def console(argv: Optional[List[str]] = None) -> None:
+    """`var-ssg NAME ARGS...` (the console entry point): the same commands as scripts/."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: var-ssg {{{','.join(COMMANDS)}}} [args...]  (var-ssg NAME --help for each)",
+              file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    cmd = importlib.import_module(f"tools.commands.{argv[0]}")
+    sys.argv[0] = f"var-ssg {argv[0]}"
+    run_main(lambda: cmd.main(argv[1:]))

@@ -1,0 +1,95 @@
+"""`scripts/parity.py`: Prove a backend matches eager PyTorch scale by scale; exit 1 past SPEC section 6 bounds.
+
+  python scripts/parity.py --artifacts build/var-d2 --backends eager,onnxruntime --class 1 2 --seeds 0-5
+  python scripts/parity.py --artifacts build/var-d2 --free-running        (a report: images equal, PSNR)
+
+Teacher-forced by default: the backend follows the reference's tokens, so every scale compares
+like with like, and every token it draws differently must be a near-tie (runtime/parity.py).
+"""
+from __future__ import annotations
+
+import sys
+
+from tools.cli import add_sampling_args, parser
+from common.files import check_outputs, write_json
+from graphs.config import ConfigError
+
+
+def parse_seeds(spec: str):
+    """'5' or '0-5' (inclusive) or '1,4,9'."""
+    try:
+        out = []
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            lo, hi = int(a), int(b) if b else int(a)
+            if hi - lo >= 1000 or len(out) > 1000:
+                raise ConfigError("--seeds gives more than 1000 seeds; give 1..1000 seeds >= 0")
+            out += list(range(lo, hi + 1))
+    except ValueError:
+        raise ConfigError(f"--seeds must look like 5, 0-5 or 1,4,9; got {spec!r}") from None
+    if not out or len(out) > 1000 or min(out) < 0:
+        raise ConfigError(f"--seeds gives {len(out)} seeds; give 1..1000 seeds >= 0")
+    return out
+
+
+def main(argv=None) -> int:
+    p = parser("Per-scale parity of backends against eager PyTorch.")
+    p.add_argument("--artifacts", required=True)
+    p.add_argument("--backends", default="eager,onnxruntime", help="comma list; eager is the reference")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seeds", help="several runs: 0-5 or 1,4,9 (each run: image i uses seed + i); overrides --seed")
+    p.add_argument("--free-running", action="store_true",
+                   help="no teacher forcing: a report (images equal, PSNR) that fails only on unexplained flips")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--polygraphy", action="store_true",
+                   help="also compare the step graph in ONNX Runtime against Polygraphy's run (graph level)")
+    add_sampling_args(p)
+    p.set_defaults(classes=None)
+    a = p.parse_args(argv)
+    seeds = parse_seeds(a.seeds) if a.seeds else [a.seed]
+    check_outputs(("--json", a.json, None), inputs=(a.artifacts,))
+
+    from contract.manifest import load_manifest
+    from graphs.config import parse_ssg_beta
+    from runtime.backends import open_backend
+    from runtime.parity import run_parity
+    from runtime.pipeline import Pipeline, Row
+
+    names = [b.strip() for b in a.backends.split(",") if b.strip()]
+    others = [b for b in names if b != "eager"]
+    if not others:
+        raise ConfigError("--backends needs at least one backend besides eager (e.g. eager,onnxruntime)")
+    man = load_manifest(a.artifacts)          # validated and hashed once for every backend
+    cfg = man.cfg
+    ref = Pipeline(open_backend("eager", man, device=a.device))
+    classes = a.classes or [(7 * i + 1) % cfg.num_classes for i in range(man.batch)]
+    if len(classes) > man.batch:
+        raise ConfigError(f"{len(classes)} classes but the artifacts were exported for batch {man.batch}")
+    top_k = a.top_k                           # None: the pipeline's default (900 or the baked K)
+    betas = parse_ssg_beta(a.ssg_beta, cfg.num_scales)
+    mode = "free-running" if a.free_running else "teacher-forced"
+    reports = []
+    for name in others:
+        pipe = Pipeline(open_backend(name, man, device=a.device))
+        for seed in seeds:
+            rows = [Row(c, seed + i, a.guidance, betas, top_k, a.top_p, a.temperature, a.more_smooth)
+                    for i, c in enumerate(classes)]
+            rep = run_parity(ref, pipe, rows, man.precision, mode)
+            print(f"seed {seed} classes {classes}")
+            print(rep.table())
+            reports.append((seed, rep))
+    if a.polygraphy:
+        from runtime.poly import polygraphy_check
+        for line in polygraphy_check(man):
+            print(line)
+    if a.json:
+        write_json(a.json, [dict(seed=s, **r.to_json()) for s, r in reports], indent=2)
+    bad = [(s, r) for s, r in reports if not r.ok]
+    flips = sum(len(r.flips) for _, r in reports)
+    print(f"{len(reports)} runs, {flips} token flips, {sum(f['explained'] for _, r in reports for f in r.flips)} explained")
+    if bad:
+        print("parity FAILED: " + "; ".join(f"{r.backend} seed {s}: {r.failures[0]}" for s, r in bad), file=sys.stderr)
+        return 1
+    print("parity OK")
+    return 0
+

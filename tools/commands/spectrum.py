@@ -1,0 +1,104 @@
+"""`scripts/spectrum.py`: The SSG paper's spectral diagnostics as one PNG (two panels).
+
+  python scripts/spectrum.py --artifacts build/var-d16 --classes 0-999 --per-class 1 \
+      --ref VIRTUAL_imagenet256_labeled.npz --out spectrum.png
+  python scripts/spectrum.py --model var-d2-tiny --random-init 0 --classes 0-3 --per-class 2 \
+      --ssg-beta linear:0.1,0.3 --compare-beta 0 --out spectrum.png --json spectrum.json
+
+Panel 1: radial amplitude spectrum of the generated images relative to --ref (both schedules),
+or with --ssg-beta relative to --compare-beta (default 0 = SSG off) when no --ref is given.
+Panel 2: per scale k, the change of the latent f_hat's log amplitude from scale k-1 to k per
+radial frequency bin, with each scale's Nyquist frequency pn_k/2 marked.
+Both schedules use the same classes and seeds, so the images differ only by the guidance.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from tools.cli import add_model_args, add_sampling_args, parser
+
+
+def main(argv=None) -> int:
+    p = parser("Radial image spectrum ratio and per-scale latent spectrum change, with and without SSG.")
+    add_model_args(p)
+    add_sampling_args(p)
+    from evaluation.cliargs import add_job_args, add_source_args, job_from_args, open_from_args, precheck
+    add_source_args(p)
+    add_job_args(p, per_class=4)
+    p.add_argument("--compare-beta", default="0", help="the schedule to compare against (default 0: SSG off)")
+    p.add_argument("--ref", metavar="REF.npz", help="reference images (ADM batch layout, arr_0)")
+    p.add_argument("--ref-limit", type=int, help="use only the first N reference images")
+    p.add_argument("--out", required=True, help="PNG")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    a = p.parse_args(argv)
+    from common.files import check_outputs       # output paths checked before any work
+    check_outputs(("--out", a.out, ".png"), ("--json", a.json, ".json"))
+    precheck(a, betas=(a.compare_beta,))
+
+    from graphs.config import ConfigError
+    import os
+    if not a.out.lower().endswith(".png"):
+        raise ConfigError(f"--out must be a .png file, got {a.out!r}")
+    for path in (a.out, a.json):
+        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise ConfigError(f"cannot write {path}: its directory does not exist or is not writable")
+    ref = None
+    if a.ref:
+        from evaluation.samples import NpzBatch
+        ref = NpzBatch(a.ref)
+        if ref.shape is None:
+            raise ConfigError(f"{a.ref} has no images (arr_0)")
+
+    from tqdm import tqdm
+    from evaluation import spectrum as sp
+    from evaluation.plots import plot_spectrum
+    from evaluation.run import check_job, run_batches
+
+    (pipe,), source = open_from_args(a)
+    cfg = pipe.info.cfg
+    jobs = {a.ssg_beta: job_from_args(a, pipe), a.compare_beta: job_from_args(a, pipe, a.compare_beta)}
+    if len(jobs) == 1:
+        raise ConfigError(f"--compare-beta {a.compare_beta} is the same schedule as --ssg-beta")
+    for job in jobs.values():
+        check_job(pipe, job)
+    img, lat = {}, {}
+    total = sum(len(j.labels) for j in jobs.values())
+    with tqdm(total=total, desc=f"{cfg.name} [{pipe.info.name}]", unit="img", file=sys.stderr) as bar:
+        for spec, job in jobs.items():
+            acc, lat_sum = sp.ImageSpectrum(), 0
+            for _, images, f_hats, _ in run_batches(pipe, job, range(job.num_batches), keep_fhat=True):
+                acc.add(images)
+                lat_sum = lat_sum + sp.latent_profiles(f_hats) * len(images)
+                bar.update(len(images))
+            img[spec], lat[spec] = acc.profile, lat_sum / len(job.labels)
+    name_a, name_b = f"beta {a.ssg_beta}", f"beta {a.compare_beta}"
+    if ref is not None:
+        if ref.shape[1:3] != (cfg.vae.image_size,) * 2:
+            raise ConfigError(f"{a.ref} holds {ref.shape[1]}x{ref.shape[2]} images, the model makes "
+                              f"{cfg.vae.image_size}x{cfg.vae.image_size}: the spectra are not comparable")
+        ref_prof = sp.image_spectrum(ref.iter_images(limit=a.ref_limit))
+        ratios = {f"{name_a} / reference": img[a.ssg_beta] / ref_prof,
+                  f"{name_b} / reference": img[a.compare_beta] / ref_prof}
+    else:
+        ratios = {f"{name_a} / {name_b}": img[a.ssg_beta] / img[a.compare_beta]}
+    deltas = {name_a: sp.latent_delta(lat[a.ssg_beta]), name_b: sp.latent_delta(lat[a.compare_beta])}
+    nyq = sp.nyquist_bins(cfg.patch_nums)
+    n = len(jobs[a.ssg_beta].labels)
+    plot_spectrum(a.out, ratios, deltas, nyq,
+                  title=f"{cfg.name} [{pipe.info.name}], {n} images per schedule, dse={pipe.info.transform}; {source}")
+    if a.json:
+        from common.files import atomic_path
+        out = {"settings": jobs[a.ssg_beta].settings(pipe, source), "compare_beta": a.compare_beta,
+               "reference": a.ref, "image_bins": list(range(len(next(iter(ratios.values()))))),
+               "image_ratio": {k: v.tolist() for k, v in ratios.items()},
+               "image_amplitude": {k: v.tolist() for k, v in img.items()},
+               "latent_amplitude": {k: v.tolist() for k, v in lat.items()},
+               "latent_delta_logmag": {k: v.tolist() for k, v in deltas.items()}, "nyquist": nyq}
+        with atomic_path(a.json) as tmp, open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+    print(f"wrote {a.out}" + (f" and {a.json}" if a.json else ""))
+    if "RANDOM" in source:
+        print("note: made with RANDOM weights, not a trained model", file=sys.stderr)
+    return 0
+
