@@ -1,8 +1,9 @@
-"""Running the pipeline for evaluation: open a backend, generate batches, and the seed rule.
+"""Running the pipeline for evaluation: what to sample (JobRequest → Job), batches, the seed rule.
 
-Seed rule (deterministic, so a resumed run redraws nothing differently): image i (class-major
-order) uses seed S + i. Noise is drawn per row (SPEC §3), so an image does not depend on the
-batch size or its batch mates; batch b holds images b·B .. b·B+B-1 (the pipeline pads the last).
+Seed rule (deterministic, so a resumed or distributed run redraws nothing differently): image i
+(class-major order) uses seed S + i. Noise is drawn per row (DESIGN.md "Sampling"), so an image
+does not depend on the batch size or its batch mates; batch b holds images b·B .. b·B+B-1 (the
+pipeline pads the last). Pipelines are opened by runtime.opener (the one opener).
 """
 from __future__ import annotations
 
@@ -13,39 +14,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from graphs.config import ConfigError, SamplerConfig, SSGConfig, check_guidance, get_preset, topk_bake
+from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, PATCH_NUMS_256,
+                           ConfigError, SamplerConfig, SSGConfig, check_guidance, make_ssg)
 from runtime.pipeline import Pipeline, Row, to_uint8
 
+from .samples import parse_classes
+
 log = logging.getLogger(__name__)
-
-
-def open_pipeline(backend: str = "eager", artifacts: Optional[str] = None, model: Optional[str] = None,
-                  ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, random_init: Optional[int] = None,
-                  transforms: Optional[Sequence[str]] = None, top_k: Optional[int] = None,
-                  device: str = "cpu") -> Tuple[List[Pipeline], str]:
-    """One Pipeline per DSE transform, and a note on the weights. Artifacts bake one transform;
-    the eager backend over --model builds any (that is how a sweep compares dct with dft)."""
-    if artifacts:
-        from runtime.backends import open_backend
-        b = open_backend(backend, artifacts, device=device)
-        if model and model != b.info.cfg.name:
-            raise ConfigError(f"--model {model} but the artifacts in {artifacts} are {b.info.cfg.name}")
-        bad = [t for t in (transforms or ()) if t != b.info.transform]
-        if bad:
-            raise ConfigError(f"--dse {bad[0]} but {artifacts} bakes DSE transform {b.info.transform}: "
-                              f"give artifacts exported with --dse {bad[0]} (or use --model with the eager backend)")
-        return [Pipeline(b)], b.source_note
-    if backend != "eager":
-        raise ConfigError(f"--backend {backend} needs --artifacts DIR (run scripts/export.py first)")
-    if not model:
-        raise ConfigError("give --artifacts DIR, or --model (e.g. var-d16) for the eager backend")
-    cfg = get_preset(model)
-    from graphs.weights import load_models
-    from runtime.backends.eager import EagerBackend
-    var, vae, src = load_models(cfg, ckpt, vae_ckpt, random_init)
-    pipes = [Pipeline(EagerBackend(var, vae, transform=t, k_max=topk_bake(top_k, cfg.V), device=device,
-                                   source_note=src.describe())) for t in (transforms or ("dct",))]
-    return pipes, src.describe()
 
 
 def generate(pipe: Pipeline, classes: Sequence[int], seed: int, guidance: float, sampler: SamplerConfig,
@@ -54,6 +29,46 @@ def generate(pipe: Pipeline, classes: Sequence[int], seed: int, guidance: float,
     B Cv P P, f_hat after each scale."""
     return pipe.run(list(classes), seed, guidance=guidance, sampler=sampler, ssg=ssg, keep_fhat=keep_fhat,
                     more_smooth=more_smooth)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What the user asked for, before a pipeline is open (the CLI fills it from its flags)."""
+    classes: Tuple[int, ...] = (207,)
+    class_spec: Optional[str] = None         # '0-999', '1,5,7-9': overrides `classes`
+    per_class: int = 50
+    seed: int = 0
+    guidance: float = DEFAULT_GUIDANCE
+    top_k: Optional[int] = None
+    top_p: float = DEFAULT_TOP_P
+    temperature: float = DEFAULT_TEMPERATURE
+    ssg_beta: str = DEFAULT_SSG_BETA
+    batch: Optional[int] = None              # None: the artifacts' batch, or 8 (eager)
+    more_smooth: bool = False
+
+    def check(self, betas: Sequence[str] = ()) -> None:
+        """Fail on malformed values before a model is loaded (the full check runs once it is)."""
+        SamplerConfig(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature)
+        check_guidance(self.guidance)
+        for spec in (self.ssg_beta, *betas):
+            make_ssg(spec, "dct", len(PATCH_NUMS_256))
+        if self.class_spec:
+            parse_classes(self.class_spec)
+        if self.per_class < 1:
+            raise ConfigError(f"--per-class must be >= 1, got {self.per_class}")
+        if self.batch is not None and self.batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {self.batch}")
+
+    def job(self, pipe: Pipeline, ssg_beta: Optional[str] = None) -> "Job":
+        """The Job on `pipe` (its classes, baked transform and batch); `ssg_beta` overrides the
+        schedule (a sweep's point)."""
+        cfg = pipe.info.cfg
+        classes = parse_classes(self.class_spec, cfg.num_classes) if self.class_spec else list(self.classes)
+        return Job(classes=tuple(classes), per_class=self.per_class, seed=self.seed, guidance=self.guidance,
+                   sampler=SamplerConfig(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature),
+                   ssg=make_ssg(self.ssg_beta if ssg_beta is None else ssg_beta, pipe.info.transform,
+                                cfg.num_scales),
+                   batch=batch_size_for(pipe, self.batch), more_smooth=self.more_smooth)
 
 
 @dataclass(frozen=True)
@@ -76,17 +91,26 @@ class Job:
         check_guidance(self.guidance)
 
     @property
+    def num_images(self) -> int:
+        return len(self.classes) * self.per_class
+
+    @property
     def labels(self) -> np.ndarray:
         return np.repeat(np.asarray(self.classes, dtype=np.int64), self.per_class)
 
     @property
     def num_batches(self) -> int:
-        return -(-len(self.labels) // self.batch)
+        return -(-self.num_images // self.batch)
+
+    def batch_len(self, b: int) -> int:
+        return min(self.batch, self.num_images - b * self.batch)
 
     def batch_rows(self, b: int) -> Tuple[List[int], int, int]:
         """(classes of batch b, the seed of its first image, number of images)."""
-        labels = self.labels[b * self.batch:(b + 1) * self.batch].tolist()
-        return labels, self.seed + b * self.batch, len(labels)
+        first = b * self.batch
+        n = self.batch_len(b)
+        labels = [self.classes[i // self.per_class] for i in range(first, first + n)]
+        return labels, self.seed + first, n
 
     def settings(self, pipe: Pipeline, source: str) -> dict:
         info = pipe.info
@@ -97,6 +121,16 @@ class Job:
                 "guidance": self.guidance, **asdict(self.sampler),
                 "ssg_beta": self.ssg.spec, "betas": list(self.ssg.betas), "dse": self.ssg.transform,
                 "more_smooth": self.more_smooth}
+
+
+class PipelineView:
+    """A pipeline that runs elsewhere (a worker), seen from the driver: its BackendInfo, and the
+    one row validation (Pipeline.check_row reads nothing but the info)."""
+
+    def __init__(self, info):
+        self.info = info
+
+    check_row = Pipeline.check_row
 
 
 def batch_size_for(pipe: Pipeline, requested: Optional[int], default: int = 8) -> int:
@@ -112,7 +146,7 @@ def check_job(pipe: Pipeline, job: Job) -> None:
     """Everything Pipeline.run would refuse, checked before any output is written."""
     if job.ssg.transform != pipe.info.transform:
         raise ConfigError(f"--dse {job.ssg.transform} but the pipeline bakes DSE transform {pipe.info.transform}")
-    last = job.seed + len(job.labels) - 1
+    last = job.seed + job.num_images - 1
     for c in sorted(set(job.classes)):
         pipe.check_row(Row(c, last, job.guidance, job.ssg.betas, job.sampler.top_k, job.sampler.top_p,
                            job.sampler.temperature, job.more_smooth))

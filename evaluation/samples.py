@@ -4,7 +4,11 @@
     arr_0     uint8  N H W 3        (what ADM's evaluator reads)
     labels    int64  N
     settings  str    [1]            JSON: every generation setting (sample.py), so runs are comparable
-    timing    float64 [2]           (seconds, rows) spent sampling, padding rows included
+
+The file is a function of the settings alone (fixed zip timestamps, no clock readings inside):
+the same arguments give the same bytes, in one process or on any number of workers. How long
+sampling took lives beside it in OUT.timing.json (`read_timing`); files written before that
+carry a `timing` member (seconds, rows), which `read_timing` still reads.
 
 Reference batches (VIRTUAL_imagenet256_labeled.npz) have arr_0 and may carry precomputed
 `mu, sigma` (pool_3) and `mu_s, sigma_s` (spatial) statistics.
@@ -42,8 +46,18 @@ def parse_classes(spec: str, num_classes: int = 1000) -> List[int]:
     return out
 
 
+_EPOCH = (1980, 1, 1, 0, 0, 0)        # zip's earliest date: members carry no clock reading
+
+
+def _entry(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name + ".npy", date_time=_EPOCH)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
 def _write_member(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
-    with zf.open(name + ".npy", "w", force_zip64=True) as f:
+    with zf.open(_entry(name), "w", force_zip64=True) as f:
         np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
 
 
@@ -52,7 +66,7 @@ def write_npz_stream(path: str, shape_NHW3: Tuple[int, ...], chunks: Iterator[np
     """Write arr_0 (uint8, `shape`) from chunks in order, plus small arrays, atomically."""
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            with zf.open(_entry("arr_0"), "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_2_0(
                     f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape_NHW3)})
                 n = 0
@@ -131,6 +145,22 @@ class NpzBatch:
 
     def images(self, limit: Optional[int] = None) -> np.ndarray:
         return np.concatenate(list(self.iter_images(limit=limit)), axis=0)
+
+
+def timing_path(out: str) -> str:
+    return (out[:-4] if out.endswith(".npz") else out) + ".timing.json"
+
+
+def read_timing(out: str) -> Optional[Tuple[float, float]]:
+    """(seconds, rows) spent sampling `out` (padding rows included), or None if not recorded."""
+    try:
+        with open(timing_path(out)) as f:
+            t = json.load(f)
+        return float(t["seconds"]), float(t["rows"])
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    old = NpzBatch(out).get("timing")
+    return None if old is None else (float(old[0]), float(old[1]))
 
 
 def diff_settings(old: Dict, new: Dict) -> Sequence[str]:

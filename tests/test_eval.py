@@ -9,7 +9,7 @@ import torch
 
 from evaluation import metrics as M
 from evaluation import spectrum as sp
-from evaluation.samples import NpzBatch, parse_classes
+from evaluation.samples import NpzBatch, parse_classes, read_timing
 from graphs.config import ConfigError
 from tests.conftest import ROOT, run_script
 
@@ -187,63 +187,142 @@ SAMPLE_ARGS = [*TINY, "--classes", "3,1", "--per-class", "2", "--batch", "3", "-
                "--ssg-beta", "0.5", "--top-k", "20"]
 
 
+def _sample(*args):
+    from tools.commands import sample
+    return sample.main([*SAMPLE_ARGS, *map(str, args)])
+
+
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
     """One uninterrupted run: 4 images in batches of 3 (the second batch padded)."""
     d = tmp_path_factory.mktemp("samples")
     out, pngs = d / "full.npz", d / "png"
     pngs.mkdir()
-    r = run_script("sample.py", *SAMPLE_ARGS, "--out", out, "--png-dir", pngs, env=_env(d))
-    assert r.returncode == 0, r.stderr
+    assert _sample("--out", out, "--png-dir", pngs) == 0
     assert sorted(os.listdir(pngs)) == ["000000_c3.png", "000001_c3.png", "000002_c1.png", "000003_c1.png"]
     return str(out)
 
 
-@pytest.mark.slow
 def test_sample_npz_layout(samples):
     b = NpzBatch(samples)
     assert b.shape == (4, 256, 256, 3)
     with np.load(samples) as z:                                   # what ADM's evaluator reads
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (4, 256, 256, 3)
         assert z["labels"].tolist() == [3, 3, 1, 1]
+        assert sorted(z.files) == ["arr_0", "labels", "settings"]  # no clock reading inside
     s = b.settings
     assert s["seed"] == 5 and s["batch"] == 3 and s["ssg_beta"] == "0.5" and s["top_k"] == 20
     assert s["classes"] == [3, 1] and s["per_class"] == 2 and "RANDOM" in s["weights"]
     assert not os.path.exists(samples + ".partial")
+    seconds, rows = read_timing(samples)                           # beside it: OUT.timing.json
+    assert seconds > 0 and rows == 6 and samples.endswith(".npz") and os.path.isfile(samples[:-4] + ".timing.json")
 
 
-@pytest.mark.slow
-def test_sample_interrupted_and_resumed_equals_uninterrupted(tmp_path, samples):
+def _bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_sample_interrupted_and_resumed_equals_uninterrupted(tmp_path, samples, caplog):
     out = tmp_path / "cut.npz"
-    r = run_script("sample.py", *SAMPLE_ARGS, "--out", out, "--max-batches", "1", env=_env(tmp_path))
-    assert r.returncode == 3, r.stderr                            # stopped, partial state kept
+    assert _sample("--out", out, "--max-batches", "1") == 3        # stopped, partial state kept
     assert not out.exists()
-    assert sorted(os.listdir(str(out) + ".partial")) == ["batch_000000.npz", "settings.json"]
+    assert sorted(os.listdir(str(out) + ".partial")) == [".lock", "batch_000000.npz", "settings.json"]
     done = os.path.join(str(out) + ".partial", "batch_000000.npz")
     mtime = os.stat(done).st_mtime_ns
     # without --resume, or with other settings: refused before any work, nothing touched
-    _one_line_error(run_script("sample.py", *SAMPLE_ARGS, "--out", out, env=_env(tmp_path)))
-    msg = _one_line_error(run_script("sample.py", *SAMPLE_ARGS, "--seed", "6", "--out", out, "--resume",
-                                     env=_env(tmp_path)))
-    assert "seed" in msg and os.stat(done).st_mtime_ns == mtime
-    r = run_script("sample.py", *SAMPLE_ARGS, "--out", out, "--resume", env=_env(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert "resuming: 1 of 2 batches done" in r.stderr
-    with np.load(samples) as a, np.load(out) as b:
-        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
-        assert str(a["settings"][0]) == str(b["settings"][0])
+    with pytest.raises(ConfigError, match="pass --resume"):
+        _sample("--out", out)
+    with pytest.raises(ConfigError, match="seed"):
+        _sample("--seed", "6", "--out", out, "--resume")
+    assert os.stat(done).st_mtime_ns == mtime
+    with caplog.at_level("INFO"):
+        assert _sample("--out", out, "--resume") == 0
+    assert "resuming: 1 of 2 batches done" in caplog.text
+    assert _bytes(out) == _bytes(samples)                          # the same bytes as one run
     assert not os.path.exists(str(out) + ".partial")
     # a finished file with --resume is left alone
     mtime = os.stat(out).st_mtime_ns
-    assert run_script("sample.py", *SAMPLE_ARGS, "--out", out, "--resume", env=_env(tmp_path)).returncode == 0
+    assert _sample("--out", out, "--resume") == 0
     assert os.stat(out).st_mtime_ns == mtime
 
 
-@pytest.mark.slow
 def test_sample_bad_input_one_line_nothing_written(tmp_path):
-    for extra in (["--classes", "9-2"], ["--ssg-beta", "linear:1"], ["--per-class", "0"], ["--top-p", "2"]):
-        _one_line_error(run_script("sample.py", *TINY, *extra, "--out", tmp_path / "x.npz", env=_env(tmp_path)))
+    for extra in (["--classes", "9-2"], ["--ssg-beta", "linear:1"], ["--per-class", "0"], ["--top-p", "2"],
+                  ["--workers", "2"]):                             # --workers without --address
+        with pytest.raises(ConfigError):
+            _sample(*extra, "--out", tmp_path / "x.npz")
     assert os.listdir(tmp_path) == []
+
+
+SMALL = ["--classes", "3", "--per-class", "2", "--batch", "1"]          # 2 batches of one image
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "small.npz"
+    assert _sample(*SMALL, "--out", out) == 0
+    return str(out)
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_resume_with_damaged_settings_is_one_line(tmp_path, damage):
+    out = tmp_path / "cut.npz"
+    part = str(out) + ".partial"
+    os.makedirs(part)
+    with open(os.path.join(part, "settings.json"), "wb") as f:
+        f.write(damage)
+    with open(os.path.join(part, "batch_000000.npz"), "wb") as f:
+        f.write(b"a finished batch")
+    with pytest.raises(ConfigError, match="settings.json is missing or damaged.*delete"):
+        _sample(*SMALL, "--out", out, "--resume")
+    assert os.path.exists(os.path.join(part, "batch_000000.npz"))    # the user's work stays
+
+
+def test_resume_redoes_a_truncated_batch(tmp_path, small, caplog):
+    out = tmp_path / "cut.npz"
+    assert _sample(*SMALL, "--out", out, "--max-batches", "1") == 3
+    path = os.path.join(str(out) + ".partial", "batch_000000.npz")
+    data = _bytes(path)
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with caplog.at_level("WARNING"):
+        assert _sample(*SMALL, "--out", out, "--resume") == 0
+    assert "damaged: redoing that batch" in caplog.text
+    assert _bytes(out) == _bytes(small)
+
+
+def test_killed_while_writing_settings_starts_afresh(tmp_path, small):
+    """A sampler killed before its settings were renamed into place leaves a folder holding only
+    a temporary file: with or without --resume the run starts (no loop between 'pass --resume'
+    and 'no such file')."""
+    from evaluation.sampling import check_output
+    out = tmp_path / "k.npz"
+    os.makedirs(str(out) + ".partial")
+    with open(os.path.join(str(out) + ".partial", ".settings.json.0a1b2c3d.tmp.json"), "w") as f:
+        f.write('{"format": "var-s')
+    assert check_output(str(out), None, resume=False) == check_output(str(out), None, resume=True) == "fresh"
+    assert _sample(*SMALL, "--out", out, "--resume") == 0
+    assert _bytes(out) == _bytes(small) and not os.path.exists(str(out) + ".partial")
+
+
+def test_per_class_beyond_the_disk_is_refused_before_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"1,000,000,000 images of 256x256 need about .* free"):
+        _sample("--classes", "3", "--per-class", "1000000000", "--batch", "1", "--out", tmp_path / "x.npz",
+                "--max-batches", "1")
+    assert os.listdir(tmp_path) == []
+
+
+def test_png_dir_that_takes_no_files_is_refused_before_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"--png-dir /proc: cannot write there"):
+        _sample("--out", tmp_path / "x.npz", "--png-dir", "/proc")
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_that_is_a_folder_is_named_so(tmp_path):
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(ConfigError, match="d.npz is a directory"):
+        _sample("--out", tmp_path / "d.npz", "--resume")
 
 
 @pytest.mark.slow

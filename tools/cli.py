@@ -57,7 +57,8 @@ def guidance_float(s: str) -> float:
     return v
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, dse_list: bool = False) -> None:
+    """dse_list: --dse takes a comma list of transforms (a sweep), not one."""
     g = p.add_argument_group("sampling and guidance")
     g.add_argument("--class", dest="classes", type=int, nargs="+", default=[207], metavar="ID",
                    help="ImageNet class ids 0..999, -1 = unconditional (several make a grid)")
@@ -71,8 +72,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ssg-beta", default=DEFAULT_SSG_BETA,
                    help="'0' off, a float, 'linear:START,END', or K-1 comma-separated values "
                         f"(default {DEFAULT_SSG_BETA}: ours, the paper publishes none)")
-    g.add_argument("--dse", choices=DSE_TRANSFORMS, default=None,
-                   help="DSE transform (default: the one the artifacts bake, else dct)")
+    if dse_list:
+        g.add_argument("--dse", default=None, help="comma list of DSE transforms, e.g. dct,dft "
+                                                   "(default: dct, or what the --artifacts bake)")
+    else:
+        g.add_argument("--dse", choices=DSE_TRANSFORMS, default=None,
+                       help="DSE transform (default: the one the artifacts bake, else dct)")
     g.add_argument("--more-smooth", action="store_true",
                    help="the official Gumbel-softmax f_hat update (smoother images, not for FID)")
 

@@ -9,7 +9,7 @@ import sys
 
 from tools.cli import add_model_args, add_sampling_args, parser
 from common.files import check_outputs, json_writer, write_outputs
-from graphs.config import BACKENDS, ConfigError, SamplerConfig, get_preset, make_ssg, topk_bake
+from graphs.config import BACKENDS, SamplerConfig, make_ssg
 
 
 def main(argv=None) -> int:
@@ -24,33 +24,19 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from tqdm import tqdm
-    from runtime.pipeline import Pipeline, save_grid
+    from runtime.pipeline import save_grid
 
     check_outputs(("--out", a.out, ".png"), ("--save-tokens", a.save_tokens, None),
                   inputs=(a.artifacts, a.ckpt, a.vae_ckpt))       # before the run, not after it
     sampler = SamplerConfig(top_k=a.top_k, top_p=a.top_p, temperature=a.temperature)
 
-    if a.artifacts:
-        from runtime.backends import open_backend
-        backend = open_backend(a.backend, a.artifacts, device=a.device)
-        cfg = backend.info.cfg
-        if a.model and a.model != cfg.name:
-            raise ConfigError(f"--model {a.model} but the artifacts in {a.artifacts} are {cfg.name}")
-        source = backend.source_note
-    else:
-        if a.backend != "eager":
-            raise ConfigError(f"--backend {a.backend} needs --artifacts DIR (run scripts/export.py first)")
-        if not a.model:
-            raise ConfigError("give --model (e.g. var-d16) or --artifacts DIR")
-        cfg = get_preset(a.model)
-        from graphs.weights import load_models
-        from runtime.backends.eager import EagerBackend
-        var, vae, src = load_models(cfg, a.ckpt, a.vae_ckpt, a.random_init)
-        backend = EagerBackend(var, vae, transform=a.dse or "dct", k_max=topk_bake(a.top_k, cfg.V), device=a.device)
-        source = src.describe()
-    ssg = make_ssg(a.ssg_beta, a.dse or backend.info.transform, cfg.num_scales)
+    from runtime.opener import PipelineSource, open_pipelines
+    (pipe,), source = open_pipelines(PipelineSource(
+        artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt,
+        random_init=a.random_init, transforms=(a.dse,) if a.dse else (), top_k=a.top_k, device=a.device))
+    cfg = pipe.info.cfg
+    ssg = make_ssg(a.ssg_beta, a.dse or pipe.info.transform, cfg.num_scales)
 
-    pipe = Pipeline(backend)
     with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{a.backend}]", unit="scale", file=sys.stderr) as bar:
         res = pipe.run(a.classes, a.seed, a.guidance, sampler, ssg, progress=lambda k: bar.update(1),
                        more_smooth=a.more_smooth)

@@ -13,17 +13,16 @@ Both schedules use the same classes and seeds, so the images differ only by the 
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from tools.cli import add_model_args, add_sampling_args, parser
+from tools.evalargs import add_job_args, add_source_args, request_from_args, source_from_args
 
 
 def main(argv=None) -> int:
     p = parser("Radial image spectrum ratio and per-scale latent spectrum change, with and without SSG.")
     add_model_args(p)
     add_sampling_args(p)
-    from evaluation.cliargs import add_job_args, add_source_args, job_from_args, open_from_args, precheck
     add_source_args(p)
     add_job_args(p, per_class=4)
     p.add_argument("--compare-beta", default="0", help="the schedule to compare against (default 0: SSG off)")
@@ -34,15 +33,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from common.files import check_outputs       # output paths checked before any work
     check_outputs(("--out", a.out, ".png"), ("--json", a.json, ".json"))
-    precheck(a, betas=(a.compare_beta,))
+    request = request_from_args(a)
+    request.check(betas=(a.compare_beta,))
 
     from graphs.config import ConfigError
-    import os
-    if not a.out.lower().endswith(".png"):
-        raise ConfigError(f"--out must be a .png file, got {a.out!r}")
-    for path in (a.out, a.json):
-        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-            raise ConfigError(f"cannot write {path}: its directory does not exist or is not writable")
     ref = None
     if a.ref:
         from evaluation.samples import NpzBatch
@@ -55,15 +49,16 @@ def main(argv=None) -> int:
     from evaluation.plots import plot_spectrum
     from evaluation.run import check_job, run_batches
 
-    (pipe,), source = open_from_args(a)
+    from runtime.opener import open_pipelines
+    (pipe,), source = open_pipelines(source_from_args(a, (a.dse,) if a.dse else ()))
     cfg = pipe.info.cfg
-    jobs = {a.ssg_beta: job_from_args(a, pipe), a.compare_beta: job_from_args(a, pipe, a.compare_beta)}
+    jobs = {a.ssg_beta: request.job(pipe), a.compare_beta: request.job(pipe, a.compare_beta)}
     if len(jobs) == 1:
         raise ConfigError(f"--compare-beta {a.compare_beta} is the same schedule as --ssg-beta")
     for job in jobs.values():
         check_job(pipe, job)
     img, lat = {}, {}
-    total = sum(len(j.labels) for j in jobs.values())
+    total = sum(j.num_images for j in jobs.values())
     with tqdm(total=total, desc=f"{cfg.name} [{pipe.info.name}]", unit="img", file=sys.stderr) as bar:
         for spec, job in jobs.items():
             acc, lat_sum = sp.ImageSpectrum(), 0
@@ -71,7 +66,7 @@ def main(argv=None) -> int:
                 acc.add(images)
                 lat_sum = lat_sum + sp.latent_profiles(f_hats) * len(images)
                 bar.update(len(images))
-            img[spec], lat[spec] = acc.profile, lat_sum / len(job.labels)
+            img[spec], lat[spec] = acc.profile, lat_sum / job.num_images
     name_a, name_b = f"beta {a.ssg_beta}", f"beta {a.compare_beta}"
     if ref is not None:
         if ref.shape[1:3] != (cfg.vae.image_size,) * 2:
@@ -84,19 +79,18 @@ def main(argv=None) -> int:
         ratios = {f"{name_a} / {name_b}": img[a.ssg_beta] / img[a.compare_beta]}
     deltas = {name_a: sp.latent_delta(lat[a.ssg_beta]), name_b: sp.latent_delta(lat[a.compare_beta])}
     nyq = sp.nyquist_bins(cfg.patch_nums)
-    n = len(jobs[a.ssg_beta].labels)
+    n = jobs[a.ssg_beta].num_images
     plot_spectrum(a.out, ratios, deltas, nyq,
                   title=f"{cfg.name} [{pipe.info.name}], {n} images per schedule, dse={pipe.info.transform}; {source}")
     if a.json:
-        from common.files import atomic_path
+        from common.files import write_json
         out = {"settings": jobs[a.ssg_beta].settings(pipe, source), "compare_beta": a.compare_beta,
                "reference": a.ref, "image_bins": list(range(len(next(iter(ratios.values()))))),
                "image_ratio": {k: v.tolist() for k, v in ratios.items()},
                "image_amplitude": {k: v.tolist() for k, v in img.items()},
                "latent_amplitude": {k: v.tolist() for k, v in lat.items()},
                "latent_delta_logmag": {k: v.tolist() for k, v in deltas.items()}, "nyquist": nyq}
-        with atomic_path(a.json) as tmp, open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(a.json, out, indent=1)
     print(f"wrote {a.out}" + (f" and {a.json}" if a.json else ""))
     if "RANDOM" in source:
         print("note: made with RANDOM weights, not a trained model", file=sys.stderr)

@@ -1,0 +1,83 @@
+"""The one pipeline opener: artifacts (any backend) or a preset's weights (eager), checked the
+same way for every command (generate, sample, sweep, spectrum) and every evaluation worker.
+
+    PipelineSource  what to open: --artifacts DIR (onnxruntime by default) or --model PRESET with
+                    --ckpt/--vae-ckpt/--random-init (eager); the DSE transforms wanted; the device
+    open_pipelines  → ([Pipeline per transform], a note on the weights)
+    open_sources    several sources at once (one artifacts directory per transform)
+
+Artifacts bake one DSE transform; the eager backend over --model builds any, which is how a
+sweep compares dct with dft without re-exporting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from graphs.config import ConfigError, get_preset, topk_bake
+
+from .pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class PipelineSource:
+    artifacts: Optional[str] = None
+    backend: Optional[str] = None            # None: onnxruntime with artifacts, eager without
+    model: Optional[str] = None
+    ckpt: Optional[str] = None
+    vae_ckpt: Optional[str] = None
+    random_init: Optional[int] = None
+    transforms: Tuple[str, ...] = ()         # () : what the artifacts bake, else dct
+    top_k: Optional[int] = None              # the eager backend's baked top-k follows the request
+    device: str = "cpu"
+    threads: int = 0                         # CPU threads for this pipeline (0: the library's default)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend or ("onnxruntime" if self.artifacts else "eager")
+
+
+def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
+    """One Pipeline per DSE transform in `src.transforms` (one when none is named), and a note
+    on the weights (for outputs' metadata)."""
+    backend = src.backend_name
+    if src.threads:
+        import torch
+        torch.set_num_threads(src.threads)
+    if src.artifacts:
+        from .backends import open_backend
+        kw = {"threads": src.threads} if backend == "onnxruntime" and src.threads else {}
+        b = open_backend(backend, src.artifacts, device=src.device, **kw)
+        if src.model and src.model != b.info.cfg.name:
+            raise ConfigError(f"--model {src.model} but the artifacts in {src.artifacts} are {b.info.cfg.name}")
+        bad = [t for t in src.transforms if t != b.info.transform]
+        if bad:
+            raise ConfigError(f"--dse {bad[0]} but {src.artifacts} bakes DSE transform {b.info.transform}: "
+                              f"give artifacts exported with --dse {bad[0]} (or use --model with the eager backend)")
+        return [Pipeline(b)], b.source_note
+    if backend != "eager":
+        raise ConfigError(f"--backend {backend} needs --artifacts DIR (run scripts/export.py first)")
+    if not src.model:
+        raise ConfigError("give --model (e.g. var-d16) or --artifacts DIR")
+    cfg = get_preset(src.model)
+    from graphs.weights import load_models
+    from .backends.eager import EagerBackend
+    var, vae, weights = load_models(cfg, src.ckpt, src.vae_ckpt, src.random_init)
+    note = weights.describe()
+    pipes = [Pipeline(EagerBackend(var, vae, transform=t, k_max=topk_bake(src.top_k, cfg.V), device=src.device,
+                                   source_note=note)) for t in (src.transforms or ("dct",))]
+    return pipes, note
+
+
+def open_sources(sources: Sequence[PipelineSource]) -> Tuple[List[Pipeline], str]:
+    """The pipelines of several sources (a sweep over one artifacts directory per transform);
+    no two may bake the same DSE transform."""
+    pipes, note = [], ""
+    for src in sources:
+        p, note = open_pipelines(src)
+        pipes.extend(p)
+    have = [p.info.transform for p in pipes]
+    if len(set(have)) != len(have):
+        raise ConfigError(f"--artifacts {','.join(s.artifacts or '' for s in sources)}: two directories bake "
+                          f"the same DSE transform ({have})")
+    return pipes, note
