@@ -203,6 +203,7 @@ def samples(tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.slow
 def test_sample_npz_layout(samples):
     b = NpzBatch(samples)
     assert b.shape == (4, 256, 256, 3)
@@ -223,6 +224,7 @@ def _bytes(path):
         return f.read()
 
 
+@pytest.mark.slow
 def test_sample_interrupted_and_resumed_equals_uninterrupted(tmp_path, samples, caplog):
     out = tmp_path / "cut.npz"
     assert _sample("--out", out, "--max-batches", "1") == 3        # stopped, partial state kept
@@ -279,6 +281,7 @@ def test_resume_with_damaged_settings_is_one_line(tmp_path, damage):
     assert os.path.exists(os.path.join(part, "batch_000000.npz"))    # the user's work stays
 
 
+@pytest.mark.slow
 def test_resume_redoes_a_truncated_batch(tmp_path, small, caplog):
     out = tmp_path / "cut.npz"
     assert _sample(*SMALL, "--out", out, "--max-batches", "1") == 3
@@ -292,6 +295,7 @@ def test_resume_redoes_a_truncated_batch(tmp_path, small, caplog):
     assert _bytes(out) == _bytes(small)
 
 
+@pytest.mark.slow
 def test_killed_while_writing_settings_starts_afresh(tmp_path, small):
     """A sampler killed before its settings were renamed into place leaves a folder holding only
     a temporary file: with or without --resume the run starts (no loop between 'pass --resume'
@@ -306,6 +310,7 @@ def test_killed_while_writing_settings_starts_afresh(tmp_path, small):
     assert _bytes(out) == _bytes(small) and not os.path.exists(str(out) + ".partial")
 
 
+@pytest.mark.slow
 def test_per_class_beyond_the_disk_is_refused_before_work(tmp_path):
     with pytest.raises(ConfigError, match=r"1,000,000,000 images of 256x256 need about .* free"):
         _sample("--classes", "3", "--per-class", "1000000000", "--batch", "1", "--out", tmp_path / "x.npz",
@@ -363,3 +368,22 @@ def test_sweep_script_end_to_end_and_resumes(tmp_path, samples):
     assert r.returncode == 0, r.stderr
     assert {p: os.stat(tmp_path / p / "samples.npz").st_mtime_ns for p in stamps} == stamps
     assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == rows
+
+
+def test_second_sampler_on_the_same_output_is_refused(tmp_path):
+    """The driver holds an flock on OUT.partial/.lock for its whole run: no batch has two writers."""
+    from evaluation.run import Job
+    from evaluation.sampling import PartialRun
+    from graphs.config import SamplerConfig, make_ssg
+    job = Job(classes=(3,), per_class=2, seed=0, guidance=1.5, sampler=SamplerConfig(), ssg=make_ssg("0"), batch=1)
+    settings = {"image_size": 16, "seed": 0}
+    out = str(tmp_path / "x.npz")
+    first = PartialRun(out, job, settings).open(resume=False)
+    try:
+        with pytest.raises(ConfigError, match="being written by another sampler"):
+            PartialRun(out, job, settings).open(resume=True)
+    finally:
+        first.close()
+    again = PartialRun(out, job, settings).open(resume=True)        # free once the first let go
+    assert again.todo == [0, 1]
+    again.close()
