@@ -1,16 +1,13 @@
 """TensorRT: what can be proven without it (engine plans and the flags the builder applies,
 cache keys and engine reuse, the timing cache, version rules, engine loading checks, CUDA graph
-fallback, the GPU check's table), with a small fake `tensorrt` module where the real one would be
+fallback), with a small fake `tensorrt` module where the real one would be
 called; the GPU test sits behind the `gpu` marker."""
 import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 import types
 from types import SimpleNamespace
 
@@ -20,7 +17,7 @@ import torch
 from contract.tensorrt import check_compat, engine_cache_key, import_tensorrt, version_ok, version_tuple
 from export.trt_build import TIMING_CACHE, build_engines, engines_stale, plan
 from graphs.config import ConfigError, get_preset
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import TINY, run_script
 
 
 def _have_trt():
@@ -413,86 +410,3 @@ def test_tensorrt_matches_eager_on_gpu(tmp_path):
         b = trt.run([207], 0, guidance=1.5, sampler=s, ssg=ssg)
         assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a.tokens, b.tokens))
         assert (a.images.cpu() - b.images.cpu()).abs().max() <= 1e-3
-
-
-# ------------------------------------------------------------------ the GPU check
-def _rows(stdout, model=None):
-    return [line.split("|")[1:-1] for line in stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| model") and (model is None or f"| {model} |" in line)]
-
-
-def test_gpu_check_sh_without_a_gpu_skips_every_row_with_its_reason(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    log = tmp_path / "gpu_check.log"
-    t = time.time()
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], capture_output=True, text=True,
-                       env=dict(os.environ, GPU_CHECK_LOG=str(log), PYTHON=sys.executable), cwd=tmp_path, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    rows = _rows(r.stdout)
-    assert len(rows) == 2 * 6 + 2                          # var-d16/d24 x 3 precisions x 2 batches; d16 exported
-    assert all(row[-1].strip().startswith("skipped: no CUDA device visible to PyTorch") for row in rows)
-    assert any("tensorrt" in row[1] and ("not installed" in row[-1] or _have_trt()) for row in rows)
-    assert r.stdout.strip().splitlines()[-1].startswith("summary: 0 measured, 14 skipped, 0 failed")
-    assert log.read_text() == r.stdout and time.time() - t < 60
-
-
-def test_gpu_check_chooses_exported_backends_before_exporting():
-    from tools.commands import gpu_check
-    choose_exported = gpu_check.choose_exported
-    h200 = dict(cuda=True, ort="1.30.0", providers=["CPUExecutionProvider"], trt=None)      # the borrowed machine
-    ok, why = choose_exported("cuda", h200)
-    assert ok == [] and "no CUDAExecutionProvider" in why["onnxruntime"] and why["tensorrt"] == "tensorrt is not installed"
-    ok, _ = choose_exported("cuda", dict(h200, providers=["CUDAExecutionProvider"], trt="10.13.0.35"))
-    assert ok == ["onnxruntime", "tensorrt"]
-    ok, why = choose_exported("cpu", dict(h200, cuda=False))
-    assert ok == ["onnxruntime"] and why["tensorrt"] == "tensorrt is not installed"
-
-
-def test_gpu_check_budget_bounds_each_stage_and_exports_nothing_unneeded(tmp_path):
-    root = tmp_path / "gc"
-    r = run_script("gpu_check.py", "--device", "cpu", "--models", TINY, "--exported", TINY, "--budget", "0.01",
-                   "--artifacts-root", root)
-    assert r.returncode == 0, r.stderr
-    rows = _rows(r.stdout, TINY)
-    assert rows and all("skipped: random weights + first run budget: needs" in row[-1] for row in rows)
-    assert not root.exists()                               # no export started
-
-
-@pytest.mark.slow
-def test_gpu_check_rows_on_cpu(artifacts, tmp_path):
-    """scripts/gpu_check.py end to end on the CPU with the tiny model (the GPU run uses the same
-    code): eager fp32 and bf16 rows with parity, the ONNX Runtime row, TensorRT skipped."""
-    root = tmp_path / "gc"
-    shutil.copytree(artifacts(), root / f"{TINY}-b1-fp32")          # reused by cache key, no export
-    r = run_script("gpu_check.py", "--device", "cpu", "--models", TINY, "--exported", TINY, "--precisions",
-                   "fp32,bf16", "--batches", "1", "--top-k", "64", "--repeats", "1", "--artifacts-root", root)
-    assert r.returncode == 0, r.stderr
-    rows = {(row[1].strip(), row[2].strip()): row for row in _rows(r.stdout, TINY)}
-    assert list(rows) == [("eager", "fp32"), ("eager", "bf16"), ("tensorrt", "fp32"), ("onnxruntime", "fp32")]
-    bf16 = rows["eager", "bf16"]
-    assert bf16[7].strip().endswith("%") and len(bf16[9].split()) == 10 and "(<= 0.03)" in bf16[10]
-    ort = rows["onnxruntime", "fp32"]
-    assert ort[7].strip() == "100.00%" and ort[8].strip() == "none" and ort[10].strip().startswith("yes")
-    assert max(float(x) for x in ort[9].split()) < 1e-4
-    assert "skipped: tensorrt is not installed" in rows["tensorrt", "fp32"][-1] or _have_trt()
-    assert r.stdout.strip().splitlines()[-1].startswith("summary: 3 measured, 1 skipped, 0 failed")
-
-
-@pytest.mark.slow
-def test_gpu_check_keeps_its_rows_when_stopped(tmp_path):
-    """`timeout` sends SIGTERM: the rows printed so far stay and the summary line still comes."""
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--device", "cpu",
-                          "--models", TINY, "--exported", "", "--precisions", "fp32,fp16,bf16", "--batches", "1,2,4",
-                          "--top-k", "64", "--repeats", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    lines = []
-    for line in p.stdout:
-        lines.append(line)
-        if line.startswith(f"| {TINY} | eager"):
-            p.send_signal(signal.SIGTERM)
-            break
-    lines += p.stdout.readlines()
-    assert p.wait(timeout=60) == 0
-    assert len(_rows("".join(lines), TINY)) >= 1
-    assert lines[-1].startswith("summary: ") and "stopped by SIGTERM" in lines[-1]

@@ -17,7 +17,6 @@ import http.client
 import json
 import math
 import os
-import sys
 import threading
 import time
 import urllib.parse
@@ -92,18 +91,6 @@ def same_model(a, b) -> None:
                           f"(preset, precision, DSE, top-k or weights differ)")
 
 
-def export_for(a, batch: int) -> str:
-    """<artifacts-root>/<model>-b<batch>, exported unless up to date (the export's cache key)."""
-    from export.onnx_export import ExportConfig, export_artifacts
-    from graphs.config import get_preset
-    from graphs.weights import load_models
-    out = os.path.join(a.artifacts_root, f"{a.model}-b{batch}")
-    var, vae, src = load_models(get_preset(a.model), a.ckpt, a.vae_ckpt, a.random_init)
-    print(f"artifacts {out} (exported unless up to date)", file=sys.stderr)
-    export_artifacts(var, vae, src, out, ExportConfig(batch=batch))
-    return out
-
-
 def baseline(art: str, backend: str, device: str, n: int, num_classes: int, seed0: int):
     """Seconds per image of sequential single-image runs (after one warm-up)."""
     from runtime.backends import open_backend
@@ -165,10 +152,12 @@ def main(argv=None) -> int:
         raise ConfigError("give --model (exports what is missing) or --artifacts, not both")
 
     from contract.manifest import load_manifest
+    from export.ensure import ModelSource, ensure_artifacts
     from runtime.serving import ServeOptions, code_path, preflight
     if a.model:
-        a.artifacts = export_for(a, a.batch)
-        a.baseline_artifacts = a.baseline_artifacts or export_for(a, 1)
+        src = ModelSource(a.model, a.artifacts_root, a.ckpt, a.vae_ckpt, a.random_init)
+        a.artifacts = ensure_artifacts(src, a.batch)
+        a.baseline_artifacts = a.baseline_artifacts or ensure_artifacts(src, 1)
     if not a.artifacts and not a.url:
         raise ConfigError("give --model, --artifacts DIR or --url of a running server")
     opts = None
