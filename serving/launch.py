@@ -88,10 +88,11 @@ def _port_free(host: str, port: int) -> None:
 
 @contextmanager
 def running(opts: ServeOptions, launch: LaunchConfig, app: str = APP,
-            on_ray_up: Optional[Callable[[], None]] = None) -> Iterator[Running]:
+            on_ray_up: Optional[Callable[[], None]] = None, man=None) -> Iterator[Running]:
     """The application serving on launch.host:launch.port inside the block; on leaving it the
-    requests in flight are drained and everything started here is stopped."""
-    man = check_all(opts, launch)
+    requests in flight are drained and everything started here is stopped. `man`: what
+    check_all returned, if the caller ran it already."""
+    man = man if man is not None else check_all(opts, launch)
     up = False
     try:
         cluster.start(launch.ray(opts))

@@ -201,7 +201,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     if cfg.url:
         info, out, wall = _measure(cfg.url, cfg)
     else:
-        with running(cfg.opts, launch) as srv:
+        with running(cfg.opts, launch, man=man) as srv:
             info, out, wall = _measure(srv.url, cfg)
     ok = [r for r in out if r.status == 200]
     lat = [r.seconds for r in ok]

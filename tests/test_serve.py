@@ -528,7 +528,7 @@ def server(artifacts, ray_home):
                           system_config={"metrics_report_interval_ms": 1000})
     stack = contextlib.ExitStack()
     srv = Server(port, art, opts, stack)
-    srv.metrics_port = metrics_port
+    srv.metrics_port, srv.tmp = metrics_port, tmp
     try:
         stack.enter_context(running(opts, launch))
         yield srv
@@ -618,6 +618,8 @@ def test_http_errors_are_json_and_a_big_body_is_413_before_it_is_read(server):
     status, data = raw_exchange(server.port, head, chunk * 64, timeout=20)
     assert status == 413, data[:300]
     assert server.post({"class": 1, "seed": 1, **TOP})[0] == 200          # and it still serves
+    logs = subprocess.run(["grep", "-rl", "serving.proxy:middlewares", server.tmp], capture_output=True, text=True)
+    assert "proxy" in logs.stdout, "the HTTP proxy did not load the body bound"   # the bound sits in the proxy
 
 
 def test_slow_body_is_408_within_the_body_timeout(server):
