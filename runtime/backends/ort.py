@@ -33,7 +33,8 @@ _TORCH_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: 
              torch.bool: np.bool_}
 
 
-def _import_ort():
+def import_ort():
+    """onnxruntime, or a one-line ConfigError naming the package to install."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -45,7 +46,7 @@ def _import_ort():
 class OrtBackend:
     def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = True,
                  trt_provider: bool = False):
-        ort = _import_ort()
+        ort = import_ort()
         self.ort, self.man, self.device = ort, man, device
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
