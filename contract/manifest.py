@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from graphs.config import DSE_TRANSFORMS, PRECISIONS, ConfigError, VARConfig, get_preset
-from common.files import open_regular, sha256_file
+from common.files import open_regular, sha256_file, write_json
 
 FORMAT = "var-ssg-artifacts"
 FORMAT_VERSION = 2
@@ -337,6 +337,27 @@ def _read_manifest(root: str) -> Any:
         raise ManifestError(f"{p} is corrupt ({type(e).__name__}); re-export with scripts/export.py --force") from None
 
 
+def _file_problem(fp: str, meta: Any, verify_hash: bool = True) -> Optional[str]:
+    """Why the file at `fp` is not the one `meta` ({bytes, sha256}) lists, or None. lstat first:
+    a link, FIFO or device is never opened (a FIFO would block, /dev/zero never ends)."""
+    try:
+        st = os.lstat(fp)
+    except OSError:
+        return "is missing (listed in the manifest)"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file (a link, device or folder)"
+    if st.st_size != meta["bytes"]:
+        return f"has {st.st_size} bytes, the manifest says {meta['bytes']}: the file was changed or truncated"
+    if verify_hash:
+        try:
+            ok = sha256_file(fp, follow_symlinks=False) == meta["sha256"]
+        except OSError as e:
+            return f"cannot be read ({e.strerror})"
+        if not ok:
+            return "sha256 does not match the manifest (the file was modified)"
+    return None
+
+
 def load_manifest(root: str, verify_hashes: bool = True) -> Manifest:
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.lexists(root) else "does not exist"
@@ -345,30 +366,17 @@ def load_manifest(root: str, verify_hashes: bool = True) -> Manifest:
     cfg = _validate(os.path.join(root, MANIFEST), data)
     for rel, meta in data["files"].items():
         fp = os.path.join(root, rel)
-        try:
-            st = os.lstat(fp)           # before any open: a FIFO would block, /dev/zero never ends
-        except OSError:
-            raise ManifestError(f"{fp} is missing (listed in the manifest); re-export with --force") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(f"{fp} is not a regular file (a link, device or folder); artifacts must be plain "
-                                f"files inside {root}: re-export with --force")
-        if st.st_size != meta["bytes"]:
-            raise ManifestError(f"{fp} has {st.st_size} bytes, the manifest says {meta['bytes']}: "
-                                f"the file was changed or truncated; re-export with --force")
-        if verify_hashes:
-            try:
-                ok = sha256_file(fp, follow_symlinks=False) == meta["sha256"]
-            except OSError as e:
-                raise ManifestError(f"{fp} cannot be read ({e.strerror}); re-export with --force") from None
-            if not ok:
-                raise ManifestError(f"{fp}: sha256 does not match the manifest (the file was modified); re-export with --force")
+        why = _file_problem(fp, meta, verify_hashes)
+        if why:
+            raise ManifestError(f"{fp} {why}; artifacts must be plain files inside {root}: re-export with --force")
     return Manifest(root=os.path.abspath(root), data=data, cfg=cfg)
 
 
 def artifacts_dir_problem(root: str) -> Optional[str]:
     """None if `root` is an artifacts directory (a var-ssg manifest, any format version) that holds
-    nothing but the files its manifest lists: the only kind of directory export --force replaces.
-    Otherwise the reason, for the error message."""
+    nothing but the files its manifest lists, each a plain artifact name with the listed size and
+    sha256: the only kind of directory export --force replaces. Otherwise the reason, for the
+    error message. (A hand-made manifest naming someone's files does not make them artifacts.)"""
     try:
         data = _read_manifest(root)
     except ManifestError:
@@ -377,8 +385,19 @@ def artifacts_dir_problem(root: str) -> Optional[str]:
         return "holds files that are not var-ssg artifacts (no var-ssg manifest.json)"
     listed = data.get("files") if isinstance(data.get("files"), dict) else {}
     for e in sorted(os.scandir(root), key=lambda e: e.name):
-        if e.name != MANIFEST and (e.name not in listed or not e.is_file(follow_symlinks=False)):
+        if e.name == MANIFEST:
+            continue
+        meta = listed.get(e.name)
+        if meta is None:
             return f"holds {e.name!r}, which its manifest does not list (not an artifact)"
+        if not FILE_NAME.fullmatch(e.name):
+            return f"holds {e.name!r}, which is not an artifact's name (artifacts are plain names, never hidden files)"
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and not isinstance(meta["bytes"], bool)
+                and isinstance(meta.get("sha256"), str) and SHA256.fullmatch(meta["sha256"])):
+            return f"holds {e.name!r}, which its manifest lists without a size and sha256 (not an artifact)"
+        why = _file_problem(e.path, meta)
+        if why:
+            return f"holds {e.name!r}, which {why.replace('is missing', 'vanished').split(':')[0]} (not the listed artifact)"
     return None
 
 
@@ -389,8 +408,4 @@ def write_manifest(root: str, data: Dict[str, Any]) -> None:
         fp = os.path.join(root, name)
         if name != MANIFEST and os.path.isfile(fp) and not os.path.islink(fp):
             files[name] = dict(bytes=os.path.getsize(fp), sha256=sha256_file(fp))
-    data = dict(data, files=files)
-    tmp = os.path.join(root, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, os.path.join(root, MANIFEST))
+    write_json(os.path.join(root, MANIFEST), dict(data, files=files), indent=2)
