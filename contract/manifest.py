@@ -190,28 +190,41 @@ class Manifest:
         return {i["name"]: DTYPES[i["dtype"]] for i in self.graph(name)["inputs"]}
 
     def scale_consts(self, device="cpu") -> List[Dict[str, torch.Tensor]]:
-        """Per scale, the step graph's `scale_*` inputs as tensors (checked against the profiles).
-        Only the arrays the profiles name are read, each after its header's shape is checked, so
-        a hostile archive cannot make the runtime allocate gigabytes."""
+        """Per scale, the step graph's `scale_*` inputs as tensors. Each array's header (dtype,
+        order, shape) is checked before it is read, so a hostile archive cannot make the runtime
+        allocate more than the profiles imply; then its values must be the ones graphs.unified
+        computes for this preset and DSE transform (position ids in range, the DCT matrix under
+        `dse.transform: dct`)."""
         import numpy as np
         from numpy.lib import format as npy
+        from graphs.unified import scale_constants
         path = self.path(self.graph("step")["consts"])
         out = []
         try:
             with np.load(path, allow_pickle=False) as z:
                 for k in range(self.cfg.num_scales):
+                    want_k = scale_constants(self.cfg, self.transform, k)
                     consts = {}
                     for name, shape in ((n, s) for n, s in self.profile(k).items() if n.startswith("scale_")):
-                        key = f"k{k}/{name}"
+                        key, want = f"k{k}/{name}", want_k[name]
                         if key not in z.files:
                             raise ValueError(f"{key} is missing")
                         with z.zip.open(key + ".npy") as f:
                             if npy.read_magic(f) != (1, 0):      # what np.savez writes for these arrays
                                 raise ValueError(f"{key} has an unexpected .npy version")
-                            got = list(npy.read_array_header_1_0(f)[0])
-                        if got != shape:
-                            raise ValueError(f"{key} has shape {got}, expected {shape}")
-                        consts[name] = torch.from_numpy(z[key]).to(device)
+                            got, fortran, dtype = npy.read_array_header_1_0(f)
+                        if list(got) != shape:
+                            raise ValueError(f"{key} has shape {list(got)}, expected {shape}")
+                        if dtype != want.dtype or fortran:
+                            raise ValueError(f"{key} has dtype {dtype.str}{' (Fortran order)' if fortran else ''}, "
+                                             f"expected {want.dtype.name}")
+                        a = z[key]
+                        tol = 1e-5 * max(1.0, float(np.abs(want).max(initial=0)))
+                        if not (np.array_equal(a, want) if want.dtype.kind != "f" else
+                                np.isfinite(a).all() and np.abs(a.astype(np.float64) - want).max(initial=0) <= tol):
+                            raise ValueError(f"{key} does not hold the values {self.cfg.name} with DSE "
+                                             f"{self.transform} needs (from other artifacts, or edited)")
+                        consts[name] = torch.from_numpy(a).to(device)
                     out.append(consts)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ManifestError(f"{path}: unusable ({type(e).__name__}: {e}); re-export with --force") from None
@@ -273,6 +286,9 @@ def _validate(path: str, data: Any) -> VARConfig:
                 c.fail(f"graphs.{name}", f"declares {n} as {dt}, the graph's {n} is {want[n]}")
     s, d = graphs["step"], graphs["decoder"]
     c.file(s, "consts", "graphs.step.consts")
+    if len({s["file"], s["consts"], d["file"], data["external_data"]["file"]}) != 4:
+        c.fail("graphs", "names one file for two roles (graphs.step.file, graphs.step.consts, graphs.decoder.file "
+                         "and external_data.file are four files)")
     if c.get(s, "profiles", list, "graphs.step.profiles") != [step.profile(k) for k in range(cfg.num_scales)]:
         c.fail("graphs.step.profiles", f"are not the per-scale shapes of {preset} at batch {B}")
     if c.get(s, "output_shapes", list, "graphs.step.output_shapes") != [step.output_shapes(k) for k in range(cfg.num_scales)]:
