@@ -13,7 +13,6 @@ export.publish (lock, temporary directory, swap, the --force rules).
 from __future__ import annotations
 
 import copy
-import datetime
 import hashlib
 import json
 import logging
@@ -28,8 +27,8 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from contract.manifest import (MAX_BATCH, FORMAT, FORMAT_VERSION, PRECISION_DTYPES, config_to_json,
-                               dtype_name, load_manifest, write_manifest)
+from contract.manifest import (MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, PRECISION_DTYPES, build_manifest, check_manifest,
+                               config_to_json, dtype_name, load_manifest, write_manifest)
 from graphs.components import DecoderComponent, StepComponent
 from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, ConfigError, VARConfig, topk_bake
 from graphs.step import StepSpec
@@ -37,7 +36,7 @@ from graphs.var import VAR
 from graphs.vqvae import VQVAE
 from graphs.weights import WeightSource
 
-from .lint import MAX_OPSET, lint_files
+from .lint import lint_files
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
 
@@ -63,8 +62,9 @@ class ExportConfig:
             raise ConfigError(f"--batch must be in 1..{MAX_BATCH}, got {self.batch}")
         if self.transform not in DSE_TRANSFORMS:
             raise ConfigError(f"--dse must be dct or dft, got {self.transform!r}")
-        if not 17 <= self.opset <= MAX_OPSET:
-            raise ConfigError(f"--opset must be in 17..{MAX_OPSET} (LayerNormalization needs 17; TensorRT 10 parses <= {MAX_OPSET})")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ConfigError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (LayerNormalization needs {MIN_OPSET}; "
+                              f"TensorRT 10 parses <= {MAX_OPSET})")
         if self.target not in ("onnx", "trt"):
             raise ConfigError(f"--target must be onnx or trt, got {self.target!r}")
         if self.top_k < 0:
@@ -198,6 +198,7 @@ def _rebuild_engines(out: str, ec: ExportConfig) -> Dict:
             shutil.copyfile(os.path.join(out, TIMING_CACHE), os.path.join(tmp, TIMING_CACHE))
         data["engines"], data["tensorrt"] = build_engines(out, data, out_dir=tmp, **_trt_options(ec))
         data["export"] = asdict(ec)
+        check_manifest(data)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
         write_manifest(out, data)
@@ -223,10 +224,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
             progress("step")
         model = _export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
                             step.inputs, step.outputs, ec.opset, dynamic_shapes=step.dynamic_shapes())
-        graphs["step"] = dict(_save(model, store, tmp, step.file, step.name), consts=step.consts_file,
-                              dynamic_inputs=step.dynamic_inputs,
-                              profiles=[step.profile(k) for k in range(cfg.num_scales)],
-                              output_shapes=[step.output_shapes(k) for k in range(cfg.num_scales)])
+        graphs["step"] = _save(model, store, tmp, step.file, step.name)
         del model
         consts = {f"k{k}/{n}": v for k in range(cfg.num_scales) for n, v in step.scale_consts(k).items()}
         with open(os.path.join(tmp, step.consts_file), "wb") as f:
@@ -234,7 +232,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         if progress:
             progress("decoder")
         model = _export_one(dec.module(var_x, vae).eval(), dec.example_feeds(), dec.inputs, dec.outputs, ec.opset)
-        graphs["decoder"] = dict(_save(model, store, tmp, dec.file, dec.name), precision="fp32")
+        graphs["decoder"] = _save(model, store, tmp, dec.file, dec.name)
         del model
     finally:
         store.close()
@@ -248,22 +246,16 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
     issues += lint_files([os.path.join(tmp, dec.file)], max_opset=MAX_OPSET)
     if issues:
         raise ExportError("TensorRT-compatibility lint failed:\n  " + "\n  ".join(map(str, issues)))
-    data = dict(
-        format=FORMAT, format_version=FORMAT_VERSION, preset=cfg.name, config=config_to_json(cfg),
-        batch=ec.batch, precision=ec.precision, opset=ec.opset,
-        dse=dict(transform=ec.transform), sampler=dict(k_max=k_max, top_k_requested=ec.top_k),
-        ssg=dict(beta="graph input per scale (scales 1..K-1)", prior="DSE of the previous scale's CFG logits"),
-        weights=src.to_json(),
-        kv=dict(layout="(L, depth, 2, 2B, heads, head_dim)", dtype=str(dtype).replace("torch.", "")),
-        external_data=dict(file=store.filename, bytes=store.bytes_written, referenced_bytes=store.bytes_referenced,
-                           parameter_bytes=param_bytes),
-        graphs=graphs, tools=_versions(), cache_key=key,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        export=asdict(ec),
-    )
+    data = build_manifest(
+        cfg, batch=ec.batch, precision=ec.precision, opset=ec.opset, transform=ec.transform, top_k=ec.top_k,
+        weights=src.to_json(), external_data=dict(file=store.filename, bytes=store.bytes_written,
+                                                  referenced_bytes=store.bytes_referenced, parameter_bytes=param_bytes),
+        step=graphs["step"], decoder=graphs["decoder"], consts=step.consts_file, tools=_versions(), cache_key=key,
+        export=asdict(ec))
     if ec.target == "trt":
         from .trt_build import build_engines
         data["engines"], data["tensorrt"] = build_engines(tmp, data, **_trt_options(ec))
+        check_manifest(data)
     write_manifest(tmp, data)
     return data
 
