@@ -154,7 +154,7 @@ CASES = [  # (case, file mutation, manifest mutation, message)
     ("consts-out-of-range", consts_out_of_range, None, "k5/scale_pos does not hold the values var-d2-tiny with DSE dct"),
     ("dft-under-dct", consts_dft_under_dct, None, "/scale_dse does not hold the values var-d2-tiny with DSE dct"),
     ("topk-8-graph", topk_8, None, "sampler keeps top-k [8] (TopK K), the manifest's sampler.k_max is 64"),
-    ("k-max-below-graph", None, lambda m: m["sampler"].update(k_max=32), "the manifest's sampler.k_max is 32"),
+    ("k-max-below-graph", None, lambda m: m["sampler"].update(k_max=32, top_k_requested=32), "the manifest's sampler.k_max is 32"),
     ("batch-2-step", batch2_step, None, "input label has shape [2], the manifest says [1]"),
     ("decoder-is-step", None, lambda m: m["graphs"]["decoder"].update(file="step_all.onnx"), "names one file for two roles"),
     ("constant-external", constant_from_unlisted_file, None, "reads 'unlisted.bin', not the artifacts' weights.bin"),
