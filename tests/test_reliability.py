@@ -1,4 +1,4 @@
-"""Reliability (issue 12), case by case: --force never deletes what the user owns; artifacts stay
+"""Reliability, case by case: --force never deletes what the user owns; artifacts stay
 inside their directory and a malformed manifest is refused on load; outputs are checked before
 the work and written atomically; every user or environment error is one line and exit 2.
 
