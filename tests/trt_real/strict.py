@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import operator
 import re
 import types
 from typing import Dict, List, Optional, Tuple
@@ -100,8 +101,12 @@ class Types:
             return isinstance(v, str)
         if typ == "bool":
             return isinstance(v, bool)
-        if typ in ("int", "typing.SupportsInt"):
-            return not isinstance(v, float) and hasattr(type(v), "__index__")
+        if typ in ("int", "typing.SupportsInt"):            # pybind: an int, or what __index__ makes one
+            try:
+                operator.index(v)
+                return True
+            except (TypeError, ValueError, RuntimeError):
+                return False
         if typ in ("float", "typing.SupportsFloat"):
             return isinstance(v, numbers.Real)
         if typ in ("tuple", "list", "dict"):
