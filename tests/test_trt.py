@@ -160,6 +160,15 @@ def test_version_guards():
         check_compat(dict(SEC, hardware_compatible=True), "10.13.0.35", "Tesla T4", "7.5")
 
 
+def test_profile_order_last_scale_first():
+    from contract.tensorrt import check_profile_scales, profile_scales
+    assert profile_scales(10) == [9, 0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert check_profile_scales(None, 3) == [0, 1, 2]                      # engines built before the order
+    assert check_profile_scales([2, 0, 1], 3) == [2, 0, 1]
+    with pytest.raises(ConfigError, match=r"profile_scales \[2, 0, 0\] is not an order of the 3 scales"):
+        check_profile_scales([2, 0, 0], 3)
+
+
 def test_version_tuple():
     assert version_tuple("10.13.0.35") == (10, 13, 0) and version_tuple("11.4.0.106") >= (10, 0)
     assert version_tuple("10.0.0b6") == (10, 0, 0) and version_tuple("10.1") == (10, 1)
