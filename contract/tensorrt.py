@@ -45,8 +45,9 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise ConfigError("TensorRT is not installed: pip install 'var-ssg[trt]' (tensorrt>=10 from NVIDIA's "
-                          "index, on a machine with an NVIDIA GPU), or use --backend onnxruntime") from None
+        raise ConfigError("TensorRT is not installed: pip install 'var-ssg[trt-cu12]' (CUDA 12 driver) or "
+                          "'var-ssg[trt-cu13]' (CUDA 13) with --extra-index-url https://pypi.nvidia.com, on a machine "
+                          "with an NVIDIA GPU (README \"TensorRT\"), or use --backend onnxruntime") from None
     if version_tuple(trt.__version__) < MIN_TRT:
         raise ConfigError(f"TensorRT {trt.__version__} is too old: var-ssg needs >= {MIN_TRT[0]}.{MIN_TRT[1]} (older "
                           f"ONNX parsers turn the sampler's CumSum into a loop of up to V iterations); pip install "
