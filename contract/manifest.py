@@ -1,23 +1,21 @@
-"""manifest.json: the one contract between export and runtime. export/ writes it with
-`write_manifest`; the runtime reads it with `load_manifest` and opens only the files it lists.
+"""manifest.json: the one contract between export and runtime. One schema, here: export/ builds
+the manifest with `build_manifest` (every derived field computed by this module) and writes it
+with `write_manifest`; the runtime reads it with `load_manifest` and opens only the files it
+lists. `_validate` is the schema: `build_manifest` runs it on what it built, `load_manifest` on
+what it reads, and it refuses keys it does not know (so no field is written that nothing checks).
 
-Schema (format_version 2):
-    format, format_version, preset, config (must equal the preset's), batch, precision, opset,
-    dse {transform}, sampler {k_max, top_k_requested}, weights {kind, seed | ckpt, sha256s},
-    kv {layout, dtype}, external_data {file, bytes, parameter_bytes},
-    graphs {step: {file, inputs, outputs, consts, dynamic_inputs, profiles[K], output_shapes[K]},
-            decoder: {file, inputs, outputs}}          inputs/outputs: [{name, shape, dtype}]
-    engines {step: {file, onnx, profiles[K], extra_memory_target[K]}, decoder: {...}}   (--target trt)
-    tensorrt {version, gpu, compute_capability, hardware_compatible, version_compatible, tf32, key}
-    files {name: {bytes, sha256}}    every other file of the directory, flat, hashed
-    tools, cache_key, created, export
-Loading checks every field's type and bounds, that the shapes and dtypes are the ones the preset
-and precision imply, and every listed file (a plain name, a regular file inside the directory
-(no link, FIFO or device: checked with lstat before anything is opened), size and sha256): one-line
-errors. The runtime opens only listed files (`Manifest.path`).
+Sections: format/format_version, the preset and its config, batch, precision, opset, dse,
+sampler, ssg (a fixed note), weights, kv, external_data, graphs {step, decoder}, [engines,
+tensorrt: written by export.trt_build; the fields the TensorRT backend reads are checked], files
+{name: {bytes, sha256}} (every other file of the directory), tools, cache_key, created, export
+(the export options, recorded). Loading checks types and bounds, that shapes and dtypes are the
+ones the preset and precision imply, and every listed file (a plain name, a regular file: lstat
+before any open, size and sha256): one-line errors. What hashes do and do not promise, and what is
+checked against the graphs themselves (contract.graphcheck): DESIGN.md "What the hashes promise".
 """
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import os
@@ -29,8 +27,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from graphs.config import DSE_TRANSFORMS, PRECISIONS, ConfigError, VARConfig, get_preset
-from common.files import open_regular, sha256_file
+from graphs.config import DSE_TRANSFORMS, PRECISIONS, TRT_TOPK_LIMIT, ConfigError, VARConfig, get_preset, topk_bake
+from common.files import open_regular, sha256_file, write_json
 
 FORMAT = "var-ssg-artifacts"
 FORMAT_VERSION = 2
@@ -40,6 +38,13 @@ MAX_MANIFEST_BYTES = 64 << 20
 # Artifact file names: plain names inside the directory (no separators, no "..", no hidden files).
 FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+MIN_OPSET, MAX_OPSET = 17, 20       # LayerNormalization needs 17; TensorRT 10's parser documents <= 20
+KV_LAYOUT = "(L, depth, 2, 2B, heads, head_dim)"
+SSG_NOTE = dict(beta="graph input per scale (scales 1..K-1)", prior="DSE of the previous scale's CFG logits")
+WEIGHT_KEYS = ("kind", "seed", "ckpt", "vae_ckpt", "ckpt_sha256", "vae_sha256")
+TOP_LEVEL = ("format", "format_version", "preset", "config", "batch", "precision", "opset", "dse", "sampler", "ssg",
+             "weights", "kv", "external_data", "graphs", "engines", "tensorrt", "files", "tools", "cache_key",
+             "created", "export")
 
 # The one dtype table: manifest names -> torch dtypes (the names onnx_ir prints, "float" -> "float32").
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -86,6 +91,12 @@ class _Check:
         if typ is not int and not isinstance(v, typ):
             self.fail(field, f"must be {getattr(typ, '__name__', typ)}, got {type(v).__name__}")
         return v
+
+    def only(self, d: Dict[str, Any], keys, field: str) -> None:
+        """No key outside the schema: a field nothing checks is never written or trusted."""
+        for k in d:
+            if k not in keys:
+                self.fail(f"{field}.{k}" if field else k, "is not part of this format")
 
     def int_in(self, d, key, lo, hi, field=""):
         v = self.get(d, key, int, field)
@@ -190,41 +201,57 @@ class Manifest:
         return {i["name"]: DTYPES[i["dtype"]] for i in self.graph(name)["inputs"]}
 
     def scale_consts(self, device="cpu") -> List[Dict[str, torch.Tensor]]:
-        """Per scale, the step graph's `scale_*` inputs as tensors (checked against the profiles).
-        Only the arrays the profiles name are read, each after its header's shape is checked, so
-        a hostile archive cannot make the runtime allocate gigabytes."""
+        """Per scale, the step graph's `scale_*` inputs as tensors. Each array's header (dtype,
+        order, shape) is checked before it is read, so a hostile archive cannot make the runtime
+        allocate more than the profiles imply; then its values must be the ones graphs.unified
+        computes for this preset and DSE transform (position ids in range, the DCT matrix under
+        `dse.transform: dct`)."""
         import numpy as np
         from numpy.lib import format as npy
+        from graphs.unified import scale_constants
         path = self.path(self.graph("step")["consts"])
         out = []
         try:
             with np.load(path, allow_pickle=False) as z:
                 for k in range(self.cfg.num_scales):
+                    want_k = scale_constants(self.cfg, self.transform, k)
                     consts = {}
                     for name, shape in ((n, s) for n, s in self.profile(k).items() if n.startswith("scale_")):
-                        key = f"k{k}/{name}"
+                        key, want = f"k{k}/{name}", want_k[name]
                         if key not in z.files:
                             raise ValueError(f"{key} is missing")
                         with z.zip.open(key + ".npy") as f:
                             if npy.read_magic(f) != (1, 0):      # what np.savez writes for these arrays
                                 raise ValueError(f"{key} has an unexpected .npy version")
-                            got = list(npy.read_array_header_1_0(f)[0])
-                        if got != shape:
-                            raise ValueError(f"{key} has shape {got}, expected {shape}")
-                        consts[name] = torch.from_numpy(z[key]).to(device)
+                            got, fortran, dtype = npy.read_array_header_1_0(f)
+                        if list(got) != shape:
+                            raise ValueError(f"{key} has shape {list(got)}, expected {shape}")
+                        if dtype != want.dtype or fortran:
+                            raise ValueError(f"{key} has dtype {dtype.str}{' (Fortran order)' if fortran else ''}, "
+                                             f"expected {want.dtype.name}")
+                        a = z[key]
+                        tol = 1e-5 * max(1.0, float(np.abs(want).max(initial=0)))
+                        if not (np.array_equal(a, want) if want.dtype.kind != "f" else
+                                np.isfinite(a).all() and np.abs(a.astype(np.float64) - want).max(initial=0) <= tol):
+                            raise ValueError(f"{key} does not hold the values {self.cfg.name} with DSE "
+                                             f"{self.transform} needs (from other artifacts, or edited)")
+                        consts[name] = torch.from_numpy(a).to(device)
                     out.append(consts)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ManifestError(f"{path}: unusable ({type(e).__name__}: {e}); re-export with --force") from None
         return out
 
 
-def _validate(path: str, data: Any) -> VARConfig:
+def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
+    """The schema. `listed`: `files` is present (on load, and after write_manifest); the builder
+    validates before the files are listed."""
     c = _Check(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{path} is not a var-ssg manifest; re-export with scripts/export.py --force")
     if data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path} has format version {data.get('format_version')!r:.20}, this runtime reads "
                             f"{FORMAT_VERSION}: re-export with this version of scripts/export.py (--force)")
+    c.only(data, TOP_LEVEL, "")
     preset = c.get(data, "preset", str)
     try:
         cfg = get_preset(preset)
@@ -234,9 +261,20 @@ def _validate(path: str, data: Any) -> VARConfig:
         c.fail("config", f"does not match the preset {preset}")
     B = c.int_in(data, "batch", 1, MAX_BATCH)
     precision = c.choice(data, "precision", PRECISIONS)
-    transform = c.choice(c.get(data, "dse", dict), "transform", DSE_TRANSFORMS, "dse.transform")
-    k_max = c.int_in(c.get(data, "sampler", dict), "k_max", 0, cfg.V, "sampler.k_max")
+    c.int_in(data, "opset", MIN_OPSET, MAX_OPSET)
+    dse = c.get(data, "dse", dict)
+    c.only(dse, ("transform",), "dse")
+    transform = c.choice(dse, "transform", DSE_TRANSFORMS, "dse.transform")
+    sampler = c.get(data, "sampler", dict)
+    c.only(sampler, ("k_max", "top_k_requested"), "sampler")
+    k_max = c.int_in(sampler, "k_max", 0, cfg.V, "sampler.k_max")
+    top_k = c.int_in(sampler, "top_k_requested", 0, TRT_TOPK_LIMIT, "sampler.top_k_requested")
+    if k_max != topk_bake(top_k, cfg.V):
+        c.fail("sampler.k_max", f"is {k_max}, but top-k {top_k} with V = {cfg.V} bakes {topk_bake(top_k, cfg.V)}")
+    if c.get(data, "ssg", dict) != SSG_NOTE:
+        c.fail("ssg", "is not this format's note")
     w = c.get(data, "weights", dict)
+    c.only(w, WEIGHT_KEYS, "weights")
     if c.choice(w, "kind", ("random", "checkpoint"), "weights.kind") == "random":
         c.int_in(w, "seed", 0, 2 ** 63 - 1, "weights.seed")
     else:       # the eager reference reloads these files and compares their hashes
@@ -247,19 +285,34 @@ def _validate(path: str, data: Any) -> VARConfig:
             if not SHA256.fullmatch(c.get(w, key, str, f"weights.{key}")):
                 c.fail(f"weights.{key}", "is not a sha256 hex digest")
     kv = _DTYPE_NAMES[PRECISION_DTYPES[precision]]
-    if c.choice(c.get(data, "kv", dict), "dtype", ("float32", "float16", "bfloat16"), "kv.dtype") != kv:
+    kvd = c.get(data, "kv", dict)
+    c.only(kvd, ("layout", "dtype"), "kv")
+    if c.choice(kvd, "dtype", ("float32", "float16", "bfloat16"), "kv.dtype") != kv:
         c.fail("kv.dtype", f"is {data['kv']['dtype']}, precision {precision} needs {kv}")
-    c.file(c.get(data, "external_data", dict), "file", "external_data.file")
-    files = c.get(data, "files", dict)
+    c.choice(kvd, "layout", (KV_LAYOUT,), "kv.layout")
+    ext = c.get(data, "external_data", dict)
+    c.only(ext, ("file", "bytes", "referenced_bytes", "parameter_bytes"), "external_data")
+    c.file(ext, "file", "external_data.file")
+    for key in ("bytes", "referenced_bytes", "parameter_bytes"):
+        c.int_in(ext, key, 0, 2 ** 50, f"external_data.{key}")
+    c.get(data, "tools", dict)
+    if not SHA256.fullmatch(c.get(data, "cache_key", str)):
+        c.fail("cache_key", "is not a sha256 hex digest")
+    c.get(data, "created", str)
+    c.get(data, "export", dict)         # the options as given (recorded; the cache key covers them)
     graphs = c.get(data, "graphs", dict)
+    c.only(graphs, ("step", "decoder"), "graphs")
     from graphs.components import StepComponent, DecoderComponent
     from graphs.step import StepSpec
     step = StepComponent(cfg, B, StepSpec(transform=transform, k_max=k_max, dtype=PRECISION_DTYPES[precision]))
     dec = DecoderComponent(cfg, B)
     # dtypes the runtime binds: inputs as the components' example feeds; outputs float32 except these
     out_dtypes = dict(tokens="int64", new_kv=kv)
+    keys = dict(step=("file", "inputs", "outputs", "consts", "dynamic_inputs", "profiles", "output_shapes"),
+                decoder=("file", "inputs", "outputs", "precision"))
     for name, comp, feeds in (("step", step, step.example_feeds(0)), ("decoder", dec, dec.example_feeds())):
         g = c.get(graphs, name, dict, f"graphs.{name}")
+        c.only(g, keys[name], f"graphs.{name}")
         c.file(g, "file", f"graphs.{name}.file")
         ins = c.tensors(g, "inputs", f"graphs.{name}.inputs")
         outs = c.tensors(g, "outputs", f"graphs.{name}.outputs")
@@ -272,7 +325,11 @@ def _validate(path: str, data: Any) -> VARConfig:
             if dt != want[n]:
                 c.fail(f"graphs.{name}", f"declares {n} as {dt}, the graph's {n} is {want[n]}")
     s, d = graphs["step"], graphs["decoder"]
+    c.choice(d, "precision", ("fp32",), "graphs.decoder.precision")
     c.file(s, "consts", "graphs.step.consts")
+    if len({s["file"], s["consts"], d["file"], data["external_data"]["file"]}) != 4:
+        c.fail("graphs", "names one file for two roles (graphs.step.file, graphs.step.consts, graphs.decoder.file "
+                         "and external_data.file are four files)")
     if c.get(s, "profiles", list, "graphs.step.profiles") != [step.profile(k) for k in range(cfg.num_scales)]:
         c.fail("graphs.step.profiles", f"are not the per-scale shapes of {preset} at batch {B}")
     if c.get(s, "output_shapes", list, "graphs.step.output_shapes") != [step.output_shapes(k) for k in range(cfg.num_scales)]:
@@ -283,16 +340,54 @@ def _validate(path: str, data: Any) -> VARConfig:
         c.fail("graphs.decoder.inputs", "do not match the f_hat shape")
     needed = {s["file"], s["consts"], d["file"], data["external_data"]["file"]}
     needed |= _validate_engines(c, data, step, cfg)
+    if not listed:
+        return cfg
+    files = c.get(data, "files", dict)
     # every file: a plain name, listed with size and hash (each is lstat'ed and hashed on load)
     for rel in sorted(needed - set(files)):
         c.fail("files", f"does not list {rel!r} (every file the runtime opens is listed with its size and sha256)")
     for rel, meta in files.items():
         if not FILE_NAME.fullmatch(rel) or rel == MANIFEST:
             c.fail("files", f"names {rel!r:.80}: artifact files are plain names inside the artifacts directory")
+        c.only(c.get(files, rel, dict, f"files.{rel}"), ("bytes", "sha256"), f"files.{rel}")
         c.int_in(meta, "bytes", 0, 2 ** 50, f"files.{rel}.bytes")
         if not SHA256.fullmatch(c.get(meta, "sha256", str, f"files.{rel}.sha256")):
             c.fail(f"files.{rel}.sha256", "is not a sha256 hex digest")
     return cfg
+
+
+def build_manifest(cfg: VARConfig, *, batch: int, precision: str, opset: int, transform: str, top_k: int,
+                   weights: Dict[str, Any], external_data: Dict[str, int | str], step: Dict[str, Any],
+                   decoder: Dict[str, Any], consts: str, tools: Dict[str, str], cache_key: str,
+                   export: Dict[str, Any]) -> Dict[str, Any]:
+    """The manifest of an export (before its files are listed: write_manifest does that). The
+    caller gives what only it knows (the graphs' files and inputs/outputs as exported, the
+    weights' source, the options); everything derived (config, k_max, kv, per-scale profiles and
+    output shapes, dynamic inputs) is computed here, and the result is validated by the schema."""
+    from graphs.components import StepComponent
+    from graphs.step import StepSpec
+    k_max = topk_bake(top_k, cfg.V)
+    comp = StepComponent(cfg, batch, StepSpec(transform=transform, k_max=k_max, dtype=PRECISION_DTYPES[precision]))
+    io = ("file", "inputs", "outputs")
+    data = dict(
+        format=FORMAT, format_version=FORMAT_VERSION, preset=cfg.name, config=config_to_json(cfg),
+        batch=batch, precision=precision, opset=opset, dse=dict(transform=transform),
+        sampler=dict(k_max=k_max, top_k_requested=top_k), ssg=dict(SSG_NOTE), weights=dict(weights),
+        kv=dict(layout=KV_LAYOUT, dtype=_DTYPE_NAMES[PRECISION_DTYPES[precision]]),
+        external_data=dict(external_data),
+        graphs=dict(step=dict({k: step[k] for k in io}, consts=consts, dynamic_inputs=comp.dynamic_inputs,
+                              profiles=[comp.profile(k) for k in range(cfg.num_scales)],
+                              output_shapes=[comp.output_shapes(k) for k in range(cfg.num_scales)]),
+                    decoder=dict({k: decoder[k] for k in io}, precision="fp32")),
+        tools=dict(tools), cache_key=cache_key,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), export=dict(export))
+    check_manifest(data)
+    return data
+
+
+def check_manifest(data: Dict[str, Any]) -> None:
+    """The schema's check of a manifest being written (before write_manifest lists the files)."""
+    _validate("the manifest being written", data, listed=False)
 
 
 def _validate_engines(c: _Check, data: Dict[str, Any], step, cfg: VARConfig) -> set:
@@ -337,6 +432,27 @@ def _read_manifest(root: str) -> Any:
         raise ManifestError(f"{p} is corrupt ({type(e).__name__}); re-export with scripts/export.py --force") from None
 
 
+def _file_problem(fp: str, meta: Any, verify_hash: bool = True) -> Optional[str]:
+    """Why the file at `fp` is not the one `meta` ({bytes, sha256}) lists, or None. lstat first:
+    a link, FIFO or device is never opened (a FIFO would block, /dev/zero never ends)."""
+    try:
+        st = os.lstat(fp)
+    except OSError:
+        return "is missing (listed in the manifest)"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file (a link, device or folder)"
+    if st.st_size != meta["bytes"]:
+        return f"has {st.st_size} bytes, the manifest says {meta['bytes']}: the file was changed or truncated"
+    if verify_hash:
+        try:
+            ok = sha256_file(fp, follow_symlinks=False) == meta["sha256"]
+        except OSError as e:
+            return f"cannot be read ({e.strerror})"
+        if not ok:
+            return "sha256 does not match the manifest (the file was modified)"
+    return None
+
+
 def load_manifest(root: str, verify_hashes: bool = True) -> Manifest:
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.lexists(root) else "does not exist"
@@ -345,30 +461,19 @@ def load_manifest(root: str, verify_hashes: bool = True) -> Manifest:
     cfg = _validate(os.path.join(root, MANIFEST), data)
     for rel, meta in data["files"].items():
         fp = os.path.join(root, rel)
-        try:
-            st = os.lstat(fp)           # before any open: a FIFO would block, /dev/zero never ends
-        except OSError:
-            raise ManifestError(f"{fp} is missing (listed in the manifest); re-export with --force") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(f"{fp} is not a regular file (a link, device or folder); artifacts must be plain "
-                                f"files inside {root}: re-export with --force")
-        if st.st_size != meta["bytes"]:
-            raise ManifestError(f"{fp} has {st.st_size} bytes, the manifest says {meta['bytes']}: "
-                                f"the file was changed or truncated; re-export with --force")
-        if verify_hashes:
-            try:
-                ok = sha256_file(fp, follow_symlinks=False) == meta["sha256"]
-            except OSError as e:
-                raise ManifestError(f"{fp} cannot be read ({e.strerror}); re-export with --force") from None
-            if not ok:
-                raise ManifestError(f"{fp}: sha256 does not match the manifest (the file was modified); re-export with --force")
+        why = _file_problem(fp, meta, verify_hashes)
+        if why:
+            raise ManifestError(f"{fp} {why}; artifacts must be plain files inside {root}: re-export with --force")
     return Manifest(root=os.path.abspath(root), data=data, cfg=cfg)
 
 
 def artifacts_dir_problem(root: str) -> Optional[str]:
     """None if `root` is an artifacts directory (a var-ssg manifest, any format version) that holds
-    nothing but the files its manifest lists: the only kind of directory export --force replaces.
-    Otherwise the reason, for the error message."""
+    nothing but the files its manifest lists, each a plain artifact name with the listed size and
+    sha256 (the size alone when the manifest is a complete one, as an export writes it: a changed
+    artifact is then damage that a new export repairs): the only kind of directory export
+    --force replaces. Otherwise the reason, for the error message. (A hand-made manifest naming
+    someone's files does not make them artifacts.)"""
     try:
         data = _read_manifest(root)
     except ManifestError:
@@ -376,9 +481,25 @@ def artifacts_dir_problem(root: str) -> Optional[str]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return "holds files that are not var-ssg artifacts (no var-ssg manifest.json)"
     listed = data.get("files") if isinstance(data.get("files"), dict) else {}
+    try:        # a complete manifest as an export writes it: a file of the listed size whose hash
+        _validate(MANIFEST, data)       # differs is a damaged artifact, which re-exporting repairs
+        complete = True
+    except ManifestError:
+        complete = False
     for e in sorted(os.scandir(root), key=lambda e: e.name):
-        if e.name != MANIFEST and (e.name not in listed or not e.is_file(follow_symlinks=False)):
+        if e.name == MANIFEST:
+            continue
+        meta = listed.get(e.name)
+        if meta is None:
             return f"holds {e.name!r}, which its manifest does not list (not an artifact)"
+        if not FILE_NAME.fullmatch(e.name):
+            return f"holds {e.name!r}, which is not an artifact's name (artifacts are plain names, never hidden files)"
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and not isinstance(meta["bytes"], bool)
+                and isinstance(meta.get("sha256"), str) and SHA256.fullmatch(meta["sha256"])):
+            return f"holds {e.name!r}, which its manifest lists without a size and sha256 (not an artifact)"
+        why = _file_problem(e.path, meta, verify_hash=not complete)
+        if why:
+            return f"holds {e.name!r}, which {why.replace('is missing', 'vanished').split(':')[0]} (not the listed artifact)"
     return None
 
 
@@ -389,8 +510,4 @@ def write_manifest(root: str, data: Dict[str, Any]) -> None:
         fp = os.path.join(root, name)
         if name != MANIFEST and os.path.isfile(fp) and not os.path.islink(fp):
             files[name] = dict(bytes=os.path.getsize(fp), sha256=sha256_file(fp))
-    data = dict(data, files=files)
-    tmp = os.path.join(root, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, os.path.join(root, MANIFEST))
+    write_json(os.path.join(root, MANIFEST), dict(data, files=files), indent=2)

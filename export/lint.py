@@ -1,6 +1,6 @@
 """TensorRT-compatibility lint for ONNX graphs (runs without TensorRT).
 
-Rules (SPEC section 4): every op is one the TensorRT ONNX parser supports at the chosen opset;
+Rules (DESIGN.md "Decisions": one step graph, TensorRT): every op is one the TensorRT ONNX parser supports at the chosen opset;
 no DFT/STFT/complex/sequence/control-flow ops; static shapes on every graph input and output
 (one static graph per scale; step_all.onnx may name dynamic inputs, pinned by profiles); int64 only in ops that TensorRT 10 accepts it for; TopK's K a
 constant within TensorRT's limit; opset no newer than the target parser documents.
@@ -13,9 +13,8 @@ from typing import AbstractSet, List, Sequence
 import onnx
 from onnx import numpy_helper
 
+from contract.manifest import MAX_OPSET       # TensorRT 10.x's parser documents opsets 9..20
 from graphs.config import TRT_TOPK_LIMIT
-
-MAX_OPSET = 20   # TensorRT 10.x's parser documents opsets 9..20
 
 # Ops the TensorRT 10 ONNX parser supports (from onnx-tensorrt's operator matrix), minus the
 # ones this project forbids outright (control flow, DFT, random).

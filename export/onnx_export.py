@@ -1,9 +1,8 @@
 """Turn VAR + VQVAE into ONNX artifacts: the step graph for every scale, the decoder, one
-external-data file and manifest.json (contract.manifest).
+external-data file and manifest.json (contract.manifest). The directory is published by
+export.publish (lock, temporary directory, swap, the --force rules).
 
-    .OUT.tmp-XXXXXXXX/                 (written first, renamed to --out at the very end, under
-                                       an exclusive lock .OUT.lock; a killed export's leftovers
-                                       are removed by the next export of the same --out)
+    .OUT.tmp-XXXXXXXX/                 (written first, swapped in at --out at the very end)
       step_all.onnx                    graphs.components.StepComponent: every scale, dynamic
                                        token axes; per-scale constants in scale_consts.npz
       decoder.onnx                     graphs.components.DecoderComponent: f_hat -> image
@@ -14,16 +13,12 @@ external-data file and manifest.json (contract.manifest).
 from __future__ import annotations
 
 import copy
-import datetime
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
-import re
 import shutil
-import stat
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -32,8 +27,8 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from contract.manifest import (MAX_BATCH, FORMAT, FORMAT_VERSION, PRECISION_DTYPES, artifacts_dir_problem, config_to_json,
-                               dtype_name, load_manifest, write_manifest)
+from contract.manifest import (MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, PRECISION_DTYPES, build_manifest, check_manifest,
+                               config_to_json, dtype_name, load_manifest, write_manifest)
 from graphs.components import DecoderComponent, StepComponent
 from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, ConfigError, VARConfig, topk_bake
 from graphs.step import StepSpec
@@ -41,14 +36,11 @@ from graphs.var import VAR
 from graphs.vqvae import VQVAE
 from graphs.weights import WeightSource
 
-from .lint import MAX_OPSET, lint_files
+from .lint import lint_files
+from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
 
 log = logging.getLogger(__name__)
-
-
-class ExportError(ConfigError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -70,8 +62,9 @@ class ExportConfig:
             raise ConfigError(f"--batch must be in 1..{MAX_BATCH}, got {self.batch}")
         if self.transform not in DSE_TRANSFORMS:
             raise ConfigError(f"--dse must be dct or dft, got {self.transform!r}")
-        if not 17 <= self.opset <= MAX_OPSET:
-            raise ConfigError(f"--opset must be in 17..{MAX_OPSET} (LayerNormalization needs 17; TensorRT 10 parses <= {MAX_OPSET})")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ConfigError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (LayerNormalization needs {MIN_OPSET}; "
+                              f"TensorRT 10 parses <= {MAX_OPSET})")
         if self.target not in ("onnx", "trt"):
             raise ConfigError(f"--target must be onnx or trt, got {self.target!r}")
         if self.top_k < 0:
@@ -122,120 +115,10 @@ def _versions() -> Dict[str, str]:
     return out
 
 
-class OutBusy(ExportError):
-    """Another export holds the lock on this --out."""
-
-
-class OutTaken(ExportError):
-    """--out holds other artifacts; replacing them needs --force."""
-
-
 @dataclass(frozen=True)
 class ExportResult:
     manifest: Dict
     reused: bool            # --out already held these artifacts (same cache key, verified): nothing exported
-
-
-def _split(out: str):
-    if not str(out).strip():
-        raise ExportError("--out is empty")
-    out = os.path.abspath(out)
-    parent, name = os.path.split(out)
-    if not name:
-        raise ExportError(f"--out {out} is the file-system root: name a directory below it")
-    return out, parent, name
-
-
-def check_out(out: str) -> None:
-    """Refuse an --out that export may not replace, before any work: --force replaces only an
-    artifacts directory holding nothing but its listed files, or an empty one; never user files."""
-    out, parent, name = _split(out)
-    if os.path.islink(out):
-        raise ExportError(f"--out {out} is a symbolic link; give the directory it points to, or another --out")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"--out {out} exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out):
-        why = artifacts_dir_problem(out)
-        if why:
-            raise ExportError(f"--out {out} {why}; refusing to replace it (even with --force): choose another --out")
-    p = parent
-    while not os.path.exists(p):        # the nearest existing ancestor must take new entries
-        p = os.path.dirname(p)
-    if not os.path.isdir(p) or not os.access(p, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot create {out}: {p} is not a writable directory (choose another --out)")
-    room = os.pathconf(p, "PC_NAME_MAX") - len(".tmp-XXXXXXXX.")       # the temporary directory's name
-    if len(os.fsencode(name)) > room:
-        raise ExportError(f"--out name {name[:40]}... is too long ({len(os.fsencode(name))} bytes; at most {room} here)")
-
-
-def _lock(parent: str, name: str):
-    """Exclusive, non-blocking lock on --out (a lock file beside it); the file is removed on release."""
-    path = os.path.join(parent, f".{name}.lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutBusy(f"another export is writing {os.path.join(parent, name)} (lock {path}); wait for it to "
-                          f"finish or choose another --out") from None
-        try:        # the previous holder may have removed the file after we opened it: lock the one there now
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                return fd, path
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def _unlock(lock) -> None:
-    fd, path = lock
-    try:
-        os.unlink(path)         # while still held, so no one else locks the removed file
-    except OSError:
-        pass
-    os.close(fd)
-
-
-_STALE = re.compile(r"\.(?P<name>.+)\.(tmp|old)-[a-z0-9_]{8}")
-
-
-def _remove_stale(parent: str, name: str) -> None:
-    """Temporary directories of an export of the same --out that was killed (kill -9, power loss)
-    are never cleaned by their own process; under the lock, no live export owns them."""
-    stale = [e.path for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)
-             and (m := _STALE.fullmatch(e.name)) and m.group("name") == name]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    if stale:
-        log.warning("removed %d temporary director%s left by an interrupted export of %s: %s", len(stale),
-                    "y" if len(stale) == 1 else "ies", os.path.join(parent, name),
-                    ", ".join(os.path.basename(p) for p in stale))
-
-
-def _make_parents(parent: str) -> list:
-    """Create `parent` and its missing ancestors; returns those created, outermost first (a
-    failed export removes them again)."""
-    missing, p = [], parent
-    while not os.path.isdir(p):
-        missing.insert(0, p)
-        p = os.path.dirname(p)
-    created = []
-    try:
-        for p in missing:
-            os.mkdir(p)
-            created.append(p)
-    except OSError:
-        _remove_dirs(created)
-        raise
-    return created
-
-
-def _remove_dirs(created: list) -> None:
-    for p in reversed(created):         # innermost first; only while empty
-        try:
-            os.rmdir(p)
-        except OSError:
-            return
 
 
 def _existing(out: str, key: str, force: bool) -> Optional[Dict]:
@@ -266,85 +149,41 @@ def _manifest_key(out: str) -> Optional[str]:
         return None
 
 
-def _new_mode(out: str) -> int:
-    """The replaced directory keeps its mode (a user's 0700 stays 0700); a new one gets the
-    umask's default, like mkdir (mkdtemp would leave 0700)."""
-    if os.path.isdir(out):
-        return stat.S_IMODE(os.stat(out).st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
-def _swap(tmp: str, out: str, parent: str, name: str) -> None:
-    """Put `tmp` at `out`; old artifacts go to a trash directory first and come back on failure."""
-    if not (os.path.isdir(out) and os.listdir(out)):
-        os.replace(tmp, out)                # nothing there, or an empty directory: one rename
-        return
-    trash = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-    os.replace(out, os.path.join(trash, "old"))
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(os.path.join(trash, "old"), out)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: ExportConfig,
                      force: bool = False, progress: Optional[Callable[[str], None]] = None) -> ExportResult:
-    """Export everything into `out` atomically (a temporary directory beside it, renamed at the
-    end), under an exclusive lock on `out`. Reuses up-to-date artifacts unless `force`."""
+    """Export everything into `out` atomically (export.publish: a temporary directory beside it,
+    swapped in at the end, under an exclusive lock on `out`). Reuses up-to-date artifacts unless
+    `force`."""
     key = cache_key(var.cfg, ec, weights_id(src))
     machine = None
     if ec.target == "trt":            # fail before a long export, not after it; engines are for this machine
         from .trt_build import this_machine
         machine = this_machine()
-    out, parent, name = _split(out)
-    check_out(out)
-    created = []
     try:
-        created = _make_parents(parent)
-        lock = _lock(parent, name)
-    except (OSError, OutBusy) as e:
-        _remove_dirs(created)
-        if isinstance(e, OutBusy):
-            raise
-        raise ExportError(f"cannot create {out}: {e.strerror} ({e.filename})") from None
-    tmp, ok = None, False
-    try:
-        _remove_stale(parent, name)
-        data = _existing(out, key, force)
-        if data is not None:
-            why = None
-            if machine is not None:
-                from .trt_build import engines_stale
-                why = engines_stale(data, machine, **_trt_options(ec))
-            ok = True
-            if why is None:
-                log.info("%s is up to date (cache key %s); nothing to do", out, key[:12])
-                return ExportResult(data, reused=True)
-            log.info("%s: %s; building new engines (the ONNX graphs are reused)", out, why)
-            return ExportResult(_rebuild_engines(out, ec), reused=False)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-        old_cache = os.path.join(out, "timing.cache")
-        if ec.target == "trt" and os.path.isfile(old_cache):     # reuse the TensorRT timing cache
-            shutil.copyfile(old_cache, os.path.join(tmp, "timing.cache"))
-        man = _export_into(var, vae, src, tmp, ec, key, progress)
-        os.chmod(tmp, _new_mode(out))
-        check_out(out)                      # again: --out may have changed during a long export
-        _swap(tmp, out, parent, name)
-        ok = True
-        return ExportResult(man, reused=False)
+        with Transaction(out) as txn:
+            out = txn.out
+            data = _existing(out, key, force)
+            if data is not None:
+                txn.keep()
+                why = None
+                if machine is not None:
+                    from .trt_build import engines_stale
+                    why = engines_stale(data, machine, **_trt_options(ec))
+                if why is None:
+                    log.info("%s is up to date (cache key %s); nothing to do", out, key[:12])
+                    return ExportResult(data, reused=True)
+                log.info("%s: %s; building new engines (the ONNX graphs are reused)", out, why)
+                return ExportResult(_rebuild_engines(out, ec), reused=False)
+            tmp = txn.tmp_dir()
+            old_cache = os.path.join(out, "timing.cache")
+            if ec.target == "trt" and os.path.isfile(old_cache):     # reuse the TensorRT timing cache
+                shutil.copyfile(old_cache, os.path.join(tmp, "timing.cache"))
+            man = _export_into(var, vae, src, tmp, ec, key, progress)
+            txn.commit(tmp)
+            return ExportResult(man, reused=False)
     except OSError as e:
         raise ExportError(f"export failed while writing ({e.strerror or e}: {e.filename or ''}); "
-                          f"nothing was written to {out}") from None
-    finally:
-        if tmp and os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        _unlock(lock)
-        if not ok:
-            _remove_dirs(created)
+                          f"nothing was written to {split_out(out)[0]}") from None
 
 
 def _rebuild_engines(out: str, ec: ExportConfig) -> Dict:
@@ -359,6 +198,7 @@ def _rebuild_engines(out: str, ec: ExportConfig) -> Dict:
             shutil.copyfile(os.path.join(out, TIMING_CACHE), os.path.join(tmp, TIMING_CACHE))
         data["engines"], data["tensorrt"] = build_engines(out, data, out_dir=tmp, **_trt_options(ec))
         data["export"] = asdict(ec)
+        check_manifest(data)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
         write_manifest(out, data)
@@ -384,10 +224,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
             progress("step")
         model = _export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
                             step.inputs, step.outputs, ec.opset, dynamic_shapes=step.dynamic_shapes())
-        graphs["step"] = dict(_save(model, store, tmp, step.file, step.name), consts=step.consts_file,
-                              dynamic_inputs=step.dynamic_inputs,
-                              profiles=[step.profile(k) for k in range(cfg.num_scales)],
-                              output_shapes=[step.output_shapes(k) for k in range(cfg.num_scales)])
+        graphs["step"] = _save(model, store, tmp, step.file, step.name)
         del model
         consts = {f"k{k}/{n}": v for k in range(cfg.num_scales) for n, v in step.scale_consts(k).items()}
         with open(os.path.join(tmp, step.consts_file), "wb") as f:
@@ -395,7 +232,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         if progress:
             progress("decoder")
         model = _export_one(dec.module(var_x, vae).eval(), dec.example_feeds(), dec.inputs, dec.outputs, ec.opset)
-        graphs["decoder"] = dict(_save(model, store, tmp, dec.file, dec.name), precision="fp32")
+        graphs["decoder"] = _save(model, store, tmp, dec.file, dec.name)
         del model
     finally:
         store.close()
@@ -409,22 +246,16 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
     issues += lint_files([os.path.join(tmp, dec.file)], max_opset=MAX_OPSET)
     if issues:
         raise ExportError("TensorRT-compatibility lint failed:\n  " + "\n  ".join(map(str, issues)))
-    data = dict(
-        format=FORMAT, format_version=FORMAT_VERSION, preset=cfg.name, config=config_to_json(cfg),
-        batch=ec.batch, precision=ec.precision, opset=ec.opset,
-        dse=dict(transform=ec.transform), sampler=dict(k_max=k_max, top_k_requested=ec.top_k),
-        ssg=dict(beta="graph input per scale (scales 1..K-1)", prior="DSE of the previous scale's CFG logits"),
-        weights=src.to_json(),
-        kv=dict(layout="(L, depth, 2, 2B, heads, head_dim)", dtype=str(dtype).replace("torch.", "")),
-        external_data=dict(file=store.filename, bytes=store.bytes_written, referenced_bytes=store.bytes_referenced,
-                           parameter_bytes=param_bytes),
-        graphs=graphs, tools=_versions(), cache_key=key,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        export=asdict(ec),
-    )
+    data = build_manifest(
+        cfg, batch=ec.batch, precision=ec.precision, opset=ec.opset, transform=ec.transform, top_k=ec.top_k,
+        weights=src.to_json(), external_data=dict(file=store.filename, bytes=store.bytes_written,
+                                                  referenced_bytes=store.bytes_referenced, parameter_bytes=param_bytes),
+        step=graphs["step"], decoder=graphs["decoder"], consts=step.consts_file, tools=_versions(), cache_key=key,
+        export=asdict(ec))
     if ec.target == "trt":
         from .trt_build import build_engines
         data["engines"], data["tensorrt"] = build_engines(tmp, data, **_trt_options(ec))
+        check_manifest(data)
     write_manifest(tmp, data)
     return data
 

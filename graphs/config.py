@@ -127,7 +127,7 @@ OFFICIAL_CKPTS = {(16, 256): "var_d16.pth", (20, 256): "var_d20.pth", (24, 256):
                   (30, 256): "var_d30.pth", (36, 512): "var_d36.pth"}
 OFFICIAL_VAE_CKPT = "vae_ch160v4096z32.pth"
 
-_PRESET_RE = re.compile(r"^var-d([1-9][0-9]?)(-512)?(-tiny)?$")
+_PRESET_RE = re.compile(r"var-d([1-9][0-9]?)(-512)?(-tiny)?")     # fullmatch: "var-d16\n" is no name
 _EXAMPLES = ("var-d16, var-d20, var-d24, var-d30 (official, 256px), var-d36 (official, = var-d36-512), "
              "var-dN for any depth N (256px, e.g. var-d2), var-dN-512 (512px, shared AdaLN), "
              "and either with -tiny (small VQVAE, tests: var-d2-tiny, var-d2-512-tiny)")
@@ -137,7 +137,7 @@ def get_preset(name: str) -> VARConfig:
     """`var-dN`: the official 256px builder for any depth N. `var-dN-512`: the 512px family as
     the official d36 was trained (`--pn 512 --saln 1`: 512px patch numbers, shared AdaLN).
     `var-d36` is `var-d36-512` (the only published d36). `-tiny` swaps in a small VQVAE."""
-    m = _PRESET_RE.match(name or "")
+    m = _PRESET_RE.fullmatch(name or "") if isinstance(name, str) else None
     if not m:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {_EXAMPLES}")
     depth = int(m.group(1))

@@ -73,6 +73,18 @@ class SelfAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, l, H * hd))
 
 
+class LayerNormF32(nn.LayerNorm):
+    """LayerNorm with float32 statistics whatever the input's dtype, written into the graph
+    itself (Cast -> LayerNormalization -> Cast for fp16/bf16; nothing extra for fp32): a
+    strongly typed TensorRT network computes in the types the graph states, so the ONNX
+    `stash_type` attribute alone is not relied on (DESIGN.md "TensorRT runtime")."""
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
 class AdaLNSelfAttn(nn.Module):
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -80,7 +92,7 @@ class AdaLNSelfAttn(nn.Module):
         self.C = C
         self.attn = SelfAttention(C, cfg.num_heads, cfg.attn_l2_norm)
         self.ffn = FFN(C, round(C * cfg.mlp_ratio))
-        self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ln_wo_grad = LayerNormF32(C, eps=cfg.norm_eps, elementwise_affine=False)
         self.shared_aln = cfg.shared_aln
         if cfg.shared_aln:      # this block's offset to the shared projection (official name)
             self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, C))
@@ -113,7 +125,7 @@ class AdaLNBeforeHead(nn.Module):
     def __init__(self, C: int, eps: float):
         super().__init__()
         self.C = C
-        self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
+        self.ln_wo_grad = LayerNormF32(C, eps=eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
 
     def forward(self, x_BlC, cond_BD):

@@ -16,8 +16,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from common.files import sha256_file
-from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, VARConfig, check_seed
+from common.files import open_regular, sha256_file
+from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, VARConfig, check_seed, get_preset
 from .var import VAR, block_causal_buffers
 from .vqvae import VQVAE
 
@@ -53,6 +53,14 @@ class WeightSource:
 
 
 # --------------------------------------------------------------------------- reading files
+def _is_safetensors(path: str) -> bool:
+    """By content, not by name: safetensors starts with an 8-byte little-endian header length and
+    a JSON header; PyTorch files are a zip archive or a pickle."""
+    with open_regular(path) as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (100 << 20)
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     p = Path(path)
     if not p.exists():
@@ -60,7 +68,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not p.is_file():         # a folder, FIFO or device: never opened (a FIFO would block, /dev/zero never ends)
         raise CheckpointError(f"checkpoint {path}: not a regular file")
     try:
-        if p.suffix == ".safetensors":
+        if _is_safetensors(str(p)):
             from safetensors.torch import load_file
             sd = load_file(str(p))
         else:
@@ -87,12 +95,25 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
                 sd = sd[wrap]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint {path}: not a state dict of tensors")
+    for k in sd:
+        if not isinstance(k, str):
+            raise CheckpointError(f"checkpoint {path}: not a state dict of tensors (key {k!r:.60} is a "
+                                  f"{type(k).__name__}, not a parameter name)")
     return sd
 
 
 def _guess_var_depth(sd: Dict[str, torch.Tensor]) -> Optional[int]:
-    blocks = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
-    return max(blocks) + 1 if blocks else None
+    """The depth the blocks spell: 0..N-1 all present (a stray `blocks.999.` is no depth)."""
+    blocks = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d{1,6})\.", k)] if m}
+    return len(blocks) if blocks and blocks == set(range(len(blocks))) else None
+
+
+def _preset_exists(name: str) -> bool:
+    try:
+        get_preset(name)
+    except ConfigError:
+        return False
+    return True
 
 
 _PX = {sum(p * p for p in PATCH_NUMS_256): 256, sum(p * p for p in PATCH_NUMS_512): 512}   # L -> image size
@@ -126,8 +147,10 @@ def _var_hint(module: torch.nn.Module, sd: Dict[str, torch.Tensor], preset: str)
     if (L, shared) == (cfg.L, cfg.shared_aln):
         if depth == cfg.depth:
             return ""
-        return f"; the file looks like var-d{depth} but the preset is {name} (pass --model var-d{depth})"
+        fit = f"var-d{depth}"
+        return f"; the file looks like {fit} but the preset is {name}" + (f" (pass --model {fit})" if _preset_exists(fit) else "")
     fit = _preset_for(depth, L, shared)
+    fit = fit if fit and _preset_exists(fit) else None
     return (f"; the file looks like var-d{depth} for {_layout(L, shared)}, but the preset {name} is for "
             f"{_layout(cfg.L, cfg.shared_aln)}" + (f" (pass --model {fit})" if fit else ""))
 
@@ -160,6 +183,14 @@ def _meta_models(cfg: VARConfig) -> Tuple[VAR, VQVAE]:
 
 def _load_into(module, sd, path, what, preset):
     check_state_dict(module, sd, path, what, preset)
+    params = {n for n, _ in module.named_parameters()}
+    for k, v in sd.items():     # NaN/inf weights give one token everywhere or a black image
+        if not v.is_floating_point():
+            continue
+        # buffers may hold -inf (the block-causal attention mask), never NaN
+        if not bool(torch.isfinite(v).all() if k in params else not torch.isnan(v).any()):
+            raise CheckpointError(f"{what} checkpoint {path}: key {k!r} holds NaN or infinite values; "
+                                  f"the file is damaged or not a trained model")
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     module.load_state_dict(sd, strict=True, assign=True)
 
@@ -190,13 +221,16 @@ def load_models(cfg: VARConfig, ckpt: Optional[str] = None, vae_ckpt: Optional[s
     """Return (var, vae, source) in eval mode, fp32, on the CPU."""
     if random_init is not None:
         check_seed(random_init, "--random-init")
-        if ckpt or vae_ckpt:
+        if ckpt is not None or vae_ckpt is not None:
             raise ConfigError("use either --ckpt/--vae-ckpt or --random-init, not both")
         var, vae = random_models(cfg, random_init)
         return var, vae, WeightSource(kind="random", seed=int(random_init))
-    if bool(ckpt) != bool(vae_ckpt):
+    for flag, path in (("--ckpt", ckpt), ("--vae-ckpt", vae_ckpt)):
+        if path is not None and not str(path).strip():      # never "absent": that would download
+            raise ConfigError(f"{flag} is empty: give a checkpoint file (or leave out both flags for the official files)")
+    if (ckpt is None) != (vae_ckpt is None):
         raise ConfigError("--ckpt and --vae-ckpt go together (VAR weights and VQVAE weights)")
-    if not ckpt:
+    if ckpt is None:
         ckpt, vae_ckpt = download_official(cfg)
     var, vae = _meta_models(cfg)
     _load_into(var, read_state_dict(ckpt), ckpt, "VAR", cfg.name)

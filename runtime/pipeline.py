@@ -28,6 +28,7 @@ from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATU
 from graphs.unified import prev_rows
 
 from .backends.base import Backend, BackendInfo
+from .images import to_uint8  # noqa: F401  (the images' home is runtime/images.py)
 
 log = logging.getLogger(__name__)
 
@@ -204,44 +205,3 @@ class Pipeline:
         if decode:
             res.images = self.backend.decode(f_hat)[:n_real]
         return res
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """B 3 H W in [0, 1] -> B H W 3 uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def png_bytes(image: torch.Tensor, note: str = "") -> bytes:
-    """One image (3 H W in [0, 1]) as PNG bytes; `note` goes into a tEXt chunk ("var-ssg")."""
-    import io
-    from PIL import Image, PngImagePlugin
-    meta = PngImagePlugin.PngInfo()
-    if note:
-        meta.add_text("var-ssg", note)
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(image[None])[0]).save(buf, format="PNG", pnginfo=meta)
-    return buf.getvalue()
-
-
-def save_grid(images: torch.Tensor, path: str, note: str = "") -> None:
-    """Save a PNG grid (one row, up to 8 per row) atomically; `note` goes into a tEXt chunk."""
-    import os
-    from PIL import Image, PngImagePlugin
-    arr = to_uint8(images)
-    B, H, W, _ = arr.shape
-    cols = min(B, 8)
-    rows = (B + cols - 1) // cols
-    grid = np.zeros((rows * H, cols * W, 3), dtype=np.uint8)
-    for i in range(B):
-        r, c = divmod(i, cols)
-        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = arr[i]
-    meta = PngImagePlugin.PngInfo()
-    if note:
-        meta.add_text("var-ssg", note)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        Image.fromarray(grid).save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -3,10 +3,10 @@
 # borrows has a bare `python3` (PyTorch with CUDA, CPU-only onnxruntime, no TensorRT), so the
 # packages come from this checkout (PYTHONPATH). One markdown table on stdout, row by row, and
 # in $GPU_CHECK_LOG (default build/gpu_check.log); a `summary:` line last.
-#   bash scripts/gpu_check.sh                         eager CUDA fp32/fp16/bf16, var-d16 + var-d24, batch 1 and 8;
-#                                                     ONNX Runtime CUDA / TensorRT rows where installed
+#   bash scripts/gpu_check.sh                         TensorRT / ONNX Runtime CUDA rows first where installed,
+#                                                     then eager CUDA fp32/fp16/bf16, var-d16 + var-d24, batch 1 and 8
 #   bash scripts/gpu_check.sh --models var-d16        any scripts/gpu_check.py option ($PYTHON: another interpreter)
-# Budget: 6 minutes. gpu_check.py skips what its estimates say will not fit in 320 s; `timeout`
+# Budget: 6 minutes. gpu_check.py skips a row whose estimate does not fit what is left of 320 s; `timeout`
 # stops it at 360 s, and the rows printed so far stay. Without a CUDA GPU every row is skipped
 # with its reason (exit 0).
 set -uo pipefail

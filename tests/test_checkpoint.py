@@ -147,3 +147,58 @@ def test_random_init_is_seeded():
 def test_unknown_preset_lists_valid():
     with pytest.raises(ConfigError, match="valid presets: var-d16, var-d20"):
         get_preset("var-x9")
+
+
+# ------------------------------------------------------------------ hostile files and flags
+def test_int_and_tuple_keys_are_refused(saved):
+    cfg, d, _, _ = saved
+    for i, sd in enumerate(({0: torch.zeros(1)}, {(1, 2): torch.zeros(1)})):
+        p = d / f"keys{i}.pth"
+        torch.save(sd, p)
+        with pytest.raises(CheckpointError, match=r"keys.\.pth: not a state dict of tensors \(key .* is a"):
+            load_models(cfg, str(p), str(d / "vae.pth"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused(saved, bad):
+    cfg, d, var_sd, vae_sd = saved
+    sd = dict(vae_sd)
+    w = sd["quantize.embedding.weight"].clone()
+    w[3, 1] = bad
+    sd["quantize.embedding.weight"] = w
+    torch.save(sd, d / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"nan.pth: key 'quantize.embedding.weight' holds NaN or infinite values"):
+        load_models(cfg, str(d / "var_d2.pth"), str(d / "nan.pth"))
+
+
+def test_safetensors_named_pth_is_read_as_safetensors(saved):
+    from safetensors.torch import save_file
+    cfg, d, var_sd, vae_sd = saved
+    save_file({k: v.contiguous() for k, v in var_sd.items()}, str(d / "st_var.pth"))
+    var, _, _ = load_models(cfg, str(d / "st_var.pth"), str(d / "vae.pth"))
+    assert torch.equal(var.head.weight, var_sd["head.weight"])
+
+
+def test_a_stray_high_block_index_suggests_no_preset():
+    with torch.device("meta"):
+        m = VAR(get_preset("var-d2"))
+        sd = dict(m.state_dict())
+    sd["blocks.999.attn.proj.bias"] = sd["blocks.1.attn.proj.bias"]
+    with pytest.raises(CheckpointError) as e:
+        check_state_dict(m, sd, "x.pth", "VAR", "var-d2")
+    assert "unexpected key 'blocks.999.attn.proj.bias'" in str(e.value) and "--model" not in str(e.value)
+    del sd["blocks.999.attn.proj.bias"]
+    for i in range(2, 120):       # a real var-d120 does not exist: no preset to suggest
+        for k in [k for k in list(sd) if k.startswith("blocks.1.")]:
+            sd[k.replace("blocks.1.", f"blocks.{i}.")] = sd[k]
+    with pytest.raises(CheckpointError) as e:
+        check_state_dict(m, sd, "x.pth", "VAR", "var-d2")
+    assert "--model" not in str(e.value)
+
+
+def test_empty_checkpoint_paths_never_download(monkeypatch):
+    import graphs.weights
+    monkeypatch.setattr(graphs.weights, "download_official", lambda cfg: pytest.fail("started a download"))
+    for args, flag in (("", ""), ("", "x.pth"), ("x.pth", "")):
+        with pytest.raises(ConfigError, match="is empty"):
+            load_models(get_preset("var-d16"), args, flag)

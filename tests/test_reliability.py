@@ -1,4 +1,4 @@
-"""Reliability (issue 12), case by case: --force never deletes what the user owns; artifacts stay
+"""Reliability, case by case: --force never deletes what the user owns; artifacts stay
 inside their directory and a malformed manifest is refused on load; outputs are checked before
 the work and written atomically; every user or environment error is one line and exit 2.
 
@@ -207,7 +207,7 @@ def test_stale_temporaries_of_a_killed_export_are_removed(tiny, tmp_path, monkey
 
 
 def test_concurrent_export_to_one_out_is_refused(tiny, tmp_path, monkeypatch):
-    from export.onnx_export import OutBusy, _lock, _unlock
+    from export.publish import OutBusy, lock as _lock, unlock as _unlock
     calls = _fake_export(monkeypatch)
     lock = _lock(str(tmp_path), "art")          # as a running export holds it
     try:

@@ -1,2 +1,2 @@
-"""What the scripts share: the command-line conventions and one error policy (tools.cli) and
-benchmark helpers (tools.roofline). Library code lives in graphs/, contract/, export/, runtime/."""
+"""What the scripts share: the command-line conventions and one error policy (tools.cli).
+Library code lives in graphs/, contract/, export/, runtime/, benchmarks/, evaluation/."""

@@ -13,6 +13,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import sys
 from typing import Callable, List, Optional
 
@@ -67,8 +68,8 @@ def add_sampling_args(p: argparse.ArgumentParser, dse_list: bool = False) -> Non
                    help="classifier-free guidance (ramped k/(K-1))")
     g.add_argument("--top-k", type=int, default=None,
                    help=f"0 = no top-k (default: {DEFAULT_TOP_K}, or the top-k the artifacts bake if smaller)")
-    g.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="0 = off")
-    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    g.add_argument("--top-p", type=finite_float, default=DEFAULT_TOP_P, help="0 = off")
+    g.add_argument("--temperature", type=finite_float, default=DEFAULT_TEMPERATURE)
     g.add_argument("--ssg-beta", default=DEFAULT_SSG_BETA,
                    help="'0' off, a float, 'linear:START,END', or K-1 comma-separated values "
                         f"(default {DEFAULT_SSG_BETA}: ours, the paper publishes none)")
@@ -83,6 +84,12 @@ def add_sampling_args(p: argparse.ArgumentParser, dse_list: bool = False) -> Non
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # "-inf", "-nan", "-1e5" are values, not flags: the flag's type then says what is wrong
+        # with them (argparse alone answers "expected one argument")
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
     def error(self, message):   # one line, exit 2 (argparse's own code)
         self.exit(2, f"{self.prog}: error: {message}\n")
 

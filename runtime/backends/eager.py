@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Dict
 
 import copy
+import re
+
 import torch
 
 from graphs.config import DEFAULT_TOP_K, ConfigError, VARConfig
@@ -18,6 +20,8 @@ class EagerBackend:
     def __init__(self, var: VAR, vae: VQVAE, transform: str = "dct", k_max: int = DEFAULT_TOP_K,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", source_note: str = ""):
         cfg: VARConfig = var.cfg
+        if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", str(device)):
+            raise ConfigError(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
         if device != "cpu" and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device visible to PyTorch (use --device cpu)")
         if dtype != torch.float32:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 
+from contract.graphcheck import check_graph, check_values
 from contract.manifest import Manifest, ManifestError
 from graphs.config import ConfigError
 
@@ -33,7 +34,8 @@ _TORCH_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: 
              torch.bool: np.bool_}
 
 
-def _import_ort():
+def import_ort():
+    """onnxruntime, or a one-line ConfigError naming the package to install."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -45,7 +47,7 @@ def _import_ort():
 class OrtBackend:
     def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = True,
                  trt_provider: bool = False):
-        ort = _import_ort()
+        ort = import_ort()
         self.ort, self.man, self.device = ort, man, device
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
@@ -85,7 +87,7 @@ class OrtBackend:
             so.intra_op_num_threads = threads
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
-        keep = self._share(so, path)
+        keep = self._share(so, path, name)
         try:
             sess = ort.InferenceSession(path, sess_options=so, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
@@ -97,13 +99,14 @@ class OrtBackend:
         sess._var_ssg_keep = keep     # the OrtValues must outlive the session
         return sess
 
-    def _share(self, so, path: str) -> list:
+    def _share(self, so, path: str, name: str) -> list:
         """Point this session's external initializers at the shared memory map of the weights
         file; ONNX Runtime then opens no data file itself."""
         try:
             m = onnx.load(path, load_external_data=False)
         except Exception as e:  # noqa: BLE001 - protobuf/onnx decode errors
             raise ManifestError(f"{path}: not a readable ONNX graph ({type(e).__name__}); re-export with --force") from None
+        check_graph(self.man, name, m, path)     # io, external data, stored values, baked top-k
         keep = []
         for t in m.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -117,6 +120,7 @@ class OrtBackend:
             if off + length > len(self._mm) or length != dt.itemsize * int(np.prod(t.dims, dtype=np.int64)):
                 raise ManifestError(f"{path}: initializer {t.name} lies outside {self._weights}; re-export with --force")
             arr = np.frombuffer(self._mm, dtype=dt, count=length // dt.itemsize, offset=off).reshape(tuple(t.dims))
+            check_values(path, f"initializer {t.name}", arr)
             ov = self.ort.OrtValue.ortvalue_from_numpy(arr)
             so.add_initializer(t.name, ov)
             keep.append((arr, ov))

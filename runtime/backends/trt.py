@@ -1,14 +1,19 @@
 """TensorRT backend over the engines the manifest lists (`--target trt`). Guarded: without
 tensorrt it raises a clear error; nothing here is imported by the other backends.
 
-* One engine for every scale (step_all.plan) with one optimization profile per scale; one
-  execution context per profile, created USER_MANAGED and all pointed at ONE scratch buffer
-  (the scales run one after another on one stream, so they can share it).
+* One engine for every scale (step_all.plan) with one optimization profile per scale (in the
+  manifest's `profile_scales` order: the last scale first); one execution context per profile,
+  created USER_MANAGED and all pointed at ONE scratch buffer (the scales run one after another
+  on one stream, so they can share it). TensorRT's boolean results (profile selection, input
+  shapes, addresses) are checked where they are returned, so a mismatched engine fails there
+  with its name, not later as a generic execution failure.
 * The KV cache is owned by the backend (`alloc_kv`), so its address is stable across runs;
   every input and output of a scale is bound once to a static torch tensor (the cache prefix as
   past_kv, the cache slice as new_kv), and feeds are copied into those tensors before a run.
 * CUDA graphs: the first run of a scale executes normally, the second captures
-  `execute_async_v3` into a torch.cuda.CUDAGraph, later runs replay it. If capture fails, that
+  `execute_async_v3` into a torch.cuda.CUDAGraph, later runs replay it. Capture uses the
+  thread-local capture mode (as trtexec does): serving runs replicas in threads, and the global
+  mode would make another thread's CUDA calls fail during a capture. If capture fails, that
   scale runs plain `execute_async_v3` from then on (one warning); a real execution error then
   surfaces from the plain run, not hidden behind a capture error.
 * Before loading: the manifest's TensorRT version and GPU against this machine
@@ -17,7 +22,9 @@ tensorrt it raises a clear error; nothing here is imported by the other backends
   only for those; the plan's sha256 was checked against the manifest. After loading: every I/O
   tensor's mode, dtype and per-profile shapes against the manifest (`check_engine_io`).
 
-Not run on the build machines (no GPU, no TensorRT); scripts/gpu_check.sh exercises it.
+Tested on the CPU against the real TensorRT 10.8, 10.16 and 11.4 Python bindings through a strict
+fake (tests/trt_real: every call bound against the real signatures, execution by ONNX Runtime);
+never yet run on a GPU with TensorRT. scripts/gpu_check.sh exercises it where both exist.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from typing import Dict, List, Optional
 import torch
 
 from contract.manifest import Manifest
-from contract.tensorrt import check_compat, import_tensorrt
+from contract.tensorrt import check_compat, check_profile_scales, import_tensorrt
 from graphs.config import ConfigError
 
 from .base import BackendInfo
@@ -40,7 +47,7 @@ TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32"
 
 
 def _enum_name(v) -> str:
-    return getattr(v, "name", str(v).rsplit(".", 1)[-1])
+    return v.name
 
 
 def make_runtime(trt, sec: Dict):
@@ -95,26 +102,19 @@ def check_engine_io(engine, path: str, inputs: List[Dict], outputs: List[Dict],
 class _Engine:
     """One deserialized engine, a context per profile sharing `scratch`, static I/O tensors."""
 
-    def __init__(self, trt, engine, n_profiles: int, stream: torch.cuda.Stream):
+    def __init__(self, trt, engine, path: str, n_profiles: int, stream: torch.cuda.Stream):
         self.engine = engine
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        self.contexts = [self.engine.create_execution_context(strategy) for _ in range(max(n_profiles, 1))]
-        size = self._scratch_bytes(max(n_profiles, 1))
+        n = max(n_profiles, 1)
+        self.contexts = [self.engine.create_execution_context(strategy) for _ in range(n)]
+        size = max(int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(n))
         self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
         for i, ctx in enumerate(self.contexts):
-            if n_profiles:
-                ctx.set_optimization_profile_async(i, stream.cuda_stream)
-            if hasattr(ctx, "set_device_memory"):
-                ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
-            else:                                        # TensorRT 10.0
-                ctx.device_memory = self.scratch.data_ptr()
+            if n_profiles and not ctx.set_optimization_profile_async(i, stream.cuda_stream):
+                raise ConfigError(f"{path}: TensorRT refused to select optimization profile {i}; the engine does "
+                                  f"not belong to these artifacts: re-export with --target trt --force")
+            ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
         stream.synchronize()
-
-    def _scratch_bytes(self, n: int) -> int:
-        e = self.engine
-        if hasattr(e, "get_device_memory_size_for_profile_v2"):
-            return max(int(e.get_device_memory_size_for_profile_v2(i)) for i in range(n))
-        return int(getattr(e, "device_memory_size_v2", e.device_memory_size))
 
 
 class TrtBackend:
@@ -128,18 +128,22 @@ class TrtBackend:
         check_compat(sec, trt.__version__, props.name, f"{props.major}.{props.minor}")
         self.man, self.trt, self.cuda_graphs = man, trt, cuda_graphs
         self.K = len(engines["step"]["profiles"])
+        order = check_profile_scales(engines["step"].get("profile_scales"), self.K)    # engine profile -> scale
         self.stream = torch.cuda.Stream()
         rt = make_runtime(trt, sec)
         step, dec = man.graph("step"), man.graph("decoder")
         path = man.path(engines["step"]["file"])
         e = deserialize(rt, path, sec)
-        check_engine_io(e, path, step["inputs"], step["outputs"], step["profiles"], step["output_shapes"])
-        self.step_engine = _Engine(trt, e, self.K, self.stream)
+        check_engine_io(e, path, step["inputs"], step["outputs"], [step["profiles"][k] for k in order],
+                        [step["output_shapes"][k] for k in order])
+        eng = _Engine(trt, e, path, self.K, self.stream)
+        self.step_contexts = {k: eng.contexts[i] for i, k in enumerate(order)}        # scale -> its context
+        self.step_engine = eng
         path = man.path(engines["decoder"]["file"])
         e = deserialize(rt, path, sec)
         check_engine_io(e, path, dec["inputs"], dec["outputs"], [{i["name"]: i["shape"] for i in dec["inputs"]}],
                         [{o["name"]: o["shape"] for o in dec["outputs"]}])
-        self.dec_engine = _Engine(trt, e, 0, self.stream)
+        self.dec_engine = _Engine(trt, e, path, 0, self.stream)
         self.consts = man.scale_consts("cuda")
         self.dynamic = set(man.graph("step")["dynamic_inputs"])
         self.in_dtype = man.input_dtypes("step")
@@ -163,11 +167,15 @@ class TrtBackend:
         return self.kv
 
     def _bind_static(self, key: int, ctx, tensors: Dict[str, torch.Tensor], shaped: Dict[str, list]):
+        what = "the decoder" if key < 0 else f"scale {key}"
         for name, shape in shaped.items():
-            ctx.set_input_shape(name, tuple(shape))
+            if not ctx.set_input_shape(name, tuple(shape)):
+                raise ConfigError(f"TensorRT refused the shape {list(shape)} of {name} for {what} (outside the engine's "
+                                  f"profile): the engines do not belong to these artifacts: re-export with --target trt "
+                                  f"--force")
         for name, t in tensors.items():
             if not ctx.set_tensor_address(name, t.data_ptr()):
-                raise RuntimeError(f"TensorRT refused the address of {name}")
+                raise RuntimeError(f"TensorRT refused the address of {name} for {what}")
         self.bound[key] = tensors
 
     def _run_plain(self, ctx) -> None:
@@ -179,7 +187,7 @@ class TrtBackend:
         fails: the caller then runs plainly, so a real execution error shows as itself."""
         try:
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=self.stream):
+            with torch.cuda.graph(g, stream=self.stream, capture_error_mode="thread_local"):
                 ok = ctx.execute_async_v3(self.stream.cuda_stream)   # no raise inside: capture_end would mask it
             if not ok:
                 raise RuntimeError("execute_async_v3 returned False during capture")
@@ -209,7 +217,7 @@ class TrtBackend:
     def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.kv is None or kv_out.untyped_storage().data_ptr() != self.kv.untyped_storage().data_ptr():
             raise ConfigError("the tensorrt backend owns the KV cache: run it through runtime.pipeline.Pipeline")
-        ctx = self.step_engine.contexts[k]
+        ctx = self.step_contexts[k]
         full = dict(feeds, **self.consts[k])
         prof = self.man.profile(k)
         if k not in self.bound:

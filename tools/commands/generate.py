@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from tqdm import tqdm
-    from runtime.pipeline import save_grid
+    from runtime.images import png_note, save_grid
 
     check_outputs(("--out", a.out, ".png"), ("--save-tokens", a.save_tokens, None),
                   inputs=(a.artifacts, a.ckpt, a.vae_ckpt))       # before the run, not after it
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{a.backend}]", unit="scale", file=sys.stderr) as bar:
         res = pipe.run(a.classes, a.seed, a.guidance, sampler, ssg, progress=lambda k: bar.update(1),
                        more_smooth=a.more_smooth)
-    note = (f"{cfg.name} backend={a.backend} classes={a.classes} seeds={a.seed}..{a.seed + len(a.classes) - 1} "
-            f"cfg={a.guidance} more_smooth={a.more_smooth} "
-            f"top_k={a.top_k} top_p={a.top_p} T={a.temperature} ssg={ssg.spec} dse={ssg.transform}; {source}")
+    note = png_note(cfg.name, a.backend, a.classes, a.seed, guidance=a.guidance, ssg=ssg.spec, top_k=a.top_k,
+                    top_p=a.top_p, temperature=a.temperature, transform=ssg.transform, more_smooth=a.more_smooth,
+                    source=source)
     write_outputs([(a.out, lambda path: save_grid(res.images, path, note)),      # both or neither
                    (a.save_tokens, json_writer({"note": note, "tokens": [t.tolist() for t in res.tokens]}))])
     print(f"wrote {a.out} ({note})")

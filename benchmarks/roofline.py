@@ -3,6 +3,8 @@ summed over the K scales (each scale is one pass that reads every transformer we
 
 FLOPs count multiply-adds as 2 and cover the matrix products (projections, attention, FFN,
 AdaLN, head, the DSE prior); element-wise work, the sampler and the decoder are left out.
+`choose_floor` is the one place that picks the peaks (given, or a known GPU's data sheet) and
+the bytes per weight for a precision; bench and the GPU check both use it.
 """
 from __future__ import annotations
 
@@ -76,3 +78,38 @@ def gpu_peaks(name: str) -> Optional[Dict[str, float]]:
         if key in name:
             return v
     return None
+
+
+@dataclass(frozen=True)
+class FloorChoice:
+    """The floor of one batch and where its peaks came from."""
+    floor: Floor
+    peak_flops: float
+    bandwidth: float
+    source: str              # "given" | "<GPU name> data sheet, fp32|fp16"
+
+    @property
+    def seconds(self) -> float:
+        return self.floor.seconds
+
+    def describe(self, num_scales: int) -> str:
+        f = self.floor
+        return (f"floor {f.seconds * 1000:.2f} ms per batch = sum over scales of max(FLOPs/{self.peak_flops / 1e12:.0f} "
+                f"TFLOP/s, weights {f.weight_bytes / num_scales / 2**20:.0f} MiB/{self.bandwidth / 1e9:.0f} GB/s) "
+                f"({self.source}); {f.flops / 1e9:.1f} GFLOP, compute-bound scales {f.compute_bound_scales}")
+
+
+def choose_floor(cfg: VARConfig, batch: int, precision: str, gpu: Optional[str] = None,
+                 peak_flops: Optional[float] = None, bandwidth: Optional[float] = None) -> Optional[FloorChoice]:
+    """The roofline floor of one batch at `precision` (fp32 weights 4 bytes, fp16/bf16 2): with
+    both peaks given, those; else, on a GPU named in GPU_PEAKS, its data sheet (fp32, or the
+    fp16 tensor rate for half precision); else None (no floor)."""
+    source = "given"
+    if not (peak_flops and bandwidth):
+        peaks = gpu_peaks(gpu) if gpu else None
+        if not peaks:
+            return None
+        key = "fp32" if precision == "fp32" else "fp16"
+        peak_flops, bandwidth, source = peaks[key], peaks["bandwidth"], f"{gpu} data sheet, {key}"
+    bpp = 4 if precision == "fp32" else 2
+    return FloorChoice(floor(cfg, batch, peak_flops, bandwidth, bpp), peak_flops, bandwidth, source)

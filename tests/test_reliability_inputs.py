@@ -1,0 +1,101 @@
+"""Bad flags and checkpoints at the CLI: one `error:` line and exit 2, with the message that names
+the real problem (not argparse's "expected one argument", not "no CUDA device", not a download)."""
+import importlib
+
+import pytest
+import torch
+
+from graphs.config import ConfigError, get_preset
+from tests.conftest import TINY
+from tools.cli import run_main
+
+MODEL = ["--model", TINY, "--random-init", "0"]
+
+
+def cli(capsys, name, *args):
+    """tools.commands.NAME.main under the CLI's error policy, in this process: (exit code, stderr)."""
+    cmd = importlib.import_module(f"tools.commands.{name}")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: cmd.main([str(a) for a in args]))
+    return e.value.code or 0, capsys.readouterr().err
+
+
+def one_line_error(rc_err, msg):
+    rc, err = rc_err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2 and len(lines) == 1 and msg in lines[0], (rc, err[-1500:])
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--cfg", "-inf", "argument --cfg: '-inf' is not finite"),
+    ("--cfg", "-nan", "argument --cfg: '-nan' is not finite"),
+    ("--temperature", "-inf", "argument --temperature: '-inf' is not finite"),
+    ("--top-p", "-nan", "argument --top-p: '-nan' is not finite"),
+    ("--top-p", "-Infinity", "argument --top-p: '-Infinity' is not finite"),
+])
+def test_non_finite_numbers_name_the_flag(capsys, tmp_path, flag, value, msg):
+    one_line_error(cli(capsys, "generate", *MODEL, flag, value, "--out", tmp_path / "x.png"), msg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_negative_numbers_still_parse(capsys, tmp_path):
+    from tools.cli import add_sampling_args, parser
+    p = parser("t")
+    add_sampling_args(p)
+    a = p.parse_args(["--cfg", "-1e2", "--ssg-beta", "-0.5"])
+    assert a.guidance == -100.0 and a.ssg_beta == "-0.5"
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "cpu:1", "", "cuda:x"])
+def test_unknown_devices_are_named(capsys, tmp_path, device):
+    line = one_line_error(cli(capsys, "generate", *MODEL, "--device", device, "--out", tmp_path / "x.png"),
+                          f"--device must be cpu or cuda")
+    assert "CUDA device" not in line and repr(device) in line
+
+
+def test_a_preset_name_with_a_newline_is_refused(capsys, tmp_path):
+    one_line_error(cli(capsys, "export", "--model", TINY + "\n", "--random-init", "0", "--out", tmp_path / "a"),
+                   "unknown preset 'var-d2-tiny\\n'")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError):
+        get_preset("var-d16 ")
+
+
+def test_empty_checkpoint_flags_are_refused_before_any_download(capsys, tmp_path, monkeypatch):
+    import graphs.weights
+    monkeypatch.setattr(graphs.weights, "download_official", lambda cfg: pytest.fail("started a download"))
+    one_line_error(cli(capsys, "export", "--model", "var-d16", "--ckpt", "", "--vae-ckpt", "", "--out", tmp_path / "a"),
+                   "--ckpt is empty")
+
+
+def test_safetensors_named_pth_is_not_called_pickled(capsys, tmp_path):
+    from safetensors.torch import save_file
+    from graphs.weights import random_state_dicts
+    var_sd, vae_sd = random_state_dicts(get_preset(TINY), 0)
+    save_file({k: v.contiguous() for k, v in var_sd.items()}, str(tmp_path / "var.pth"))
+    save_file({k: v.contiguous() for k, v in vae_sd.items()}, str(tmp_path / "vae.pth"))
+    rc, err = cli(capsys, "generate", "--model", TINY, "--ckpt", tmp_path / "var.pth", "--vae-ckpt", tmp_path / "vae.pth",
+                  "--class", "3", "--out", tmp_path / "x.png")
+    assert rc == 0 and "pickled" not in err, err
+    assert (tmp_path / "x.png").is_file()
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("int-key", "not a state dict of tensors (key 0 is a int"),
+    ("nan", "holds NaN or infinite values"),
+])
+def test_bad_checkpoint_contents_are_one_line(capsys, tmp_path, case, msg):
+    from graphs.weights import random_state_dicts
+    var_sd, vae_sd = random_state_dicts(get_preset(TINY), 0)
+    torch.save(vae_sd, tmp_path / "vae.pth")
+    if case == "int-key":
+        torch.save({0: torch.zeros(1)}, tmp_path / "var.pth")
+    else:
+        var_sd["head.weight"][0, 0] = float("nan")
+        torch.save(var_sd, tmp_path / "var.pth")
+    one_line_error(cli(capsys, "generate", "--model", TINY, "--ckpt", tmp_path / "var.pth", "--vae-ckpt",
+                       tmp_path / "vae.pth", "--out", tmp_path / "x.png"), msg)
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,245 @@
+"""The TensorRT code paths, run by tests/test_trt.py in a child whose `tensorrt` is the strict
+fake over the real bindings (run_under_real_trt). Each function asserts what it can see and
+returns a JSON summary."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+
+from tests.trt_real.sim import MACHINE
+
+TINY = "var-d2-tiny"
+
+
+class _Log(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+        logging.getLogger().addHandler(self)
+        logging.getLogger().setLevel(logging.INFO)
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def take(self):
+        out, self.lines = "\n".join(self.lines), []
+        return out
+
+
+def build_every_option(onnx_dir: str, work: str):
+    """export.trt_build on the real API: flags, profiles (order, shapes, memory targets), strongly
+    typed networks, and the timing cache's life (fresh, reused, from another GPU, from another
+    TensorRT version, unreadable)."""
+    from contract.manifest import load_manifest
+    from contract.tensorrt import profile_scales
+    from export.trt_build import TIMING_CACHE, TimingCache, build_engines
+    log = _Log()
+    man = load_manifest(onnx_dir).data
+    step_profiles = man["graphs"]["step"]["profiles"]
+    K = len(step_profiles)
+    cache = os.path.join(work, TIMING_CACHE)
+
+    engines, sec = build_engines(onnx_dir, man, out_dir=work)
+    step, dec = MACHINE.builds[-2:]
+    assert step["flags"] == [] and dec["flags"] == [], step["flags"]        # TF32 (on by default) cleared
+    assert step["hw"] == dec["hw"] == "NONE" and step["strongly_typed"] and dec["strongly_typed"]
+    assert engines["step"]["profile_scales"] == profile_scales(K) == [K - 1] + list(range(K - 1))
+    for i, k in enumerate(profile_scales(K)):                             # engine profile i = scale k
+        for name, (mn, op, mx) in step["profiles"][i].items():
+            assert mn == op == mx == list(step_profiles[k][name]), (i, k, name)
+    assert step["extra_memory_target"] == [1.0] + [0.0] * (K - 1)
+    assert len(dec["profiles"]) == 1 and dec["extra_memory_target"] == []
+    assert step["cache"] == dec["cache"] == dict(version=MACHINE.version, gpu=MACHINE.gpu)
+    assert "reusing" not in log.take()
+    with open(cache, "rb") as f:
+        assert f.readline() == TimingCache.HEADER + MACHINE.version.encode() + b"\n"
+    assert sec["version"] == MACHINE.version and sec["gpu"] == MACHINE.gpu and sec["compute_capability"] == "9.0"
+
+    engines, sec = build_engines(onnx_dir, man, out_dir=work, tf32=True, hardware_compat=True, version_compat=True)
+    step, dec = MACHINE.builds[-2:]
+    assert step["flags"] == dec["flags"] == ["TF32", "VERSION_COMPATIBLE"] and step["hw"] == "AMPERE_PLUS"
+    assert engines["step"]["tf32"] and engines["decoder"]["version_compatible"] and sec["hardware_compatible"]
+    assert "reusing the timing cache" in log.take()
+
+    def rewrite(old: bytes, new: bytes):
+        with open(cache, "rb") as f:
+            data = f.read()
+        with open(cache, "wb") as f:
+            f.write(data.replace(old, new, 1))
+
+    rewrite(MACHINE.gpu.encode(), b"NVIDIA A100")                      # a cache made on another GPU
+    build_engines(onnx_dir, man, out_dir=work)
+    assert "rejected the timing cache" in log.take()
+    assert MACHINE.builds[-1]["cache"]["gpu"] == MACHINE.gpu
+    rewrite(b"TensorRT " + MACHINE.version.encode(), b"TensorRT 10.9.0.34")    # written by another TensorRT
+    n = len(MACHINE.caches_created)
+    build_engines(onnx_dir, man, out_dir=work)
+    assert "written by TensorRT 10.9.0.34" in log.take()
+    assert MACHINE.caches_created[n:] == [b""]                         # its bytes never reached TensorRT
+    with open(cache, "wb") as f:                                       # no header: not ours
+        f.write(b"\x00garbage")
+    build_engines(onnx_dir, man, out_dir=work)
+    assert "written by an unknown TensorRT" in log.take()
+    with open(cache, "rb") as f:
+        assert f.readline().startswith(TimingCache.HEADER)
+    return dict(version=MACHINE.version, builds=len(MACHINE.builds))
+
+
+def pipeline_runs(art_dir: str, work: str):
+    """export (engines only: the graphs are up to date) -> TrtBackend: load, I/O checks, three
+    full runs (plain, CUDA-graph capture, replay) with the decoder, each against ONNX Runtime."""
+    from contract.manifest import load_manifest
+    from export import onnx_export
+    from export.onnx_export import ExportConfig, export_artifacts
+    from graphs.config import ConfigError, SamplerConfig, get_preset, make_ssg
+    from graphs.weights import WeightSource, random_models
+    from runtime.backends import open_backend
+    from runtime.backends.trt import check_engine_io
+    from runtime.pipeline import Pipeline
+    from tests.trt_real import fake_cuda
+
+    out = os.path.join(work, "a")
+    shutil.copytree(art_dir, out)
+    cfg = get_preset(TINY)
+    var, vae = random_models(cfg, 0)
+
+    def no_onnx_export(*a, **kw):
+        raise AssertionError("the ONNX graphs are up to date: only the engines may be built")
+    onnx_export._export_into = no_onnx_export
+    man_data = load_manifest(art_dir).data
+    ec = ExportConfig(**{k: v for k, v in man_data["export"].items() if k in ExportConfig.__dataclass_fields__})
+    ec = ExportConfig(**{**ec.__dict__, "target": "trt"})
+    export_artifacts(var, vae, WeightSource(kind="random", seed=0), out, ec)
+    man = load_manifest(out)
+    K = cfg.num_scales
+    assert man.data["engines"]["step"]["profile_scales"] == [K - 1] + list(range(K - 1))
+
+    s, ssg = SamplerConfig(top_k=40, top_p=0.9), make_ssg("linear:0.1,0.3", man.transform)
+    cls = [3]
+    ref = Pipeline(open_backend("onnxruntime", out, device="cpu")).run(cls, 5, guidance=1.5, sampler=s, ssg=ssg,
+                                                                          keep_logits=True)
+    backend = open_backend("tensorrt", out)
+    trt = Pipeline(backend)
+    runs = []
+    for r in range(3):                              # plain, capture (+ replay), replay
+        n = len(MACHINE.executions)
+        res = trt.run(cls, 5, guidance=1.5, sampler=s, ssg=ssg, keep_logits=True)
+        assert len(MACHINE.executions) - n == K + 1, (r, len(MACHINE.executions) - n)   # every scale + decoder ran
+        for k in range(K):
+            assert torch.equal(res.tokens[k], ref.tokens[k]), (r, k)
+            assert torch.allclose(res.logits[k], ref.logits[k], atol=1e-5, rtol=0), (r, k)
+        assert torch.allclose(res.images, ref.images, atol=1e-5, rtol=0)
+        runs.append(dict(graphs=sorted(backend.graphs), replays={k: g.replays for k, g in backend.graphs.items()}))
+    assert runs[0]["graphs"] == [] and runs[1]["graphs"] == runs[2]["graphs"] == list(range(-1, K))
+    assert all(v == 2 for v in runs[2]["replays"].values()), runs[2]
+    assert set(fake_cuda.STATE.capture_modes) == {"thread_local"}
+
+    # the engine's I/O against a manifest it does not belong to; a shape outside the profile
+    from runtime.backends.trt import deserialize, make_runtime
+    import tensorrt
+    sec = man.data["tensorrt"]
+    path = man.path("step_all.plan")
+    e = deserialize(make_runtime(tensorrt, sec), path, sec)
+    step = man.graph("step")
+    order = man.data["engines"]["step"]["profile_scales"]
+    check_engine_io(e, path, step["inputs"], step["outputs"], [step["profiles"][k] for k in order],
+                    [step["output_shapes"][k] for k in order])
+    refused = []
+    for profiles, msg in (([step["profiles"][k] for k in range(K)], "in profile 0"),       # scale order: wrong
+                          ([step["profiles"][k] for k in order][:-1], "optimization profiles")):
+        try:
+            check_engine_io(e, path, step["inputs"], step["outputs"], profiles,
+                            [step["output_shapes"][k] for k in order])
+        except ConfigError as err:
+            assert msg in str(err), str(err)
+            refused.append(msg)
+    assert len(refused) == 2
+    ctx = backend.step_contexts[1]
+    try:
+        backend._bind_static(1, ctx, {}, {"noise": [1, 99]})
+        raise AssertionError("a shape outside the profile was taken")
+    except ConfigError as err:
+        assert "TensorRT refused the shape [1, 99] of noise for scale 1" in str(err)
+
+    # export again: up to date on this machine; on another GPU only the engines are rebuilt,
+    # and that GPU's TensorRT refuses the H200's timing cache
+    n = len(MACHINE.builds)
+    assert export_artifacts(var, vae, WeightSource(kind="random", seed=0), out, ec).reused
+    assert len(MACHINE.builds) == n
+    log = _Log()
+    MACHINE.gpu = torch.cuda.get_device_properties(0).name = "NVIDIA A100-SXM4-80GB"
+    torch.cuda.get_device_properties(0).major, torch.cuda.get_device_properties(0).minor = 8, 0
+    res = export_artifacts(var, vae, WeightSource(kind="random", seed=0), out, ec)
+    assert not res.reused and len(MACHINE.builds) == n + 2 and res.manifest["tensorrt"]["gpu"] == MACHINE.gpu
+    assert "rejected the timing cache" in log.take()
+    return dict(version=MACHINE.version, executions=len(MACHINE.executions), runs=runs)
+
+
+def refusals(work: str):
+    """What the runtime refuses before TensorRT sees an engine: another GPU model of the same
+    compute capability, and a TensorRT older than 10.8."""
+    import tensorrt
+    from contract.tensorrt import check_compat, import_tensorrt
+    from graphs.config import ConfigError
+    sec = dict(version=tensorrt.__version__, gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0",
+               hardware_compatible=False, version_compatible=False)
+    out = []
+    try:
+        check_compat(sec, tensorrt.__version__, MACHINE.gpu, "9.0")
+    except ConfigError as e:
+        out.append(str(e))
+    check_compat(dict(sec, hardware_compatible=True), tensorrt.__version__, MACHINE.gpu, "9.0")
+    real = tensorrt.__version__
+    tensorrt.__version__ = "10.7.0"
+    try:
+        import_tensorrt()
+    except ConfigError as e:
+        out.append(str(e))
+    tensorrt.__version__ = real
+    assert import_tensorrt() is tensorrt
+
+    # version-compatible plans carry host code: the runtime may load it only for those
+    from runtime.backends.trt import deserialize, make_runtime
+    assert make_runtime(tensorrt, dict(sec, version_compatible=True)).engine_host_code_allowed is True
+    rt = make_runtime(tensorrt, sec)
+    assert rt.engine_host_code_allowed is False
+    garbage = os.path.join(work, "step_all.plan")
+    with open(garbage, "wb") as f:
+        f.write(b"garbage")
+    try:
+        deserialize(rt, garbage, sec)
+        raise AssertionError("garbage deserialized")
+    except ConfigError as e:
+        assert "could not deserialize the engine (TensorRT's log above says why" in str(e)
+    return out
+
+
+def strict_fake_refuses():
+    """The strict fake refuses what the real bindings would: each case is one wrong use."""
+    import tensorrt as trt
+    from tests.trt_real.strict import StrictError
+    b = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    config = b.create_builder_config()
+    prof = b.create_optimization_profile()
+    cases = dict(
+        wrong_keyword=lambda: config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatches=False),
+        missing_argument=lambda: prof.set_shape("x", [1], [1]),
+        wrong_type=lambda: config.set_flag("TF32"),
+        float_for_int=lambda: b.create_network(1.0),
+        unknown_attribute=lambda: config.set_tf32(True),
+        read_only_property=lambda: setattr(config, "num_optimization_profiles", 2),
+        setter_type=lambda: setattr(prof, "extra_memory_target", "0"),
+        no_constructor=lambda: trt.IBuilderConfig(),
+        wrong_enum=lambda: config.set_flag(trt.HardwareCompatibilityLevel.AMPERE_PLUS),
+    )
+    out = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            out[name] = None
+        except (TypeError, AttributeError, StrictError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
