@@ -31,6 +31,7 @@ import torch
 
 from graphs.config import DSE_TRANSFORMS, PRECISIONS, ConfigError, VARConfig, get_preset
 from common.files import open_regular, sha256_file
+from contract import stamp
 
 FORMAT = "var-ssg-artifacts"
 FORMAT_VERSION = 2
@@ -337,12 +338,17 @@ def _read_manifest(root: str) -> Any:
         raise ManifestError(f"{p} is corrupt ({type(e).__name__}); re-export with scripts/export.py --force") from None
 
 
-def load_manifest(root: str, verify_hashes: bool = True) -> Manifest:
+def load_manifest(root: str, verify_hashes: bool = True, verify: str = "full") -> Manifest:
+    """verify "full": hash every listed file; "stamp": skip the large files the verified stamp
+    vouches for (contract.stamp). Either records a new stamp after hashing a large file."""
+    if verify not in stamp.VERIFY_MODES:
+        raise ConfigError(f"verify must be one of {', '.join(stamp.VERIFY_MODES)}, got {verify!r}")
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.lexists(root) else "does not exist"
         raise ManifestError(f"artifacts directory {root} {what} (run scripts/export.py --out DIR and give that DIR)")
     data = _read_manifest(root)
     cfg = _validate(os.path.join(root, MANIFEST), data)
+    entries, verified, hashed = stamp.read(root, MANIFEST) if verify_hashes and verify == "stamp" else {}, [], False
     for rel, meta in data["files"].items():
         fp = os.path.join(root, rel)
         try:
@@ -355,13 +361,17 @@ def load_manifest(root: str, verify_hashes: bool = True) -> Manifest:
         if st.st_size != meta["bytes"]:
             raise ManifestError(f"{fp} has {st.st_size} bytes, the manifest says {meta['bytes']}: "
                                 f"the file was changed or truncated; re-export with --force")
-        if verify_hashes:
+        verified.append((rel, stamp.file_key(st), meta["sha256"]))
+        if verify_hashes and not stamp.vouches(entries, rel, meta, st):
+            hashed |= meta["bytes"] >= stamp.SMALL_BYTES        # a stamp worth (re)writing
             try:
                 ok = sha256_file(fp, follow_symlinks=False) == meta["sha256"]
             except OSError as e:
                 raise ManifestError(f"{fp} cannot be read ({e.strerror}); re-export with --force") from None
             if not ok:
                 raise ManifestError(f"{fp}: sha256 does not match the manifest (the file was modified); re-export with --force")
+    if hashed:
+        stamp.record(root, MANIFEST, verified)
     return Manifest(root=os.path.abspath(root), data=data, cfg=cfg)
 
 
@@ -382,15 +392,17 @@ def artifacts_dir_problem(root: str) -> Optional[str]:
     return None
 
 
-def write_manifest(root: str, data: Dict[str, Any]) -> None:
-    """List and hash every file in `root`, then write manifest.json atomically."""
+def write_manifest(root: str, data: Dict[str, Any], hashed: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """List and hash every file in `root`, then write manifest.json atomically. `hashed`: name ->
+    sha256 of files their writer hashed while writing them (export.store), not read again."""
     files = {}
     for name in sorted(os.listdir(root)):
         fp = os.path.join(root, name)
         if name != MANIFEST and os.path.isfile(fp) and not os.path.islink(fp):
-            files[name] = dict(bytes=os.path.getsize(fp), sha256=sha256_file(fp))
+            files[name] = dict(bytes=os.path.getsize(fp), sha256=(hashed or {}).get(name) or sha256_file(fp))
     data = dict(data, files=files)
     tmp = os.path.join(root, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
     os.replace(tmp, os.path.join(root, MANIFEST))
+    return data

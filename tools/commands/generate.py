@@ -9,6 +9,7 @@ import sys
 
 from tools.cli import add_model_args, add_sampling_args, parser
 from common.files import check_outputs, json_writer, write_outputs
+from contract.stamp import VERIFY_MODES
 from graphs.config import BACKENDS, ConfigError, SamplerConfig, get_preset, make_ssg, topk_bake
 
 
@@ -21,6 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="eager/onnxruntime device: cpu or cuda")
     p.add_argument("--out", default="out.png", help="PNG file (a grid for several classes)")
     p.add_argument("--save-tokens", metavar="FILE.json", help="also write the per-scale token ids")
+    p.add_argument("--verify", choices=VERIFY_MODES, default="stamp",
+                   help="artifacts check at start: stamp (default) re-hashes only files changed since they were "
+                        "last verified; full re-hashes every file (DESIGN.md, start-up)")
     a = p.parse_args(argv)
 
     from tqdm import tqdm
@@ -31,8 +35,9 @@ def main(argv=None) -> int:
     sampler = SamplerConfig(top_k=a.top_k, top_p=a.top_p, temperature=a.temperature)
 
     if a.artifacts:
+        from contract.manifest import load_manifest
         from runtime.backends import open_backend
-        backend = open_backend(a.backend, a.artifacts, device=a.device)
+        backend = open_backend(a.backend, load_manifest(a.artifacts, verify=a.verify), device=a.device)
         cfg = backend.info.cfg
         if a.model and a.model != cfg.name:
             raise ConfigError(f"--model {a.model} but the artifacts in {a.artifacts} are {cfg.name}")
