@@ -152,7 +152,7 @@ def test_stage_display_names_each_stage_and_sums_up():
     text = s.getvalue()
     assert "export x: weights ..." in text and "export x: step_export done in" in text
     assert list(d.seconds) == ["weights", "step_export"]
-    assert d.summary().startswith("stages: weights ") and "; total " in d.summary()
+    assert d.summary().startswith("stages: weights ") and "; total " in d.summary() and "(CPU " in d.summary()
 
 
 def test_generate_refuses_a_bad_verify_mode(capsys):
