@@ -29,6 +29,7 @@ import torch
 
 from graphs.config import DSE_TRANSFORMS, PRECISIONS, TRT_TOPK_LIMIT, ConfigError, VARConfig, get_preset, topk_bake
 from common.files import open_regular, sha256_file, write_json
+from contract import stamp
 
 FORMAT = "var-ssg-artifacts"
 FORMAT_VERSION = 2
@@ -453,17 +454,30 @@ def _file_problem(fp: str, meta: Any, verify_hash: bool = True) -> Optional[str]
     return None
 
 
-def load_manifest(root: str, verify_hashes: bool = True) -> Manifest:
+def load_manifest(root: str, verify_hashes: bool = True, verify: str = "full") -> Manifest:
+    """verify "full": hash every listed file; "stamp": skip the large files the verified stamp
+    vouches for (contract.stamp). Either records a new stamp after hashing a large file."""
+    if verify not in stamp.VERIFY_MODES:
+        raise ConfigError(f"verify must be one of {', '.join(stamp.VERIFY_MODES)}, got {verify!r}")
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.lexists(root) else "does not exist"
         raise ManifestError(f"artifacts directory {root} {what} (run scripts/export.py --out DIR and give that DIR)")
     data = _read_manifest(root)
     cfg = _validate(os.path.join(root, MANIFEST), data)
+    entries, verified, hashed = stamp.read(root, MANIFEST) if verify_hashes and verify == "stamp" else {}, [], False
     for rel, meta in data["files"].items():
         fp = os.path.join(root, rel)
-        why = _file_problem(fp, meta, verify_hashes)
+        why = _file_problem(fp, meta, verify_hash=False)
+        if not why:
+            st = os.lstat(fp)
+            verified.append((rel, stamp.file_key(st), meta["sha256"]))
+            if verify_hashes and not stamp.vouches(entries, rel, meta, st):
+                hashed |= meta["bytes"] >= stamp.SMALL_BYTES        # a stamp worth (re)writing
+                why = _file_problem(fp, meta, verify_hash=True)
         if why:
             raise ManifestError(f"{fp} {why}; artifacts must be plain files inside {root}: re-export with --force")
+    if hashed:
+        stamp.record(root, MANIFEST, verified)
     return Manifest(root=os.path.abspath(root), data=data, cfg=cfg)
 
 
@@ -503,11 +517,14 @@ def artifacts_dir_problem(root: str) -> Optional[str]:
     return None
 
 
-def write_manifest(root: str, data: Dict[str, Any]) -> None:
-    """List and hash every file in `root`, then write manifest.json atomically."""
+def write_manifest(root: str, data: Dict[str, Any], hashed: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """List and hash every file in `root`, then write manifest.json atomically. `hashed`: name ->
+    sha256 of files their writer hashed while writing them (export.store), not read again."""
     files = {}
     for name in sorted(os.listdir(root)):
         fp = os.path.join(root, name)
         if name != MANIFEST and os.path.isfile(fp) and not os.path.islink(fp):
-            files[name] = dict(bytes=os.path.getsize(fp), sha256=sha256_file(fp))
-    write_json(os.path.join(root, MANIFEST), dict(data, files=files), indent=2)
+            files[name] = dict(bytes=os.path.getsize(fp), sha256=(hashed or {}).get(name) or sha256_file(fp))
+    data = dict(data, files=files)
+    write_json(os.path.join(root, MANIFEST), data, indent=2)
+    return data

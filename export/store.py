@@ -1,15 +1,33 @@
 """One external-data file shared by every graph: initializers are deduplicated by content, so
-the ten scale graphs (which all read the same transformer weights) store them once."""
+the ten scale graphs (which all read the same transformer weights) store them once.
+
+Writing costs one pass over the weights (DESIGN.md, "Export cost"): each tensor is written
+from its own memory (no bytes copy), hashed once for deduplication, and the file's own sha256
+(the manifest's) is computed on a second thread while it is written, so the file is never read
+back to be hashed.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Tuple
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Optional, Tuple
 
+import numpy as np
 import onnx_ir as ir
 
 INLINE_BYTES = 1024     # smaller tensors stay inside the .onnx file
 ALIGN = 64
+
+
+def tensor_bytes(t) -> memoryview:
+    """The tensor's raw little-endian bytes, without a copy where its memory already holds them."""
+    if sys.byteorder == "little":
+        arr = np.ascontiguousarray(t.numpy())
+        if arr.nbytes == t.nbytes:
+            return memoryview(arr.reshape(-1).view(np.uint8))
+    return memoryview(t.tobytes())          # packed sub-byte types, big-endian hosts
 
 
 class SharedWeights:
@@ -18,19 +36,28 @@ class SharedWeights:
         self.path = os.path.join(directory, filename)
         self._f = open(self.path, "wb")
         self._index: Dict[Tuple[str, int], Tuple[int, int]] = {}
+        self._file_hash = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="weights-sha256")   # in order: one worker
+        self._pending = []
+        self.sha256: Optional[str] = None       # of the whole file, set by close()
         self.bytes_written = 0
         self.bytes_referenced = 0
 
-    def _put(self, data: bytes) -> Tuple[int, int]:
+    def _write(self, data) -> None:
+        self._f.write(data)
+        self.bytes_written += len(data)
+        self._pending.append(self._hasher.submit(self._file_hash.update, data))     # hashlib drops the GIL
+        if len(self._pending) > 64:
+            self._pending = [f for f in self._pending if not f.done()]
+
+    def _put(self, data) -> Tuple[int, int]:
         key = (hashlib.sha256(data).hexdigest(), len(data))
         if key not in self._index:
             pad = (-self.bytes_written) % ALIGN
             if pad:
-                self._f.write(b"\0" * pad)
-                self.bytes_written += pad
+                self._write(b"\0" * pad)
             self._index[key] = (self.bytes_written, len(data))
-            self._f.write(data)
-            self.bytes_written += len(data)
+            self._write(data)
         self.bytes_referenced += len(data)
         return self._index[key]
 
@@ -40,11 +67,17 @@ class SharedWeights:
             t = v.const_value
             if t is None or t.nbytes < INLINE_BYTES:
                 continue
-            off, n = self._put(t.tobytes())
+            off, n = self._put(tensor_bytes(t))
             v.const_value = ir.ExternalTensor(self.filename, off, n, t.dtype, shape=t.shape,
                                               name=v.name, base_dir=self.dir)
 
     def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._hasher.shutdown(wait=True)
+            for f in self._pending:
+                f.result()
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+        self.sha256 = self._file_hash.hexdigest()

@@ -31,6 +31,8 @@ class PipelineSource:
     top_k: Optional[int] = None              # the eager backend's baked top-k follows the request
     device: str = "cpu"
     threads: int = 0                         # CPU threads for this pipeline (0: the library's default)
+    verify: str = "stamp"                    # artifacts: "stamp" (hash only what the verified stamp does
+                                             # not vouch for) or "full" (DESIGN.md, start-up)
 
     @property
     def backend_name(self) -> str:
@@ -45,9 +47,10 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
         import torch
         torch.set_num_threads(src.threads)
     if src.artifacts:
+        from contract.manifest import load_manifest
         from .backends import open_backend
         kw = {"threads": src.threads} if backend == "onnxruntime" and src.threads else {}
-        b = open_backend(backend, src.artifacts, device=src.device, **kw)
+        b = open_backend(backend, load_manifest(src.artifacts, verify=src.verify), device=src.device, **kw)
         if src.model and src.model != b.info.cfg.name:
             raise ConfigError(f"--model {src.model} but the artifacts in {src.artifacts} are {b.info.cfg.name}")
         bad = [t for t in src.transforms if t != b.info.transform]

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import resource
-import sys
 import time
 
 from tools.cli import add_model_args, parser
@@ -30,9 +29,9 @@ def main(argv=None) -> int:
                    help="replace --out if it holds other var-ssg artifacts (never a folder of other files)")
     a = p.parse_args(argv)
 
-    from tqdm import tqdm
     from export.onnx_export import ExportConfig, check_out, export_artifacts
     from graphs.weights import load_models
+    from tools.progress import StageDisplay
 
     t0 = time.time()
     cfg = get_preset(a.model)
@@ -41,12 +40,12 @@ def main(argv=None) -> int:
                       trt_hardware_compatible=a.trt_hardware_compatible, trt_version_compatible=a.trt_version_compatible,
                       trt_tf32=a.trt_tf32)
     check_out(a.out)                  # user files, a file, a bad name: refused before loading weights
-    var, vae, src = load_models(cfg, a.ckpt, a.vae_ckpt, a.random_init)
-    stages = ["step", "decoder", "check"]
-    with tqdm(total=len(stages), desc=f"export {cfg.name}", unit="stage", file=sys.stderr) as bar:
-        res = export_artifacts(var, vae, src, a.out, ec, force=a.force,
-                               progress=lambda s: (bar.set_postfix_str(s), bar.update(1 if s != "step" else 0)))
-        bar.update(bar.total - bar.n)
+    with StageDisplay(f"export {cfg.name}") as stages:
+        stages("weights")
+        var, vae, src = load_models(cfg, a.ckpt, a.vae_ckpt, a.random_init)
+        stages("reuse check")             # until the exporter names its first stage
+        res = export_artifacts(var, vae, src, a.out, ec, force=a.force, progress=stages)
+    print(stages.summary())
     if res.reused:
         print(f"{a.out} is up to date (same model, weights and options; files verified): nothing exported")
         return 0

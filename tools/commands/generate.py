@@ -9,6 +9,7 @@ import sys
 
 from tools.cli import add_model_args, add_sampling_args, parser
 from common.files import check_outputs, json_writer, write_outputs
+from contract.stamp import VERIFY_MODES
 from graphs.config import BACKENDS, SamplerConfig, make_ssg
 
 
@@ -21,6 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="eager/onnxruntime device: cpu or cuda")
     p.add_argument("--out", default="out.png", help="PNG file (a grid for several classes)")
     p.add_argument("--save-tokens", metavar="FILE.json", help="also write the per-scale token ids")
+    p.add_argument("--verify", choices=VERIFY_MODES, default="stamp",
+                   help="artifacts check at start: stamp (default) re-hashes only files changed since they were "
+                        "last verified; full re-hashes every file (DESIGN.md, start-up)")
     a = p.parse_args(argv)
 
     from tqdm import tqdm
@@ -33,7 +37,8 @@ def main(argv=None) -> int:
     from runtime.opener import PipelineSource, open_pipelines
     (pipe,), source = open_pipelines(PipelineSource(
         artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt,
-        random_init=a.random_init, transforms=(a.dse,) if a.dse else (), top_k=a.top_k, device=a.device))
+        random_init=a.random_init, transforms=(a.dse,) if a.dse else (), top_k=a.top_k, device=a.device,
+        verify=a.verify))
     cfg = pipe.info.cfg
     ssg = make_ssg(a.ssg_beta, a.dse or pipe.info.transform, cfg.num_scales)
 

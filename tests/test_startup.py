@@ -1,0 +1,182 @@
+"""Start-up costs: the export's optimiser (same graph, faster), weights written once and hashed
+while written, stage timings, and the verified stamp that lets later starts skip re-hashing."""
+import io
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from common.files import sha256_file
+from contract import stamp
+from contract.manifest import ManifestError, load_manifest
+from graphs.config import ConfigError
+
+EXPORT_STAGES = ["step_export", "step_write", "decoder", "flush", "check", "manifest"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("VAR_SSG_CACHE", str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One var-d2-tiny export with its own stamp cache: (dir, manifest, stages seen, cache)."""
+    from export.onnx_export import ExportConfig, export_artifacts
+    from graphs.config import get_preset
+    from graphs.weights import WeightSource, random_models
+    base = tmp_path_factory.mktemp("startup")
+    old = os.environ.get("VAR_SSG_CACHE")
+    os.environ["VAR_SSG_CACHE"] = str(base / "cache")
+    try:
+        var, vae = random_models(get_preset("var-d2-tiny"), 0)
+        seen = []
+        res = export_artifacts(var, vae, WeightSource(kind="random", seed=0), str(base / "a"),
+                               ExportConfig(top_k=64), progress=seen.append)
+    finally:
+        if old is None:
+            os.environ.pop("VAR_SSG_CACHE")
+        else:
+            os.environ["VAR_SSG_CACHE"] = old
+    return str(base / "a"), res.manifest, seen, str(base / "cache")
+
+
+def _count_hashes(monkeypatch):
+    import contract.manifest as m
+    hashed = []
+    real = m.sha256_file
+
+    def counting(path, *a, **kw):
+        hashed.append(os.path.basename(path))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(m, "sha256_file", counting)
+    return hashed
+
+
+@pytest.mark.slow
+def test_export_records_stages_hashes_while_writing_and_stamps(exported, monkeypatch):
+    out, man, seen, cache = exported
+    assert seen == EXPORT_STAGES                                    # progress names each stage as it starts
+    assert list(man["export"]["stage_seconds"]) == EXPORT_STAGES[:-1]   # recorded up to the manifest itself
+    assert all(s >= 0 for s in man["export"]["stage_seconds"].values())
+    data = load_manifest(out, verify_hashes=False).data
+    w = data["external_data"]["file"]
+    assert data["files"][w]["sha256"] == sha256_file(os.path.join(out, w))     # the hash taken while writing
+    # the export's own stamp: a stamp-mode start hashes only the small files
+    monkeypatch.setenv("VAR_SSG_CACHE", cache)
+    monkeypatch.setattr(stamp, "SMALL_BYTES", 1)
+    hashed = _count_hashes(monkeypatch)
+    load_manifest(out, verify="stamp")
+    assert hashed == []
+    load_manifest(out, verify="full")
+    assert sorted(hashed) == sorted(data["files"])
+
+
+@pytest.mark.slow
+def test_stamp_skips_unchanged_files_and_catches_changed_ones(exported, tmp_path, monkeypatch):
+    out = str(tmp_path / "copy")
+    shutil.copytree(exported[0], out)                     # new inodes: the export's stamp does not apply
+    monkeypatch.setattr(stamp, "SMALL_BYTES", 1)
+    hashed = _count_hashes(monkeypatch)
+    files = load_manifest(out, verify="stamp").data["files"]
+    assert sorted(hashed) == sorted(files)                # no stamp yet: every file hashed, then stamped
+    hashed.clear()
+    load_manifest(out, verify="stamp")
+    assert hashed == []
+    # the same size, the old mtime put back: ctime still moves, so the stamp no longer vouches
+    w = os.path.join(out, "weights.bin")
+    st = os.stat(w)
+    with open(w, "r+b") as f:
+        b = f.read(1)
+        f.seek(0)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ManifestError, match="sha256 does not match"):
+        load_manifest(out, verify="stamp")
+
+
+def test_stamp_vouches_only_for_large_files_with_the_same_identity_and_hash(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 100)
+    st = os.lstat(p)
+    entries = {"f": dict(key=list(stamp.file_key(st)), sha256="a" * 64)}
+    big = dict(bytes=100, sha256="a" * 64)
+    assert not stamp.vouches(entries, "f", big, st)                 # below SMALL_BYTES: always hashed
+    old = stamp.SMALL_BYTES
+    stamp.SMALL_BYTES = 1
+    try:
+        assert stamp.vouches(entries, "f", big, st)
+        assert not stamp.vouches(entries, "f", dict(big, sha256="b" * 64), st)     # another manifest
+        assert not stamp.vouches(entries, "g", big, st)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        assert not stamp.vouches(entries, "f", big, os.lstat(p))
+    finally:
+        stamp.SMALL_BYTES = old
+
+
+def test_stamp_in_an_unwritable_cache_is_no_error(tmp_path, monkeypatch):
+    (tmp_path / "manifest.json").write_text("{}")
+    blocker = tmp_path / "notadir"
+    blocker.write_text("")
+    monkeypatch.setenv("VAR_SSG_CACHE", str(blocker))
+    stamp.record(str(tmp_path), "manifest.json", [("x", (1, 2, 3, 4, 5), "a" * 64)])
+    assert stamp.read(str(tmp_path), "manifest.json") == {}
+
+
+def test_load_manifest_refuses_an_unknown_verify_mode(tmp_path):
+    with pytest.raises(ConfigError, match="verify must be one of"):
+        load_manifest(str(tmp_path), verify="quick")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_weights_are_written_from_the_tensors_own_memory(dtype):
+    from torch.onnx._internal.exporter._core import TorchTensor
+    from export.store import tensor_bytes
+    t = TorchTensor((torch.arange(24, dtype=torch.float32) * 1.5).reshape(2, 3, 4).to(dtype))
+    view = tensor_bytes(t)
+    assert bytes(view) == t.tobytes()
+    if dtype is torch.float32:
+        assert view.obj.ctypes.data == t.raw.data_ptr()       # no copy
+
+
+def test_stage_display_names_each_stage_and_sums_up():
+    from tools.progress import StageDisplay
+    s = io.StringIO()
+    with StageDisplay("export x", stream=s) as d:
+        d("weights")
+        d("step_export")
+    text = s.getvalue()
+    assert "export x: weights ..." in text and "export x: step_export done in" in text
+    assert list(d.seconds) == ["weights", "step_export"]
+    assert d.summary().startswith("stages: weights ") and "; total " in d.summary() and "(CPU " in d.summary()
+
+
+def test_generate_refuses_a_bad_verify_mode(capsys):
+    from tools.commands import generate
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--backend", "onnxruntime", "--artifacts", "x", "--verify", "quick"])
+    assert e.value.code == 2 and "--verify" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
+    """export.optimize skips one rewrite rule for speed; the step graph must stay torch's own."""
+    import onnx_ir as ir
+    from export.onnx_export import _export_one
+    from graphs.components import StepComponent
+    from graphs.step import StepSpec
+    cfg, var, vae = tiny
+    step = StepComponent(cfg, 1, StepSpec(transform="dct", k_max=64, dtype=torch.float32))
+    m, feeds = step.module(var, vae).eval(), step.example_feeds(step.example_scale())
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ref = torch.onnx.export(m, (), kwargs=feeds, dynamo=True, input_names=step.inputs, output_names=step.outputs,
+                                opset_version=18, optimize=True, verbose=False,
+                                dynamic_shapes=step.dynamic_shapes()).model
+    ours = _export_one(m, feeds, step.inputs, step.outputs, 18, dynamic_shapes=step.dynamic_shapes())
+    assert ir.to_proto(ours).SerializeToString(deterministic=True) == \
+        ir.to_proto(ref).SerializeToString(deterministic=True)
