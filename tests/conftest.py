@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -10,6 +13,12 @@ from graphs.config import get_preset  # noqa: E402
 from graphs.weights import random_models  # noqa: E402
 
 TINY = "var-d2-tiny"
+
+# Verified stamps (contract.stamp) go to a cache of the test session's own, never to ~/.cache
+# (subprocesses inherit it); removed when the session ends.
+_STAMPS = tempfile.mkdtemp(prefix="var-ssg-test-cache-")
+os.environ["VAR_SSG_CACHE"] = _STAMPS
+atexit.register(shutil.rmtree, _STAMPS, True)
 
 
 def pytest_collection_modifyitems(items):
