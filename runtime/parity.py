@@ -28,6 +28,7 @@ the transformer), so the sampler check is exact for every precision.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -63,7 +64,9 @@ def _kept(l64: torch.Tensor, T, top_k, top_p, k_max: int, thr_scale: float = 1.0
     z = l64 / T
     if k_max > 0:
         K = min(k_max, z.shape[-1])
-        order = torch.sort(z, dim=-1, descending=True, stable=True).indices[..., :K]
+        cand = torch.topk(z, min(K + 1, z.shape[-1]), dim=-1).indices.sort(-1).values    # ids ascending
+        order = cand.gather(-1, torch.sort(z.gather(-1, cand), dim=-1, descending=True, stable=True).indices)
+        order = order[..., :K]                   # ties (rare: equal fp32 logits) go to the lower id
         vals = z.gather(-1, order)
         vals = torch.where(torch.arange(K) < top_k, vals, torch.full_like(vals, -torch.inf))
         p = vals.softmax(-1)
@@ -208,21 +211,19 @@ def run_info(ref: RunResult, num_scales: int) -> RunInfo:
                    smooth=torch.tensor([bool(r.more_smooth) for r in ref.rows]))
 
 
-def _dse64(pn_prev: int, pn: int, transform: str, cache: Dict) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _dse64(pn_prev: int, pn: int, transform: str) -> torch.Tensor:
     from graphs.dse import dse_matrix
-    key = (pn_prev, pn, transform)
-    if key not in cache:
-        cache[key] = torch.from_numpy(dse_matrix((pn_prev, pn_prev), (pn, pn), transform))
-    return cache[key]
+    return torch.from_numpy(dse_matrix((pn_prev, pn_prev), (pn, pn), transform))
 
 
-def _prior_rel(got: RunResult, k: int, info: RunInfo, live, pn_prev: int, pn: int, transform: str, cache) -> float:
+def _prior_rel(got: RunResult, k: int, info: RunInfo, live, pn_prev: int, pn: int, transform: str) -> float:
     """The prior the backend applied, recovered from its outputs, vs the float64 DSE of its own
     previous CFG logits; rows with beta != 0 (elsewhere the prior does not reach the output)."""
     rows = [b for b in range(len(got.rows)) if live[b] and info.betas[b, k] != 0]
     if k == 0 or not rows:
         return 0.0
-    prior = _dse64(pn_prev, pn, transform, cache) @ got.logits_cfg[k - 1][rows].double().cpu()      # R n V
+    prior = _dse64(pn_prev, pn, transform) @ got.logits_cfg[k - 1][rows].double().cpu()      # R n V
     lc, lg = got.logits_cfg[k][rows].double().cpu(), got.logits[k][rows].double().cpu()
     beta = info.betas[rows, k].view(-1, 1, 1)
     used = lc + (lc - lg) / beta
@@ -285,11 +286,10 @@ def compare(ref: RunResult, got: RunResult, backend: str, precision: str, k_max:
     info = run_info(ref, K)
     B = ref.tokens[0].shape[0]
     live = torch.ones(B, dtype=torch.bool)        # free-running: rows whose inputs still agree
-    cache: Dict = {}
     for k in range(K):
         rel_cfg = _rel(ref.logits_cfg[k][live], got.logits_cfg[k][live])
         rel = _rel(ref.logits[k][live], got.logits[k][live])
-        prior = _prior_rel(got, k, info, live, patch_nums[k - 1] if k else 0, patch_nums[k], transform, cache)
+        prior = _prior_rel(got, k, info, live, patch_nums[k - 1] if k else 0, patch_nums[k], transform)
         n_flips, expected, n_mis = _tokens_at_scale(rep, run, k, ref, got, info, live, k_max)
         row = dict(run=run, scale=k, n=ref.tokens[k].shape[-1], batch=int(live.sum()), logits_cfg_rel=rel_cfg,
                    logits_rel=rel, prior_rel=prior, flips=n_flips, expected_flips=expected, mismatches=n_mis,

@@ -27,11 +27,11 @@ def clean(tmp_path_factory):
     from runtime.backends import open_backend
     from runtime.pipeline import Pipeline
     var, vae = random_models(get_preset("var-d2"), 0)
-    out = {}
+    out, cache = {}, {}          # one eager fp32 reference (same weights) and its runs for both sets
     for prec in PRECISIONS:
         d = tmp_path_factory.mktemp("d2") / prec
         export_artifacts(var, vae, WeightSource(kind="random", seed=0), str(d), ExportConfig(batch=1, precision=prec))
-        out[prec] = (d, Pipeline(open_backend("eager", load_manifest(str(d)))), {})
+        out[prec] = (d, out["fp32"][1] if out else Pipeline(open_backend("eager", load_manifest(str(d)))), cache)
     return out
 
 
