@@ -242,45 +242,87 @@ def load_models(cfg: VARConfig, ckpt: Optional[str] = None, vae_ckpt: Optional[s
 
 
 # --------------------------------------------------------------------------- random weights
-def random_state_dicts(cfg: VARConfig, seed: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Seeded random weights with the official key names, in the spirit of VAR's init
-    (truncated normal, std sqrt(1/3C)); the head is scaled so logits have std ~2, which keeps
-    top-k/top-p meaningful on a random model."""
-    var_m, vae_m = _meta_models(cfg)
-    g = torch.Generator().manual_seed(check_seed(int(seed), "seed"))
-    C = cfg.width
-    std = math.sqrt(1 / C / 3)
+# Seeded random weights (DESIGN.md "Random weights"): every value is a uniform draw with the
+# std the role needs, from a PCG64 stream keyed by (seed, model, parameter name, chunk), so
+# the result does not depend on the thread count or the order of filling, and chunks are
+# filled on all cores (numpy releases the GIL while it fills).
+_CHUNK = 1 << 22                     # elements per independently seeded stream
+_SQRT3 = math.sqrt(3.0)
 
-    def fill(name: str, shape) -> torch.Tensor:
-        t = torch.empty(shape)
-        if name.endswith(".bias") or name in ("q_bias", "v_bias") or name.endswith("_bias"):
-            return t.normal_(0, 0.02, generator=g)
-        if name.endswith("scale_mul_1H11"):
-            return t.fill_(math.log(4.0))
+
+def _role_std(model: str, name: str, shape, C: int) -> Tuple[float, float]:
+    """(mean, std) of one parameter. Biases and norm parameters are non-zero, as in trained
+    weights, so a graph that drops one differs from the reference."""
+    if model == "vae":
+        if name == "quantize.embedding.weight":
+            return 0.0, 0.5
         if "norm" in name and name.endswith("weight"):
-            return t.fill_(1.0)
-        return torch.nn.init.trunc_normal_(t, 0, std, -2 * std, 2 * std, generator=g)
+            return 1.0, 0.1
+        if name.endswith("bias"):
+            return 0.0, 0.02
+        return 0.0, math.sqrt(1.0 / math.prod(shape[1:]))     # conv weights: fan-in scaled
+    if name == "head.weight":
+        return 0.0, 2.0 / math.sqrt(C)          # logits with std ~2: top-k/top-p meaningful
+    if name.endswith("bias") or name in ("q_bias", "v_bias"):
+        return 0.0, 0.02
+    if "norm" in name and name.endswith("weight"):
+        return 1.0, 0.1
+    return 0.0, math.sqrt(1 / C / 3)             # VAR's init scale
 
-    var_sd = {}
+
+def _fill_chunk(t: torch.Tensor, key: Tuple[int, ...], i: int, mean: float, std: float) -> None:
+    import numpy as np
+    a = t.view(-1)[i * _CHUNK:(i + 1) * _CHUNK].numpy()
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(key + (i,))))
+    rng.random(out=a, dtype=np.float32)                      # [0, 1)
+    a -= np.float32(0.5)                                     # -> uniform with mean 0, std 1/sqrt(12)
+    a *= np.float32(2 * _SQRT3 * std)
+    if mean:
+        a += np.float32(mean)
+
+
+def _random_fill(jobs, seed: int, threads: int = 0) -> Dict[str, torch.Tensor]:
+    """jobs: (model, name, shape, mean, std) -> {name: tensor}, filled in parallel."""
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+    out, work = {}, []
+    for model, name, shape, mean, std in jobs:
+        t = torch.empty(shape, dtype=torch.float32)
+        out[name] = t
+        key = (seed, zlib.crc32(model.encode()), zlib.crc32(name.encode()))
+        work += [(t, key, i, mean, std) for i in range(max(1, -(-t.numel() // _CHUNK))) if t.numel()]
+    with ThreadPoolExecutor(max_workers=threads or torch.get_num_threads()) as pool:
+        list(pool.map(lambda w: _fill_chunk(*w), work))
+    return out
+
+
+def random_state_dicts(cfg: VARConfig, seed: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Seeded random weights with the official key names, in the spirit of VAR's init (std
+    sqrt(1/3C)); the head is scaled so logits have std ~2, which keeps top-k/top-p meaningful on
+    a random model; biases and norm parameters are non-zero. Identical for a seed on every
+    machine and thread count."""
+    seed = check_seed(int(seed), "seed")
+    var_m, vae_m = _meta_models(cfg)
+    C = cfg.width
+    jobs, fixed = [], {}
     for k, v in var_m.state_dict().items():
         if k in ("lvl_1L", "attn_bias_for_masking") or k.endswith("zero_k_bias"):
             continue
-        var_sd[k] = fill(k, v.shape)
-    var_sd["head.weight"] = torch.randn(cfg.V, C, generator=g) * (2.0 / math.sqrt(C))
-    var_sd.update(_var_buffers(cfg))
-    vae_sd = {}
+        if k.endswith("scale_mul_1H11"):
+            fixed[k] = torch.full(v.shape, math.log(4.0))
+            continue
+        jobs.append(("var", k, tuple(v.shape)) + _role_std("var", k, v.shape, C))
+    vae_keys = []
     for k, v in vae_m.state_dict().items():
         if k == "quantize.ema_vocab_hit_SV":
-            vae_sd[k] = torch.zeros(v.shape)
-        elif k == "quantize.embedding.weight":
-            vae_sd[k] = torch.randn(v.shape, generator=g) * 0.5
-        elif k.endswith("bias"):
-            vae_sd[k] = torch.zeros(v.shape)
-        elif "norm" in k:
-            vae_sd[k] = torch.ones(v.shape)
-        else:   # conv weights: fan-in scaled normal
-            fan_in = math.prod(v.shape[1:])
-            vae_sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(1.0 / fan_in)
+            fixed["vae." + k] = torch.zeros(v.shape)
+        else:
+            jobs.append(("vae", "vae." + k, tuple(v.shape)) + _role_std("vae", k, v.shape, C))
+        vae_keys.append(k)
+    filled = {**_random_fill(jobs, seed), **fixed}
+    var_sd = {k: filled[k] for k in var_m.state_dict() if k in filled}
+    var_sd.update(_var_buffers(cfg))
+    vae_sd = {k: filled["vae." + k] for k in vae_keys}
     return var_sd, vae_sd
 
 

@@ -4,7 +4,9 @@
   python scripts/parity.py --artifacts build/var-d2 --free-running        (a report: images equal, PSNR)
 
 Teacher-forced by default: the backend follows the reference's tokens, so every scale compares
-like with like, and every token it draws differently must be a near-tie (runtime/parity.py).
+like with like; every token the backend draws must follow from its own logits, and the number
+of tokens that differ from the reference's must fit the logit differences (runtime/parity.py).
+Each run adds a probe row (T, top-k, top-p and beta off their defaults) unless --no-probe.
 """
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", help="several runs: 0-5 or 1,4,9 (each run: image i uses seed + i); overrides --seed")
     p.add_argument("--free-running", action="store_true",
                    help="no teacher forcing: a report (images equal, PSNR) that fails only on unexplained flips")
+    p.add_argument("--no-probe", action="store_true",
+                   help="only the given rows (default: also a probe row with T, top-k, top-p and beta off their defaults)")
+    p.add_argument("--sweep", action="store_true",
+                   help="run the unmodified settings a correct backend must pass (20 seeds, cfg, T, top-k/p, "
+                        "beta, more_smooth, class -1) and print the largest error of each measure")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--polygraphy", action="store_true",
                    help="also compare the step graph in ONNX Runtime against Polygraphy's run (graph level)")
@@ -52,7 +59,7 @@ def main(argv=None) -> int:
     from contract.manifest import load_manifest
     from graphs.config import parse_ssg_beta
     from runtime.backends import open_backend
-    from runtime.parity import run_parity
+    from runtime.parity import run_parity, sweep, weights_check
     from runtime.pipeline import Pipeline, Row
 
     names = [b.strip() for b in a.backends.split(",") if b.strip()]
@@ -68,13 +75,20 @@ def main(argv=None) -> int:
     top_k = a.top_k                           # None: the pipeline's default (900 or the baked K)
     betas = parse_ssg_beta(a.ssg_beta, cfg.num_scales)
     mode = "free-running" if a.free_running else "teacher-forced"
+    n_w, wbad = weights_check(man, {"var": ref.backend.var, "vae": ref.backend.vae})
+    print("\n".join(wbad) or f"weights: {n_w} exported tensors equal the reference's, bit for bit")
     reports = []
     for name in others:
         pipe = Pipeline(open_backend(name, man, device=a.device))
+        if a.sweep:
+            res = sweep(ref, pipe, man.precision)
+            print(res.summary(name, man.precision))
+            reports += [(0, f) for f in res.failures]
+            continue
         for seed in seeds:
             rows = [Row(c, seed + i, a.guidance, betas, top_k, a.top_p, a.temperature, a.more_smooth)
                     for i, c in enumerate(classes)]
-            rep = run_parity(ref, pipe, rows, man.precision, mode)
+            rep = run_parity(ref, pipe, rows, man.precision, mode, probe=not a.no_probe)
             print(f"seed {seed} classes {classes}")
             print(rep.table())
             reports.append((seed, rep))
@@ -84,9 +98,18 @@ def main(argv=None) -> int:
             print(line)
     if a.json:
         write_json(a.json, [dict(seed=s, **r.to_json()) for s, r in reports], indent=2)
+    fails = wbad + ([f for _, f in reports] if a.sweep else [])
+    if fails:
+        print("parity FAILED:\n" + "\n".join(fails), file=sys.stderr)
+        return 1
+    if a.sweep:
+        print("sweep OK")
+        return 0
     bad = [(s, r) for s, r in reports if not r.ok]
     flips = sum(len(r.flips) for _, r in reports)
-    print(f"{len(reports)} runs, {flips} token flips, {sum(f['explained'] for _, r in reports for f in r.flips)} explained")
+    expected = sum(row["expected_flips"] for _, r in reports for row in r.rows)
+    print(f"{len(reports)} runs, {flips} token flips (expected {expected:.1f} from the logit differences), "
+          f"{sum(f['explained'] for _, r in reports for f in r.flips)} drawn by the backend's own logits")
     if bad:
         print("parity FAILED: " + "; ".join(f"{r.backend} seed {s}: {r.failures[0]}" for s, r in bad), file=sys.stderr)
         return 1
