@@ -210,7 +210,7 @@ def make_ssg(spec: str = DEFAULT_SSG_BETA, transform: str = "dct", num_scales: i
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Sampling as in SPEC section 3. `top_k_max` is what a graph bakes in (TopK's K);
+    """Sampling as in DESIGN.md, "Sampling". `top_k_max` is what a graph bakes in (TopK's K);
     `top_k` <= top_k_max is chosen per run. top_k 0 means no top-k (all V); None: VAR's 900, or
     the artifacts' baked K when that is smaller."""
     top_k: Optional[int] = DEFAULT_TOP_K

@@ -1,4 +1,4 @@
-"""DSE: Discrete Spatial Enhancement (SPEC section 2), in two independent forms.
+"""DSE: Discrete Spatial Enhancement (DESIGN.md, "SSG and DSE"), in two independent forms.
 
 * `dse_fft`: the eager reference, with torch.fft (the DCT through the FFT of the symmetric
   extension). Works on (..., h, w) maps.

@@ -1,4 +1,4 @@
-"""Sampling from supplied uniform noise (SPEC section 3), identical on every backend.
+"""Sampling from supplied uniform noise (DESIGN.md, "Sampling"), identical on every backend.
 
 temperature -> top-k -> top-p (inside the top-k set) -> inverse-CDF with one u in [0, 1) per
 token. Every tunable broadcasts against B n V logits, so it can be one value per row (B 1 1).

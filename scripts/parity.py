@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Prove a backend matches eager PyTorch scale by scale; exit 1 past SPEC section 6 bounds.
+"""Prove a backend matches eager PyTorch scale by scale; exit 1 past the parity bounds (DESIGN.md, "Parity bounds").
 
   python scripts/parity.py --artifacts build/var-d2 --backends eager,onnxruntime --class 1 2 --seeds 0-5
   python scripts/parity.py --artifacts build/var-d2 --free-running        (a report: images equal, PSNR)

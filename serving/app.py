@@ -65,7 +65,7 @@ class Generator:
         t_import = time.perf_counter()
         self.opts = opts
         torch.set_num_threads(opts.threads or os.cpu_count() or 1)   # Ray sets OMP_NUM_THREADS to the reserved CPUs
-        man = load_manifest(opts.artifacts)
+        man = load_manifest(opts.artifacts, verify="stamp")     # DESIGN.md, start-up
         t_verify = time.perf_counter()
         kw = dict(threads=opts.threads) if opts.backend == "onnxruntime" else {}
         self.backend = open_backend(opts.backend, man, device=opts.device, **kw)

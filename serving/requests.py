@@ -231,7 +231,7 @@ def preflight(opts: ServeOptions):
     verified: the same one-line error as generate.py) and that the backend's packages exist."""
     opts.check()
     from contract.manifest import load_manifest
-    man = load_manifest(opts.artifacts)
+    man = load_manifest(opts.artifacts, verify="stamp")
     if opts.backend == "tensorrt":
         from contract.tensorrt import import_tensorrt
         import_tensorrt()

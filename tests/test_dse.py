@@ -1,4 +1,4 @@
-"""DSE properties (SPEC section 2) for both transforms on every VAR scale pair (256px and 512px), and the
+"""DSE properties (DESIGN.md, "SSG and DSE") for both transforms on every VAR scale pair (256px and 512px), and the
 folded matrix form against the torch.fft form."""
 import numpy as np
 import pytest
