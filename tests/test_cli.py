@@ -46,6 +46,7 @@ def _run(args, pythonpath, cwd):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["editable", "installed"])
 def test_scripts_run_after_either_install(how, request, tmp_path):
     """`python scripts/export.py` must not see scripts/export.py as the `export` package, and the
