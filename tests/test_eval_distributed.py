@@ -22,7 +22,9 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-SOURCE = PipelineSource(model="var-d2-tiny", random_init=0, top_k=20)
+# One CPU thread per process, the workers' share of the 2 CPUs: eager PyTorch's CPU matmuls may
+# round differently with another thread count (DESIGN.md, "Evaluation at scale").
+SOURCE = PipelineSource(model="var-d2-tiny", random_init=0, top_k=20, threads=1)
 REQUEST = JobRequest(class_spec="3,1", per_class=2, batch=1, seed=5, ssg_beta="0.5", top_k=20)   # 4 batches
 POOL = PoolConfig(ray=RayConfig(address="local", num_cpus=2), workers=2, chunk=1)
 
@@ -35,6 +37,14 @@ def _bytes(path):
 def _ray_processes(tmp):
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [ln for ln in out.splitlines() if tmp in ln]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
