@@ -110,7 +110,7 @@ def test_parity_passes_on_v4096_with_explained_flips(d2, tmp_path, transform, se
                for row in x["rows"])
     assert {row["run"] for x in runs for row in x["rows"]} == {"rows", "probe"}      # the probe row ran
     flips = [f for x in runs for f in x["flips"]]
-    assert all(f["explained"] and f["why"] == "its own logits give it" for f in flips)
+    assert all(f["explained"] and f["why"] in ("its own logits give it", "fp32 rounding tie") for f in flips)
     assert "parity OK" in r.stdout and f"{len(flips)} token flips (expected" in r.stdout
     assert "exported tensors equal the reference's, bit for bit" in r.stdout
     for f in flips[:10]:                                     # the table shows them
