@@ -62,10 +62,10 @@ class ParitySummary:
     unexplained_flips: int                 # differing tokens the near-tie rule does not explain
 
 
-def parity_summary(ref, got, precision: str, k_max: int) -> ParitySummary:
+def parity_summary(ref, got, precision: str, k_max: int, transform: str, patch_nums) -> ParitySummary:
     import torch
     from runtime.parity import BOUNDS, compare
-    rep = compare(ref, got, "backend", precision, ref.sampling, k_max, mode="free-running")
+    rep = compare(ref, got, "backend", precision, k_max, transform, patch_nums, mode="free-running")
     same = [(a.cpu() == b.cpu()) for a, b in zip(ref.tokens, got.tokens)]
     live = torch.ones(same[0].shape[0], dtype=torch.bool)
     rel = []
@@ -274,7 +274,7 @@ class GpuCheck:
             m.ref[key.batch], m.base[key.batch] = result, sec
             row.vs_fp32, row.reference = 1.0, True
         elif key.batch in m.ref:
-            row.parity = parity_summary(m.ref[key.batch], result, key.precision, m.k_max)
+            row.parity = parity_summary(m.ref[key.batch], result, key.precision, m.k_max, "dct", m.cfg.patch_nums)
         return row
 
     # ------------------------------------------------------------------ stages
