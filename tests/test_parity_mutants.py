@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
+
+from graphs.config import ConfigError
 from onnx import numpy_helper
 
 from contract.manifest import load_manifest, write_manifest
@@ -174,7 +176,9 @@ MUTANTS = {
     "temperature ignored": (temperature_ignored, "sampler", None),
     "KV past off by one": (kv_off_by_one, "CFG logits", None),
     "decoder bias dropped": (decoder_bias_dropped, "image", None),
-    "nearest at one scale": (nearest_at_one_scale, "f_hat", NEAREST_SCALE),
+    # the resampling matrices are checked against the preset when the artifacts load (DESIGN.md,
+    # "What the hashes promise"): refused before parity runs, naming the scale's constant
+    "nearest at one scale": (nearest_at_one_scale, f"k{NEAREST_SCALE}/scale_up", NEAREST_SCALE),
     "fp16 cast before sampling": (fp16_before_sampling, "sampler", None),
 }
 
@@ -196,7 +200,12 @@ def _plant(clean, prec, name, tmp_path):
 def test_planted_mutant_is_caught_with_scale_and_measure(clean, tmp_path, prec, name):
     _, measure, scale = MUTANTS[name]
     measure = measure[prec] if isinstance(measure, dict) else measure
-    rep, wbad = _check(clean, prec, _plant(clean, prec, name, tmp_path))
+    planted = _plant(clean, prec, name, tmp_path)
+    if "/" in measure:                       # a constant: refused at load, before any run
+        with pytest.raises(ConfigError, match=re.escape(measure)):
+            _check(clean, prec, planted)
+        return
+    rep, wbad = _check(clean, prec, planted)
     failures = rep.failures + wbad
     assert failures, f"{name} ({prec}) passed:\n{rep.table()}"
     hit = [f for f in failures if measure in f]
