@@ -88,6 +88,9 @@ def ensure(name: str, quiet: bool = True) -> Tuple[str, str]:
 
 
 def main(argv) -> int:
+    if compiler() is None:          # the tests skip with this reason; CI goes on without them
+        print("no C compiler (cc): the TensorRT binding tests will be skipped")
+        return 0
     for name in argv or BINDINGS:
         t = time.time()
         site, lib = ensure(name, quiet=True)
