@@ -344,15 +344,7 @@ def sample(source: PipelineSource, request: JobRequest, out: str, resume: bool =
     check_png_dir(png_dir)
     with executor_for([source], pool) as (ex, (pipe,), note):
         job = request.job(pipe)
-        check_job(pipe, job)
-        run = PartialRun(out, job, job.settings(pipe, note), png_dir)
-        try:
-            run.open(resume)
-            if run.state == "done":
-                log.info("%s is complete already", out)
-            complete = run.state == "done" or sample_runs(ex, [run], max_batches, progress)
-        finally:
-            run.close()
+        complete = _sample_one(ex, pipe, job, note, out, resume, png_dir, max_batches, progress)
         return SampleResult(complete, job, note, list(getattr(ex, "stats", [])))
 
 
@@ -362,6 +354,12 @@ def sample_to_npz(pipe, job: Job, source: str, out: str, resume: bool = False, p
     """Sample `job` into `out` in this process. Returns True when `out` is complete, False when
     stopped early by `max_batches` (new batches this call; the partial state stays for --resume).
     `progress(done_images, total_images)` is called after each batch."""
+    return _sample_one(LocalExecutor([pipe]), pipe, job, source, out, resume, png_dir, max_batches, progress)
+
+
+def _sample_one(ex, pipe, job: Job, source: str, out: str, resume: bool, png_dir: Optional[str],
+                max_batches: Optional[int], progress) -> bool:
+    """One job into `out` on executor `ex`: True when `out` is complete."""
     check_job(pipe, job)
     run = PartialRun(out, job, job.settings(pipe, source), png_dir)
     try:
@@ -369,6 +367,6 @@ def sample_to_npz(pipe, job: Job, source: str, out: str, resume: bool = False, p
         if run.state == "done":
             log.info("%s is complete already", out)
             return True
-        return sample_runs(LocalExecutor([pipe]), [run], max_batches, progress)
+        return sample_runs(ex, [run], max_batches, progress)
     finally:
         run.close()
