@@ -20,6 +20,14 @@ _STAMPS = tempfile.mkdtemp(prefix="var-ssg-test-cache-")
 os.environ["VAR_SSG_CACHE"] = _STAMPS
 atexit.register(shutil.rmtree, _STAMPS, True)
 
+# One home for the whole session. Ray (2.52+) writes an auth token to $HOME/.ray on its first local
+# start and caches it for the life of the process: every in-process Ray start of the session (the
+# evaluation pool, Serve) must see the same home, or the second cluster refuses the driver's token
+# (InvalidAuthToken). It also keeps ~/.ray of the machine untouched; subprocesses inherit it.
+_HOME = tempfile.mkdtemp(prefix="var-ssg-test-home-")
+os.environ["HOME"] = _HOME
+atexit.register(shutil.rmtree, _HOME, True)
+
 
 def pytest_collection_modifyitems(items):
     """Tests that export artifacts (the `artifacts` fixture, directly or through another

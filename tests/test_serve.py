@@ -370,17 +370,10 @@ def test_percentile_is_nearest_rank():
 
 # ------------------------------------------------------------------ live servers (Ray)
 @pytest.fixture(scope="module")
-def ray_home(tmp_path_factory):
-    """Ray writes an auth token to $HOME/.ray: the tests keep it in a temporary home, so no file
-    outside the checkout changes (every server and Ray process started here inherits it)."""
+def ray_home():
+    """Ray and Serve are installed (the session's own $HOME, where Ray keeps its auth token, is set
+    in conftest: one for every Ray start of the session)."""
     pytest.importorskip("ray.serve")
-    old = os.environ.get("HOME")
-    os.environ["HOME"] = str(tmp_path_factory.mktemp("home"))
-    yield
-    if old is None:
-        os.environ.pop("HOME", None)
-    else:
-        os.environ["HOME"] = old
 
 
 def test_cli_refuses_artifacts_that_fail_verification(artifacts, tmp_path, ray_home):
