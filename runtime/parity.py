@@ -317,6 +317,8 @@ def compare(ref: RunResult, got: RunResult, backend: str, precision: str, k_max:
                 rep.failures.append(f"{run} scale {k}: {what} max|d|/max|ref| {v:.2e} > {b:.2g} ({why} bound)")
         if mode == "free-running":                 # after a flip the rows see different inputs
             live &= (ref.tokens[k].cpu() == got.tokens[k].cpu()).all(dim=1)
+    if not ref.images.numel() or not got.images.numel():
+        return rep                                 # a run stopped at the latent (the probe): no image to compare
     if mode == "free-running":
         same = torch.stack([(a.cpu() == b.cpu()).all(dim=1) for a, b in zip(ref.tokens, got.tokens)]).all(dim=0)
         rep.images_equal = float(same.float().mean())
@@ -344,10 +346,12 @@ def probe_rows(num_classes: int, k_max: int, seed: int) -> List[Row]:
 
 
 def run_parity(ref_pipe, pipe, rows: Sequence[Row], precision: str, mode: str = "teacher-forced",
-               probe: bool = True, ref_cache: Optional[Dict] = None) -> ParityReport:
+               probe: bool = True, ref_cache: Optional[Dict] = None, images: bool = True) -> ParityReport:
     """Run the reference and the backend on the user's rows (and, with `probe`, on
-    `probe_rows` in a second run) and compare them. `ref_cache` (a dict) keeps the reference's
-    runs for reuse against other backends."""
+    `probe_rows` in a second run) and compare them. The probe run stops at the final latent:
+    the decoder does not see the sampling settings, so the rows' images check it (DESIGN.md
+    "Parity bounds"). `images=False` checks the step graph only (no decode at all). `ref_cache`
+    (a dict) keeps the reference's runs for reuse against other backends."""
     if mode not in ("teacher-forced", "free-running"):
         raise ConfigError(f"parity mode must be teacher-forced or free-running, got {mode!r}")
     info = pipe.info
@@ -357,14 +361,15 @@ def run_parity(ref_pipe, pipe, rows: Sequence[Row], precision: str, mode: str = 
     if probe:
         runs.append(("probe", probe_rows(info.cfg.num_classes, info.k_max, int(rows[0].seed) + 7919)))
     for name, rs in runs:
-        key = (tuple(rs), free)
+        decode = images and name == "rows"
+        key = (tuple(rs), free, decode)
         ref = ref_cache.get(key) if ref_cache is not None else None
         if ref is None:
-            ref = ref_pipe.run_rows(rs, keep_logits=True, keep_fhat=not free)
+            ref = ref_pipe.run_rows(rs, keep_logits=True, keep_fhat=not free, decode=decode)
             if ref_cache is not None:
                 ref_cache[key] = ref
         got = pipe.run_rows(rs, keep_logits=True, keep_fhat=not free, force_tokens=None if free else ref.tokens,
-                            force_fhat=None if free else ref.f_hats)
+                            force_fhat=None if free else ref.f_hats, decode=decode)
         compare(ref, got, info.name, precision, info.k_max, info.transform, info.cfg.patch_nums, mode, name, rep)
     return rep
 

@@ -50,20 +50,47 @@ _ARTIFACTS = {}
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
-    """Export (once per configuration) and return the directory."""
+    """Export (once per preset and configuration, for the whole session) and return the
+    directory: artifacts(**ExportConfig fields) for var-d2-tiny (top-k 64 unless given), or
+    artifacts(preset="var-d2", ...) for another preset."""
     from export.onnx_export import ExportConfig, export_artifacts
     from graphs.weights import WeightSource
 
-    def make(**kw):
-        ec = ExportConfig(**{"top_k": 64, **kw})
-        if ec not in _ARTIFACTS:
-            cfg = get_preset(TINY)
-            var, vae = random_models(cfg, 0)
+    def make(preset=TINY, **kw):
+        ec = ExportConfig(**({"top_k": 64, **kw} if preset == TINY else kw))
+        if (preset, ec) not in _ARTIFACTS:
+            var, vae = random_models(get_preset(preset), 0)
             out = str(tmp_path_factory.mktemp("art") / "a")
             export_artifacts(var, vae, WeightSource(kind="random", seed=0), out, ec)
-            _ARTIFACTS[ec] = out
-        return _ARTIFACTS[ec]
+            _ARTIFACTS[preset, ec] = out
+        return _ARTIFACTS[preset, ec]
     return make
+
+
+def run_cli(name, *args, env=None):
+    """scripts/NAME run in this process (its dispatcher, its error policy), as `python
+    scripts/NAME args` would; env: variables set for the call. -> .returncode/.stdout/.stderr,
+    like run_script, without a new interpreter's start-up (imports, torch) per call."""
+    import contextlib
+    import io
+    import runpy
+    import types
+    path = os.path.join(ROOT, "scripts", name)
+    out, err = io.StringIO(), io.StringIO()
+    old_argv, old_env, old_path = sys.argv, dict(os.environ), list(sys.path)
+    sys.argv = [path, *map(str, args)]
+    os.environ.update(env or {})
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv, sys.path[:] = old_argv, old_path
+        os.environ.clear()
+        os.environ.update(old_env)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def run_script(name, *args, env=None):

@@ -247,16 +247,16 @@ def test_512px_kv_cache_matches_teacher_forcing(saved_512):
 def test_512px_export_lint_and_parity(tmp_path):
     """var-d2-512-tiny through export (one step graph, 512x512 decoder), lint and teacher-forced
     parity of ONNX Runtime against eager, with SSG on."""
-    from tests.conftest import run_script
+    from tests.conftest import run_cli
     out = tmp_path / "a512"
-    r = run_script("export.py", "--model", "var-d2-512-tiny", "--random-init", "0", "--top-k", "64", "--out", out)
+    r = run_cli("export.py", "--model", "var-d2-512-tiny", "--random-init", "0", "--top-k", "64", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     import json
     man = json.loads((out / "manifest.json").read_text())
     assert man["config"]["patch_nums"] == list(PATCH_NUMS_512) and man["config"]["shared_aln"]
     assert man["graphs"]["decoder"]["outputs"][0]["shape"] == [1, 3, 512, 512]
     assert man["graphs"]["step"]["profiles"][9]["scale_dse"] == [1024, 576]
-    r = run_script("lint.py", out)
+    r = run_cli("lint.py", out)
     assert r.returncode == 0 and "2 graphs, 0 issues" in r.stdout
-    r = run_script("parity.py", "--artifacts", out, "--class", "3", "--seeds", "0", "--top-k", "40")
+    r = run_cli("parity.py", "--artifacts", out, "--class", "3", "--seeds", "0", "--top-k", "40")
     assert r.returncode == 0 and "parity OK" in r.stdout, r.stdout[-2000:] + r.stderr[-1000:]

@@ -11,7 +11,7 @@ from evaluation import metrics as M
 from evaluation import spectrum as sp
 from evaluation.samples import NpzBatch, parse_classes, read_timing
 from graphs.config import ConfigError
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_cli
 
 TINY = ["--model", "var-d2-tiny", "--random-init", "0"]
 
@@ -103,7 +103,7 @@ def test_evaluate_features_cli(tmp_path):
     np.save(tmp_path / "a.npy", a)
     np.save(tmp_path / "b.npy", b)
     out = tmp_path / "m.json"
-    r = run_script("evaluate.py", "--features", tmp_path / "a.npy", tmp_path / "b.npy", "--json", out,
+    r = run_cli("evaluate.py", "--features", tmp_path / "a.npy", tmp_path / "b.npy", "--json", out,
                    env=_env(tmp_path))
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
@@ -112,7 +112,7 @@ def test_evaluate_features_cli(tmp_path):
     assert (got["precision"], got["recall"]) == pytest.approx(_pr_brute_force(b, a))
     np.save(tmp_path / "c.npy", rng.normal(size=(10, 3)))
     assert "feature sizes differ" in _one_line_error(
-        run_script("evaluate.py", "--features", tmp_path / "a.npy", tmp_path / "c.npy", env=_env(tmp_path)))
+        run_cli("evaluate.py", "--features", tmp_path / "a.npy", tmp_path / "c.npy", env=_env(tmp_path)))
 
 
 # ---------------------------------------------------------------- Inception
@@ -131,7 +131,7 @@ def test_inception_features_and_missing_weights(tmp_path, samples):
     with pytest.raises(ConfigError, match="not the FID Inception state dict"):
         load_inception(str(tmp_path / "bad.pth"))
     # no weights anywhere: one line naming the file and where to get it, exit 2, nothing downloaded
-    msg = _one_line_error(run_script("evaluate.py", samples, samples, env=_env(tmp_path)))
+    msg = _one_line_error(run_cli("evaluate.py", samples, samples, env=_env(tmp_path)))
     assert "weights-inception-2015-12-05-6726825d.pth" in msg and "https://" in msg
     assert not os.path.exists(tmp_path / "torch_home" / "hub" / "checkpoints")
 
@@ -333,7 +333,7 @@ def test_out_that_is_a_folder_is_named_so(tmp_path):
 @pytest.mark.slow
 def test_spectrum_script_end_to_end(tmp_path, samples):
     png, js = tmp_path / "s.png", tmp_path / "s.json"
-    r = run_script("spectrum.py", *TINY, "--classes", "0-1", "--per-class", "1", "--batch", "2",
+    r = run_cli("spectrum.py", *TINY, "--classes", "0-1", "--per-class", "1", "--batch", "2",
                    "--ssg-beta", "1.0", "--compare-beta", "0", "--ref", samples, "--out", png, "--json", js,
                    env=_env(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -351,7 +351,7 @@ def test_spectrum_script_end_to_end(tmp_path, samples):
 def test_sweep_script_end_to_end_and_resumes(tmp_path, samples):
     args = [*TINY, "--classes", "2,9", "--per-class", "2", "--batch", "4", "--betas", "0;0.5", "--dse", "dct,dft",
             "--out-dir", tmp_path, "--ref", samples, "--extractor", "pixels"]
-    r = run_script("sweep.py", *args, env=_env(tmp_path))
+    r = run_cli("sweep.py", *args, env=_env(tmp_path))
     assert r.returncode == 0, r.stderr
     table = r.stdout.splitlines()
     assert table[0].split() == ["dse", "beta", "fd_pixels", "precision_pixels", "recall_pixels", "s_per_img"]
@@ -364,7 +364,7 @@ def test_sweep_script_end_to_end_and_resumes(tmp_path, samples):
         assert np.array_equal(a["arr_0"], b["arr_0"])                     # beta 0: the transform is unused
     # rerun: every point is reused (no sampling, no metric recomputation)
     stamps = {p: os.stat(tmp_path / p / "samples.npz").st_mtime_ns for p in ("dct_0", "dft_0.5")}
-    r = run_script("sweep.py", *args, env=_env(tmp_path))
+    r = run_cli("sweep.py", *args, env=_env(tmp_path))
     assert r.returncode == 0, r.stderr
     assert {p: os.stat(tmp_path / p / "samples.npz").st_mtime_ns for p in stamps} == stamps
     assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == rows

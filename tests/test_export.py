@@ -12,7 +12,7 @@ from onnx import TensorProto
 from export.lint import lint_model
 from graphs.config import get_preset
 from graphs.step import ScaleStep, StepSpec
-from tests.conftest import TINY, run_script
+from tests.conftest import TINY, run_cli
 
 
 def test_fp32_export_is_valid_and_lint_clean(artifacts, tiny):
@@ -173,20 +173,20 @@ def test_export_cli_bad_inputs(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("keep me")
     for force in ((), ("--force",)):        # user files are never replaced, not even with --force
-        r = run_script("export.py", "--model", TINY, "--random-init", "0", "--out", tmp_path / "full", *force)
+        r = run_cli("export.py", "--model", TINY, "--random-init", "0", "--out", tmp_path / "full", *force)
         assert r.returncode == 2 and "not var-ssg artifacts" in r.stderr
         assert (tmp_path / "full" / "x.txt").read_text() == "keep me"
     # unwritable location (a parent that is a file)
     (tmp_path / "afile").write_text("")
-    r = run_script("export.py", "--model", TINY, "--random-init", "0", "--out", tmp_path / "afile" / "out")
+    r = run_cli("export.py", "--model", TINY, "--random-init", "0", "--out", tmp_path / "afile" / "out")
     assert r.returncode == 2 and "error:" in r.stderr
     # missing checkpoint
-    r = run_script("export.py", "--model", TINY, "--ckpt", tmp_path / "no.pth", "--vae-ckpt", tmp_path / "no2.pth",
+    r = run_cli("export.py", "--model", TINY, "--ckpt", tmp_path / "no.pth", "--vae-ckpt", tmp_path / "no2.pth",
                    "--out", tmp_path / "o")
     assert r.returncode == 2 and "no.pth: no such file" in r.stderr
     assert not (tmp_path / "o").exists()
     # unknown preset lists valid ones
-    r = run_script("export.py", "--model", "var-big", "--random-init", "0", "--out", tmp_path / "o")
+    r = run_cli("export.py", "--model", "var-big", "--random-init", "0", "--out", tmp_path / "o")
     assert r.returncode == 2 and "valid presets" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -247,5 +247,5 @@ def test_step_graph_profiles_and_dynamic_axes(artifacts, tiny):
         assert prof["noise"] == [1, n] and prof["past_kv"][0] == b
         assert prof["prev_logits"] == [1, 1 if k == 0 else cfg.patch_nums[k - 1] ** 2, cfg.V]
         assert step["output_shapes"][k]["new_kv"][0] == n
-    r = run_script("lint.py", d)
+    r = run_cli("lint.py", d)
     assert r.returncode == 0 and "2 graphs, 0 issues" in r.stdout

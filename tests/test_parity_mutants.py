@@ -1,10 +1,11 @@
 """Parity has teeth: ten plausible export bugs, planted in one fp32 and one fp16 var-d2
-artifact set (V = 4096) by editing the exported graph, weights or scale constants and
+artifact set (V = 4096, batch 2) by editing the exported graph, weights or scale constants and
 rewriting the manifest's hashes, are each caught with the scale and the measure named; the
 unmodified artifacts pass a representative set of settings (the full sweep: README "Parity")."""
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,24 +22,21 @@ PRECISIONS = ("fp32", "fp16")
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    """precision -> (artifacts dir, eager reference pipeline, reference-run cache), batch 1."""
-    from export.onnx_export import ExportConfig, export_artifacts
-    from graphs.config import get_preset
-    from graphs.weights import WeightSource, random_models
+def clean(artifacts):
+    """precision -> (artifacts dir, eager reference pipeline, reference-run cache): var-d2,
+    batch 2 (the fp32 set is test_parity.py's), the same weights; one eager fp32 reference."""
     from runtime.backends import open_backend
     from runtime.pipeline import Pipeline
-    var, vae = random_models(get_preset("var-d2"), 0)
-    out, cache = {}, {}          # one eager fp32 reference (same weights) and its runs for both sets
+    out, cache = {}, {}
     for prec in PRECISIONS:
-        d = tmp_path_factory.mktemp("d2") / prec
-        export_artifacts(var, vae, WeightSource(kind="random", seed=0), str(d), ExportConfig(batch=1, precision=prec))
+        d = Path(artifacts(preset="var-d2", batch=2, precision=prec))
         out[prec] = (d, out["fp32"][1] if out else Pipeline(open_backend("eager", load_manifest(str(d)))), cache)
     return out
 
 
-def _check(clean, prec, d, rows=None, probe=True):
-    """(report, weights failures) of ONNX Runtime on artifacts `d` against the clean set's reference."""
+def _check(clean, prec, d, rows=None, probe=True, images=True):
+    """(report, weights failures) of ONNX Runtime on artifacts `d` against the clean set's
+    reference; images=False: the step graph only (no decode; only the decoder mutant needs it)."""
     from runtime.backends import open_backend
     from runtime.parity import run_parity, weights_check
     from runtime.pipeline import Pipeline, Row
@@ -46,7 +44,7 @@ def _check(clean, prec, d, rows=None, probe=True):
     man = load_manifest(str(d))
     rows = rows or [Row(907, 3)]
     rep = run_parity(ref, Pipeline(open_backend("onnxruntime", man)), rows, man.precision, probe=probe,
-                     ref_cache=cache)
+                     ref_cache=cache, images=images)
     _, wbad = weights_check(man, {"var": ref.backend.var, "vae": ref.backend.vae})
     return rep, wbad
 
@@ -205,7 +203,7 @@ def test_planted_mutant_is_caught_with_scale_and_measure(clean, tmp_path, prec, 
         with pytest.raises(ConfigError, match=re.escape(measure)):
             _check(clean, prec, planted)
         return
-    rep, wbad = _check(clean, prec, planted)
+    rep, wbad = _check(clean, prec, planted, images=measure == "image")
     failures = rep.failures + wbad
     assert failures, f"{name} ({prec}) passed:\n{rep.table()}"
     hit = [f for f in failures if measure in f]
@@ -221,11 +219,11 @@ def test_planted_mutant_is_caught_with_scale_and_measure(clean, tmp_path, prec, 
 
 def test_unmodified_artifacts_pass_representative_settings(clean):
     from runtime.pipeline import Row
-    rows = [[Row(-1, 11, guidance=4.0, ssg_beta="5", top_k=2, top_p=0.5, temperature=0.25)],
-            [Row(3, 12, guidance=10.0, ssg_beta="1", top_k=1, top_p=1.0, temperature=3.0, more_smooth=True)],
-            [Row(5, 13, guidance=1.0, ssg_beta="0", more_smooth=True)]]
+    rows = [[Row(-1, 11, guidance=4.0, ssg_beta="5", top_k=2, top_p=0.5, temperature=0.25),
+             Row(5, 13, guidance=1.0, ssg_beta="0", more_smooth=True)],
+            [Row(3, 12, guidance=10.0, ssg_beta="1", top_k=1, top_p=1.0, temperature=3.0, more_smooth=True)]]
     for prec in PRECISIONS:
         for i, r in enumerate(rows):
-            rep, wbad = _check(clean, prec, clean[prec][0], r, probe=i == 0)
+            rep, wbad = _check(clean, prec, clean[prec][0], r, probe=i == 0, images=i == 0)
             assert rep.ok and not wbad, f"{prec} {r}: {rep.failures + wbad}\n{rep.table()}"
             assert all(f["explained"] for f in rep.flips)

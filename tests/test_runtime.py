@@ -11,7 +11,7 @@ from graphs.config import ConfigError, SamplerConfig, make_ssg
 from runtime.backends import open_backend
 from contract.manifest import load_manifest, write_manifest
 from runtime.pipeline import Pipeline
-from tests.conftest import run_script
+from tests.conftest import run_cli
 
 
 def _same(a, b):
@@ -89,7 +89,7 @@ def test_kv_cache_is_one_buffer(b1):
 
 def test_parity_script_good_and_perturbed(artifacts, tmp_path):
     d = artifacts()
-    r = run_script("parity.py", "--artifacts", d, "--backends", "eager,onnxruntime", "--class", "3",
+    r = run_cli("parity.py", "--artifacts", d, "--backends", "eager,onnxruntime", "--class", "3",
                    "--seed", "1", "--top-k", "50", "--json", tmp_path / "p.json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ssg logits rel" in r.stdout and "parity OK" in r.stdout
@@ -110,14 +110,14 @@ def test_parity_script_good_and_perturbed(artifacts, tmp_path):
     raw[off:off + 4] = v.tobytes()
     (bad / "weights.bin").write_bytes(bytes(raw))
     write_manifest(str(bad), {k: v for k, v in man.data.items() if k != "files"})
-    r = run_script("parity.py", "--artifacts", bad, "--class", "3", "--seed", "1", "--top-k", "50")
+    r = run_cli("parity.py", "--artifacts", bad, "--class", "3", "--seed", "1", "--top-k", "50")
     assert r.returncode == 1 and "FAIL" in r.stdout
 
 
 def test_generate_cli_eager_and_ort(artifacts, tmp_path):
     d = artifacts()
     out = tmp_path / "ort.png"
-    r = run_script("generate.py", "--backend", "onnxruntime", "--artifacts", d, "--class", "9", "--seed", "4",
+    r = run_cli("generate.py", "--backend", "onnxruntime", "--artifacts", d, "--class", "9", "--seed", "4",
                    "--top-k", "30", "--out", out, "--save-tokens", tmp_path / "t.json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "RANDOM" in r.stdout
@@ -127,7 +127,7 @@ def test_generate_cli_eager_and_ort(artifacts, tmp_path):
     toks = json.load(open(tmp_path / "t.json"))["tokens"]
     assert [len(t[0]) for t in toks] == [p * p for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
     # the same run on eager from the same artifacts gives the same tokens
-    r = run_script("generate.py", "--backend", "eager", "--artifacts", d, "--class", "9", "--seed", "4",
+    r = run_cli("generate.py", "--backend", "eager", "--artifacts", d, "--class", "9", "--seed", "4",
                    "--top-k", "30", "--out", tmp_path / "e.png", "--save-tokens", tmp_path / "te.json")
     assert r.returncode == 0
     assert json.load(open(tmp_path / "te.json"))["tokens"] == toks
@@ -163,12 +163,12 @@ def test_bad_artifacts(artifacts, tmp_path, how, msg):
     bad = _corrupt(artifacts(), tmp_path, how)
     with pytest.raises(ConfigError, match=msg):
         open_backend("onnxruntime", str(bad))
-    r = run_script("generate.py", "--backend", "onnxruntime", "--artifacts", bad, "--out", tmp_path / "x.png")
+    r = run_cli("generate.py", "--backend", "onnxruntime", "--artifacts", bad, "--out", tmp_path / "x.png")
     assert r.returncode == 2 and msg.split()[0] in r.stderr and not (tmp_path / "x.png").exists()
 
 
 def test_tensorrt_missing_is_clear(artifacts, tmp_path):
-    r = run_script("generate.py", "--backend", "tensorrt", "--artifacts", artifacts(), "--out", tmp_path / "x.png")
+    r = run_cli("generate.py", "--backend", "tensorrt", "--artifacts", artifacts(), "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "tensorrt" in r.stderr.lower() and "pip install" in r.stderr
 
 
@@ -195,13 +195,13 @@ def test_generate_cli_bad_input(tmp_path):
     for extra, msg in [(["--class", "1000"], "outside 0..999"), (["--ssg-beta", "linear:x"], "accepted --ssg-beta forms"),
                        (["--cfg", "nan"], "not finite"), (["--cfg", "inf"], "not finite")]:
         out = tmp_path / "o.png"
-        r = run_script("generate.py", *base, *extra, "--out", out)
+        r = run_cli("generate.py", *base, *extra, "--out", out)
         assert r.returncode == 2 and msg in r.stderr, (extra, r.stderr[-500:])
         assert not out.exists()
-    r = run_script("generate.py", "--model", "var-q", "--random-init", "0", "--out", tmp_path / "o.png")
+    r = run_cli("generate.py", "--model", "var-q", "--random-init", "0", "--out", tmp_path / "o.png")
     assert r.returncode == 2 and "valid presets" in r.stderr
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    r = run_script("generate.py", "--model", "var-d2-tiny", "--ckpt", tmp_path / "junk.pth", "--vae-ckpt",
+    r = run_cli("generate.py", "--model", "var-d2-tiny", "--ckpt", tmp_path / "junk.pth", "--vae-ckpt",
                    tmp_path / "junk.pth", "--out", tmp_path / "o.png")
     assert r.returncode == 2 and "junk.pth" in r.stderr and not (tmp_path / "o.png").exists()
     # mismatched checkpoint: var-d3 weights for var-d2
@@ -210,6 +210,6 @@ def test_generate_cli_bad_input(tmp_path):
     v3, q = random_state_dicts(get_preset("var-d3-tiny"), 0)
     torch.save(v3, tmp_path / "var_d3.pth")
     torch.save(q, tmp_path / "vae.pth")
-    r = run_script("generate.py", "--model", "var-d2-tiny", "--ckpt", tmp_path / "var_d3.pth", "--vae-ckpt",
+    r = run_cli("generate.py", "--model", "var-d2-tiny", "--ckpt", tmp_path / "var_d3.pth", "--vae-ckpt",
                    tmp_path / "vae.pth", "--out", tmp_path / "o.png")
     assert r.returncode == 2 and "looks like var-d3" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -19,7 +19,7 @@ import torch
 from contract.tensorrt import check_compat, engine_cache_key, import_tensorrt, version_ok, version_tuple
 from export.trt_build import engines_stale, plan
 from graphs.config import ConfigError, get_preset
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import ROOT, TINY, run_cli, run_script
 from tests.trt_real import VERSIONS, run_under_real_trt, skip_reason
 
 
@@ -54,7 +54,7 @@ def test_export_target_trt_fails_before_exporting(tmp_path):
     if _have_trt() and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are present: --target trt would build")
     out = tmp_path / "a"
-    r = run_script("export.py", "--model", TINY, "--random-init", "0", "--out", out, "--target", "trt")
+    r = run_cli("export.py", "--model", TINY, "--random-init", "0", "--out", out, "--target", "trt")
     assert r.returncode == 2 and ("TensorRT is not installed" in r.stderr or "needs an NVIDIA GPU" in r.stderr)
     assert not out.exists() and not list(tmp_path.iterdir())      # nothing half-written
 
