@@ -26,12 +26,12 @@ def official_keep(logits, top_k, top_p):
 
 
 def support(fn, logits, n=400):
-    seen = torch.zeros_like(logits, dtype=torch.bool)
-    for j in range(n):
-        u = torch.full(logits.shape[:-1], (j + 0.5) / n)
-        t = fn(logits, u)
-        seen.scatter_(-1, t.unsqueeze(-1), True)
-    return seen
+    """Which tokens fn draws at each position of logits (B, R, V) for u on an n-point grid (one
+    call: each position repeated n times)."""
+    B, R, V = logits.shape
+    u = ((torch.arange(n) + 0.5) / n).repeat(R).expand(B, R * n)
+    t = fn(logits.repeat_interleave(n, dim=1), u).view(B, R, n)
+    return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, t, True)
 
 
 def scal(v, dt=torch.float32):
