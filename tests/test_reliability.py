@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import pathlib
-import runpy
 import shutil
 import signal
 import stat
@@ -23,7 +22,7 @@ import torch
 
 from contract.manifest import FORMAT, FORMAT_VERSION, ManifestError, load_manifest, write_manifest
 from graphs.config import ConfigError, SamplerConfig, SSGConfig, check_guidance, check_seed, get_preset
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import ROOT, TINY, run_cli, run_script
 
 MODEL = ["--model", TINY, "--random-init", "0"]
 
@@ -37,16 +36,11 @@ class Result:
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
+def cli():
     """Run scripts/NAME's main as `python scripts/NAME args` would, in this process."""
     def run(script, *args):
-        path = os.path.join(ROOT, "scripts", script)
-        monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(path, run_name="__main__")
-        out, err = capsys.readouterr()
-        return Result(e.value.code or 0, out, err)
+        r = run_cli(script, *args)
+        return Result(r.returncode, r.stdout, r.stderr)
     return run
 
 
