@@ -12,6 +12,11 @@ tensorrt: written by export.trt_build; the fields the TensorRT backend reads are
 ones the preset and precision imply, and every listed file (a plain name, a regular file: lstat
 before any open, size and sha256): one-line errors. What hashes do and do not promise, and what is
 checked against the graphs themselves (contract.graphcheck): DESIGN.md "What the hashes promise".
+
+Reading a manifest does not import torch until the schema needs it (the shapes and dtypes are
+derived from graphs.components): `load_manifest(..., on_files=...)` hands the Manifest to a
+caller once its files are verified, before that check, so ONNX Runtime can build its sessions
+while torch loads (DESIGN.md, "Start-up"); the caller must not use them if the load then fails.
 """
 from __future__ import annotations
 
@@ -23,9 +28,7 @@ import re
 import stat
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
-
-import torch
+from typing import Any, Callable, Dict, List, Optional
 
 from graphs.config import DSE_TRANSFORMS, PRECISIONS, TRT_TOPK_LIMIT, ConfigError, VARConfig, get_preset, topk_bake
 from common.files import open_regular, sha256_file, write_json
@@ -47,11 +50,24 @@ TOP_LEVEL = ("format", "format_version", "preset", "config", "batch", "precision
              "weights", "kv", "external_data", "graphs", "engines", "tensorrt", "files", "tools", "cache_key",
              "created", "export")
 
-# The one dtype table: manifest names -> torch dtypes (the names onnx_ir prints, "float" -> "float32").
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# The one dtype table: the manifest's dtype names (the names onnx_ir prints, "float" -> "float32"),
+# each a torch dtype of the same name; a precision's KV cache dtype.
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a manifest dtype name (torch is imported here, on first use)."""
+    import torch
+    if name not in DTYPE_NAMES:
+        raise KeyError(name)
+    return getattr(torch, name)
+
+
+def dtype_name_of(dtype) -> Optional[str]:
+    """The manifest name of a torch dtype (None if it has none)."""
+    name = str(dtype).replace("torch.", "")
+    return name if name in DTYPE_NAMES else None
 
 
 def dtype_name(onnx_ir_dtype) -> str:
@@ -117,7 +133,7 @@ class _Check:
         for i, t in enumerate(self.get(d, key, list, field)):
             f = f"{field}[{i}]"
             name = self.get(t, "name", str, f + ".name")
-            out[name] = self.choice(t, "dtype", tuple(DTYPES), f + ".dtype")
+            out[name] = self.choice(t, "dtype", DTYPE_NAMES, f + ".dtype")
             for s in self.get(t, "shape", list, f + ".shape"):
                 if not (isinstance(s, str) or (isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 31)):
                     self.fail(f + ".shape", f"has a bad dimension {s!r:.40}")
@@ -159,8 +175,9 @@ class Manifest:
         return self.data["weights"]
 
     @property
-    def kv_dtype(self) -> torch.dtype:
-        return DTYPES[self.data["kv"]["dtype"]]
+    def kv_dtype(self):
+        """torch dtype of the KV cache."""
+        return torch_dtype(self.data["kv"]["dtype"])
 
     @property
     def source_note(self) -> str:
@@ -196,18 +213,20 @@ class Manifest:
         """name -> (shape, torch dtype) of a graph's outputs (the step's at scale k)."""
         g = self.graph(name)
         shapes = g["output_shapes"][k] if name == "step" else {o["name"]: o["shape"] for o in g["outputs"]}
-        return {o["name"]: (shapes[o["name"]], DTYPES[o["dtype"]]) for o in g["outputs"]}
+        return {o["name"]: (shapes[o["name"]], torch_dtype(o["dtype"])) for o in g["outputs"]}
 
-    def input_dtypes(self, name: str) -> Dict[str, torch.dtype]:
-        return {i["name"]: DTYPES[i["dtype"]] for i in self.graph(name)["inputs"]}
+    def input_dtypes(self, name: str) -> Dict[str, Any]:
+        """name -> torch dtype of a graph's inputs."""
+        return {i["name"]: torch_dtype(i["dtype"]) for i in self.graph(name)["inputs"]}
 
-    def scale_consts(self, device="cpu") -> List[Dict[str, torch.Tensor]]:
+    def scale_consts(self, device="cpu") -> List[Dict[str, Any]]:
         """Per scale, the step graph's `scale_*` inputs as tensors. Each array's header (dtype,
         order, shape) is checked before it is read, so a hostile archive cannot make the runtime
         allocate more than the profiles imply; then its values must be the ones graphs.unified
         computes for this preset and DSE transform (position ids in range, the DCT matrix under
         `dse.transform: dct`)."""
         import numpy as np
+        import torch
         from numpy.lib import format as npy
         from graphs.unified import scale_constants
         path = self.path(self.graph("step")["consts"])
@@ -285,7 +304,7 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
         for key in ("ckpt_sha256", "vae_sha256"):
             if not SHA256.fullmatch(c.get(w, key, str, f"weights.{key}")):
                 c.fail(f"weights.{key}", "is not a sha256 hex digest")
-    kv = _DTYPE_NAMES[PRECISION_DTYPES[precision]]
+    kv = PRECISION_DTYPES[precision]
     kvd = c.get(data, "kv", dict)
     c.only(kvd, ("layout", "dtype"), "kv")
     if c.choice(kvd, "dtype", ("float32", "float16", "bfloat16"), "kv.dtype") != kv:
@@ -305,7 +324,7 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     c.only(graphs, ("step", "decoder"), "graphs")
     from graphs.components import StepComponent, DecoderComponent
     from graphs.step import StepSpec
-    step = StepComponent(cfg, B, StepSpec(transform=transform, k_max=k_max, dtype=PRECISION_DTYPES[precision]))
+    step = StepComponent(cfg, B, StepSpec(transform=transform, k_max=k_max, dtype=torch_dtype(kv)))
     dec = DecoderComponent(cfg, B)
     # dtypes the runtime binds: inputs as the components' example feeds; outputs float32 except these
     out_dtypes = dict(tokens="int64", new_kv=kv)
@@ -320,7 +339,7 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
         if list(ins) != list(comp.inputs) or list(outs) != list(comp.outputs):
             c.fail(f"graphs.{name}", f"has inputs {list(ins)} / outputs {list(outs)}, this runtime needs "
                                      f"{list(comp.inputs)} / {list(comp.outputs)}")
-        want = {n: _DTYPE_NAMES.get(t.dtype) for n, t in feeds.items()}
+        want = {n: dtype_name_of(t.dtype) for n, t in feeds.items()}
         want.update({n: out_dtypes.get(n, "float32") for n in outs})
         for n, dt in list(ins.items()) + list(outs.items()):
             if dt != want[n]:
@@ -343,10 +362,19 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     needed |= _validate_engines(c, data, step, cfg)
     if not listed:
         return cfg
-    files = c.get(data, "files", dict)
-    # every file: a plain name, listed with size and hash (each is lstat'ed and hashed on load)
+    files = _validate_files(c, data)
+    # every file the runtime opens is listed (each is lstat'ed and hashed on load)
     for rel in sorted(needed - set(files)):
         c.fail("files", f"does not list {rel!r} (every file the runtime opens is listed with its size and sha256)")
+    return cfg
+
+
+def _validate_files(c: _Check, data: Any) -> Dict[str, Any]:
+    """The `files` listing: plain names, each with its size and sha256 (no torch needed: it runs
+    before the schema on load, so the files are verified first)."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{c.path} is not a var-ssg manifest; re-export with scripts/export.py --force")
+    files = c.get(data, "files", dict)
     for rel, meta in files.items():
         if not FILE_NAME.fullmatch(rel) or rel == MANIFEST:
             c.fail("files", f"names {rel!r:.80}: artifact files are plain names inside the artifacts directory")
@@ -354,7 +382,7 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
         c.int_in(meta, "bytes", 0, 2 ** 50, f"files.{rel}.bytes")
         if not SHA256.fullmatch(c.get(meta, "sha256", str, f"files.{rel}.sha256")):
             c.fail(f"files.{rel}.sha256", "is not a sha256 hex digest")
-    return cfg
+    return files
 
 
 def build_manifest(cfg: VARConfig, *, batch: int, precision: str, opset: int, transform: str, top_k: int,
@@ -368,13 +396,14 @@ def build_manifest(cfg: VARConfig, *, batch: int, precision: str, opset: int, tr
     from graphs.components import StepComponent
     from graphs.step import StepSpec
     k_max = topk_bake(top_k, cfg.V)
-    comp = StepComponent(cfg, batch, StepSpec(transform=transform, k_max=k_max, dtype=PRECISION_DTYPES[precision]))
+    comp = StepComponent(cfg, batch, StepSpec(transform=transform, k_max=k_max,
+                                              dtype=torch_dtype(PRECISION_DTYPES[precision])))
     io = ("file", "inputs", "outputs")
     data = dict(
         format=FORMAT, format_version=FORMAT_VERSION, preset=cfg.name, config=config_to_json(cfg),
         batch=batch, precision=precision, opset=opset, dse=dict(transform=transform),
         sampler=dict(k_max=k_max, top_k_requested=top_k), ssg=dict(SSG_NOTE), weights=dict(weights),
-        kv=dict(layout=KV_LAYOUT, dtype=_DTYPE_NAMES[PRECISION_DTYPES[precision]]),
+        kv=dict(layout=KV_LAYOUT, dtype=PRECISION_DTYPES[precision]),
         external_data=dict(external_data),
         graphs=dict(step=dict({k: step[k] for k in io}, consts=consts, dynamic_inputs=comp.dynamic_inputs,
                               profiles=[comp.profile(k) for k in range(cfg.num_scales)],
@@ -454,16 +483,20 @@ def _file_problem(fp: str, meta: Any, verify_hash: bool = True) -> Optional[str]
     return None
 
 
-def load_manifest(root: str, verify_hashes: bool = True, verify: str = "full") -> Manifest:
+def load_manifest(root: str, verify_hashes: bool = True, verify: str = "full",
+                  on_files: Optional[Callable[[Manifest], None]] = None) -> Manifest:
     """verify "full": hash every listed file; "stamp": skip the large files the verified stamp
-    vouches for (contract.stamp). Either records a new stamp after hashing a large file."""
+    vouches for (contract.stamp). Either records a new stamp after hashing a large file.
+    Order: the listing, the files, then the schema. `on_files(manifest)` is called between the
+    last two (files verified, schema not yet checked: see the module docstring)."""
     if verify not in stamp.VERIFY_MODES:
         raise ConfigError(f"verify must be one of {', '.join(stamp.VERIFY_MODES)}, got {verify!r}")
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.lexists(root) else "does not exist"
         raise ManifestError(f"artifacts directory {root} {what} (run scripts/export.py --out DIR and give that DIR)")
     data = _read_manifest(root)
-    cfg = _validate(os.path.join(root, MANIFEST), data)
+    path = os.path.join(root, MANIFEST)
+    _validate_files(_Check(path), data)
     entries, verified, hashed = stamp.read(root, MANIFEST) if verify_hashes and verify == "stamp" else {}, [], False
     for rel, meta in data["files"].items():
         fp = os.path.join(root, rel)
@@ -478,6 +511,14 @@ def load_manifest(root: str, verify_hashes: bool = True, verify: str = "full") -
             raise ManifestError(f"{fp} {why}; artifacts must be plain files inside {root}: re-export with --force")
     if hashed:
         stamp.record(root, MANIFEST, verified)
+    if on_files is not None:
+        try:
+            early = get_preset(data.get("preset"))
+        except (ConfigError, TypeError):
+            early = None            # _validate names the problem
+        if early is not None:
+            on_files(Manifest(root=os.path.abspath(root), data=data, cfg=early))
+    cfg = _validate(path, data)
     return Manifest(root=os.path.abspath(root), data=data, cfg=cfg)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from contract import stamp
 from contract.manifest import (MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, PRECISION_DTYPES, build_manifest, check_manifest,
-                               config_to_json, dtype_name, load_manifest, write_manifest)
+                               config_to_json, dtype_name, load_manifest, torch_dtype, write_manifest)
 from graphs.components import DecoderComponent, StepComponent
 from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, ConfigError, VARConfig, topk_bake
 from graphs.step import StepSpec
@@ -238,7 +238,7 @@ class StageClock:
 def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
     import onnx
     cfg: VARConfig = var.cfg
-    dtype = PRECISION_DTYPES[ec.precision]
+    dtype = torch_dtype(PRECISION_DTYPES[ec.precision])
     k_max = topk_bake(ec.top_k, cfg.V)
     step = StepComponent(cfg, ec.batch, StepSpec(transform=ec.transform, k_max=k_max, dtype=dtype))
     dec = DecoderComponent(cfg, ec.batch)

@@ -1,4 +1,4 @@
-"""graphs: what is exported. Plain PyTorch modules and the math they need (no export logic)."""
-from .dse import dse_matrix
+"""graphs: what is exported. Plain PyTorch modules and the math they need (no export logic).
 
-__all__ = ["dse_matrix"]
+`graphs.config` imports no torch (argument parsing and the presets stay quick); the DSE
+matrices live in `graphs.dse`."""

@@ -4,6 +4,7 @@ same way for every command (generate, sample, sweep, spectrum) and every evaluat
     PipelineSource  what to open: --artifacts DIR (onnxruntime by default) or --model PRESET with
                     --ckpt/--vae-ckpt/--random-init (eager); the DSE transforms wanted; the device
     open_pipelines  → ([Pipeline per transform], a note on the weights)
+    open_artifacts  → (Manifest, backend) of one artifacts directory (also the server's replicas)
     open_sources    several sources at once (one artifacts directory per transform)
 
 Artifacts bake one DSE transform; the eager backend over --model builds any, which is how a
@@ -12,11 +13,12 @@ sweep compares dct with dft without re-exporting.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 from graphs.config import ConfigError, get_preset, topk_bake
 
-from .pipeline import Pipeline
+if TYPE_CHECKING:
+    from .pipeline import Pipeline      # imported where it is made: torch loads after ONNX Runtime starts
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,14 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
         import torch
         torch.set_num_threads(src.threads)
     if src.artifacts:
-        from contract.manifest import load_manifest
-        from .backends import open_backend
-        kw = {"threads": src.threads} if backend == "onnxruntime" and src.threads else {}
-        b = open_backend(backend, load_manifest(src.artifacts, verify=src.verify), device=src.device, **kw)
+        _, b = open_artifacts(src.artifacts, backend, device=src.device, threads=src.threads, verify=src.verify)
         if src.model and src.model != b.info.cfg.name:
             raise ConfigError(f"--model {src.model} but the artifacts in {src.artifacts} are {b.info.cfg.name}")
         bad = [t for t in src.transforms if t != b.info.transform]
         if bad:
             raise ConfigError(f"--dse {bad[0]} but {src.artifacts} bakes DSE transform {b.info.transform}: "
                               f"give artifacts exported with --dse {bad[0]} (or use --model with the eager backend)")
+        from .pipeline import Pipeline
         return [Pipeline(b)], b.source_note
     if backend != "eager":
         raise ConfigError(f"--backend {backend} needs --artifacts DIR (run scripts/export.py first)")
@@ -65,11 +65,39 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
     cfg = get_preset(src.model)
     from graphs.weights import load_models
     from .backends.eager import EagerBackend
+    from .pipeline import Pipeline
     var, vae, weights = load_models(cfg, src.ckpt, src.vae_ckpt, src.random_init)
     note = weights.describe()
     pipes = [Pipeline(EagerBackend(var, vae, transform=t, k_max=topk_bake(src.top_k, cfg.V), device=src.device,
                                    source_note=note)) for t in (src.transforms or ("dct",))]
     return pipes, note
+
+
+def open_artifacts(artifacts: str, backend: str, device: str = "cpu", threads: int = 0, verify: str = "stamp",
+                   clock: Optional[Callable[[str], None]] = None):
+    """(Manifest, backend) of an artifacts directory. ONNX Runtime builds its sessions as soon
+    as the files are verified, while torch loads for the schema check (DESIGN.md, "Start-up: what
+    runs when"). `clock(stage)` is called when the files are verified ("files") and when the
+    manifest is loaded ("manifest"), for start-up reports."""
+    from contract.manifest import load_manifest
+    from .backends import open_backend
+    kw, early = {}, {}
+    hook = None
+    if backend == "onnxruntime":
+        from .backends.ort import early_sessions
+        kw = {"threads": threads} if threads else {}
+        hook = early_sessions(early, device=device, **kw)
+    def on_files(man):
+        if clock:
+            clock("files")
+        if hook:
+            hook(man)
+    man = load_manifest(artifacts, verify=verify, on_files=on_files)
+    if clock:
+        clock("manifest")
+    if early:
+        kw["sessions"] = early["sessions"]
+    return man, open_backend(backend, man, device=device, **kw)
 
 
 def open_sources(sources: Sequence[PipelineSource]) -> Tuple[List[Pipeline], str]:

@@ -58,17 +58,21 @@ class Generator:
 
     def __init__(self, opts: ServeOptions):
         t0 = time.perf_counter()
-        import torch
-        from contract.manifest import load_manifest
-        from runtime.backends import open_backend
-        from runtime.pipeline import Pipeline
+        from runtime.opener import open_artifacts
         t_import = time.perf_counter()
         self.opts = opts
-        torch.set_num_threads(opts.threads or os.cpu_count() or 1)   # Ray sets OMP_NUM_THREADS to the reserved CPUs
-        man = load_manifest(opts.artifacts, verify="stamp")     # DESIGN.md, start-up
-        t_verify = time.perf_counter()
-        kw = dict(threads=opts.threads) if opts.backend == "onnxruntime" else {}
-        self.backend = open_backend(opts.backend, man, device=opts.device, **kw)
+        marks = {}
+
+        def clock(stage: str) -> None:
+            marks.setdefault(stage, time.perf_counter())
+            if stage == "manifest":     # torch is loaded now, before the backend opens
+                import torch
+                torch.set_num_threads(opts.threads or os.cpu_count() or 1)   # Ray sets OMP_NUM_THREADS to the reserved CPUs
+        # verify="stamp", and ONNX Runtime's sessions built while torch loads: DESIGN.md, start-up
+        man, self.backend = open_artifacts(opts.artifacts, opts.backend, device=opts.device, threads=opts.threads,
+                                           verify="stamp", clock=clock)
+        t_verify = marks.get("files", marks["manifest"])
+        from runtime.pipeline import Pipeline
         self.pipe = Pipeline(self.backend)
         self.man = man
         self.B = man.batch

@@ -123,7 +123,7 @@ def test_ssg_graph_computes_the_fusion():
 def test_roofline_flops_match_a_flop_counter(name):
     """Our closed-form FLOPs per scale agree with torch's FlopCounterMode on the real step."""
     from torch.utils.flop_counter import FlopCounterMode
-    from graphs import dse_matrix
+    from graphs.dse import dse_matrix
     from graphs.components import StepComponent
     from graphs.step import ScaleStep, StepSpec
     from graphs.weights import random_models

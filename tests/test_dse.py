@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from graphs import dse_matrix
+from graphs.dse import dse_matrix
 from graphs.config import PATCH_NUMS_256, PATCH_NUMS_512
 from graphs.dse import TRANSFORMS, band_read, dse_chain_matrices, dse_fft, forward_transform, inverse_transform
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from contract.manifest import _DTYPE_NAMES, ManifestError, build_manifest, check_manifest
+from contract.manifest import ManifestError, build_manifest, check_manifest, dtype_name_of
 from graphs.components import DecoderComponent, StepComponent
 from graphs.config import get_preset, topk_bake
 from graphs.step import StepSpec
@@ -12,7 +12,7 @@ from tests.conftest import TINY
 
 
 def _io(names, feeds, shapes, dtypes=None):
-    return [dict(name=n, shape=list(shapes[n]), dtype=(dtypes or {}).get(n) or _DTYPE_NAMES[feeds[n].dtype]) for n in names]
+    return [dict(name=n, shape=list(shapes[n]), dtype=(dtypes or {}).get(n) or dtype_name_of(feeds[n].dtype)) for n in names]
 
 
 def built(**kw):

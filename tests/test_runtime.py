@@ -178,9 +178,10 @@ def test_cuda_fallback_is_an_error(artifacts, monkeypatch):
         pytest.skip("this onnxruntime build has no CUDA provider to fall back from")
     if torch.cuda.is_available():
         pytest.skip("a real GPU is present")
+    art = artifacts()           # exported before CUDA is faked
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="fell back to the CPU"):
-        open_backend("onnxruntime", artifacts(), device="cuda")
+        open_backend("onnxruntime", art, device="cuda")
 
 
 def test_batch_mismatch(b1):

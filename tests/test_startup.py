@@ -180,3 +180,72 @@ def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
     ours = _export_one(m, feeds, step.inputs, step.outputs, 18, dynamic_shapes=step.dynamic_shapes())
     assert ir.to_proto(ours).SerializeToString(deterministic=True) == \
         ir.to_proto(ref).SerializeToString(deterministic=True)
+
+
+@pytest.mark.slow
+def test_onnxruntime_sessions_build_while_the_schema_is_checked(exported, tmp_path, monkeypatch):
+    """open_artifacts: the files are verified, the sessions start, and only then the schema check
+    (which imports torch) runs; the backend uses the sessions started early."""
+    import contract.manifest as m
+    import runtime.backends.ort as ort_mod
+    from runtime.opener import open_artifacts
+    order = []
+    real_validate, real_init = m._validate, ort_mod.OrtSessions.__init__
+
+    def validate(*a, **kw):
+        order.append("schema")
+        return real_validate(*a, **kw)
+
+    def init(self, *a, **kw):
+        order.append("sessions")
+        real_init(self, *a, **kw)
+    monkeypatch.setattr(m, "_validate", validate)
+    monkeypatch.setattr(ort_mod.OrtSessions, "__init__", init)
+    man, b = open_artifacts(exported[0], "onnxruntime", clock=order.append)
+    assert order == ["files", "sessions", "schema", "manifest"]      # one session build, before the schema
+    assert set(b.sessions) == {"step", "decoder"}
+
+
+@pytest.mark.slow
+def test_a_schema_error_after_an_early_start_is_still_the_error(exported, tmp_path):
+    """Files intact, schema wrong (a field the files do not cover): the early sessions are
+    dropped and the schema's message comes back, as without an early start."""
+    import json
+    from runtime.opener import open_artifacts
+    out = str(tmp_path / "a")
+    shutil.copytree(exported[0], out)
+    p = os.path.join(out, "manifest.json")
+    data = json.load(open(p))
+    data["ssg"] = dict(data["ssg"], beta="something else")      # only the schema reads this field
+    with open(p, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ManifestError, match="field 'ssg' is not this format's note"):
+        open_artifacts(out, "onnxruntime")
+
+
+@pytest.mark.slow
+def test_an_early_start_that_fails_leaves_the_error_to_the_ordinary_open(exported, monkeypatch):
+    """A problem in the early start (here: no onnxruntime) is not raised there; the ordinary open
+    after the schema check reports it with its own message."""
+    import runtime.backends.ort as ort_mod
+    from runtime.opener import open_artifacts
+    calls = []
+
+    def no_ort():
+        calls.append(1)
+        raise ConfigError("the onnxruntime backend needs the onnxruntime package")
+    monkeypatch.setattr(ort_mod, "import_ort", no_ort)
+    with pytest.raises(ConfigError, match="needs the onnxruntime package"):
+        open_artifacts(exported[0], "onnxruntime")
+    assert len(calls) == 2              # tried early, then again by the ordinary open
+
+
+def test_reading_a_manifest_and_parsing_arguments_import_no_torch():
+    """graphs.config, contract.manifest, the ONNX Runtime backend module and the opener load
+    without torch, so ONNX Runtime can start before it (and argument errors come back at once)."""
+    import subprocess
+    import sys
+    code = ("import sys, tools.cli, graphs.config, contract.manifest, runtime.opener, runtime.backends.ort, "
+            "tools.commands.generate; print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-800:]

@@ -3,11 +3,12 @@ drives. Backends import this module, never the pipeline."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Protocol, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Dict, Optional, Protocol, Sequence
 
 from graphs.config import VARConfig
+
+if TYPE_CHECKING:           # torch is imported where a tensor is made (ONNX Runtime starts before it)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -38,4 +39,5 @@ class Backend(Protocol):
 
 def fresh_kv(info: BackendInfo, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """The KV cache of a backend that does not pin addresses: allocated per run."""
+    import torch
     return torch.empty(tuple(shape), dtype=dtype, device=info.device)

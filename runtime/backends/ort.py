@@ -4,6 +4,10 @@ constants) and one over the decoder.
 * Weights: external initializers are OrtValues over one read-only memory map of the
   manifest's weights file (`SessionOptions.add_initializer`); the step session pre-packs them
   once (MLAS), which speeds up the small scales.
+* Start-up: `OrtSessions` checks both graphs, then builds the two sessions in a background
+  thread (ONNX Runtime releases the GIL while it optimises and pre-packs), beside the per-scale
+  constants and, through `load_manifest(on_files=...)`, beside torch's import (DESIGN.md,
+  "Start-up"). This module imports torch only where a tensor is made.
 * IO binding: inputs and outputs are bound to torch tensors (the KV cache prefix view as
   `past_kv`, this scale's cache slice as `new_kv`), so no per-scale copies are made.
 * CUDA: `device="cuda"` requires the CUDA provider on every session; a silent fall back to
@@ -14,11 +18,11 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from typing import Dict
+import threading
+from typing import TYPE_CHECKING, Dict, Optional
 
 import numpy as np
 import onnx
-import torch
 
 from contract.graphcheck import check_graph, check_values
 from contract.manifest import Manifest, ManifestError
@@ -26,12 +30,15 @@ from graphs.config import ConfigError
 
 from .base import BackendInfo, fresh_kv
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 _ONNX_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
             onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
             onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BOOL: np.bool_}
-_TORCH_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
-             torch.bool: np.bool_}
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+GRAPHS = ("step", "decoder")
 
 
 def import_ort():
@@ -44,22 +51,28 @@ def import_ort():
     return ort
 
 
-class OrtBackend:
+class OrtSessions:
+    """The step and decoder sessions of one artifacts directory, checked here and built in
+    background threads; `result()` waits for them and raises what a build raised."""
+
     def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = True,
                  trt_provider: bool = False):
         ort = import_ort()
         self.ort, self.man, self.device = ort, man, device
+        self.options = (device, threads, prepack, trt_provider)
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
-        providers = ["CPUExecutionProvider"]
+        self.providers = ["CPUExecutionProvider"]
         if device == "cuda":
+            import torch
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ConfigError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
                                   "pip install onnxruntime-gpu (and a CUDA 12 runtime)")
             if not torch.cuda.is_available():
                 raise ConfigError("--device cuda: PyTorch sees no CUDA device (it holds the I/O buffers)")
-            providers = (["TensorrtExecutionProvider"] if trt_provider else []) + ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if man.kv_dtype == torch.bfloat16:
+            self.providers = (["TensorrtExecutionProvider"] if trt_provider else []) + ["CUDAExecutionProvider",
+                                                                                        "CPUExecutionProvider"]
+        if man.data["kv"]["dtype"] == "bfloat16":
             raise ConfigError("the onnxruntime backend does not bind bf16 tensors here: use fp32/fp16 artifacts "
                               "with onnxruntime, or --backend tensorrt / eager for bf16")
         self._weights = man.data["external_data"]["file"]
@@ -68,36 +81,53 @@ class OrtBackend:
         if os.path.getsize(wpath) > 0:
             with open(wpath, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._so_args = (threads, providers)
-        self._in_dtypes = {n: man.input_dtypes(n) for n in ("step", "decoder")}
-        self.sessions = {name: self._session(name, prepack=(name == "step" and prepack)) for name in ("step", "decoder")}
-        self.consts = man.scale_consts(device)
-        self.info = BackendInfo(name="onnxruntime", cfg=man.cfg, k_max=man.k_max, transform=man.transform,
-                                kv_dtype=man.kv_dtype, batch=man.batch, device=device)
-        self.source_note = man.source_note
+        self._threads = threads
+        self._done: Dict[str, object] = {}
+        # the checks run here; ONNX Runtime's builds run one after the other in one thread, which
+        # leaves the second core to the caller (torch's import): two builds at once beside it were
+        # slower on a 2-core machine
+        todo = [(name,) + self._options(name, prepack=(name == "step" and prepack)) for name in GRAPHS]
+        self._job = threading.Thread(target=self._build, args=(todo,), daemon=True, name="ort-sessions")
+        self._job.start()
 
-    def _session(self, name: str, prepack: bool):
-        ort, man = self.ort, self.man
-        threads, providers = self._so_args
-        g = man.graph(name)
-        path = man.path(g["file"])
+    def _options(self, name: str, prepack: bool):
+        ort = self.ort
+        path = self.man.path(self.man.graph(name)["file"])
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
+        if self._threads:
+            so.intra_op_num_threads = self._threads
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
-        keep = self._share(so, path, name)
+        return so, path, self._share(so, path, name)
+
+    def _build(self, todo) -> None:
+        for name, so, path, keep in todo:
+            try:
+                self._done[name] = self._session(name, so, path, keep)
+            except BaseException as e:  # noqa: BLE001 - handed to result(), raised in the caller's thread
+                self._done[name] = e
+                return
+
+    def _session(self, name: str, so, path: str, keep: list):
         try:
-            sess = ort.InferenceSession(path, sess_options=so, providers=providers)
+            sess = self.ort.InferenceSession(path, sess_options=so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise ManifestError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
                                 f"re-export with --force") from None
         if self.device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
-            raise ConfigError(f"{g['file']}: onnxruntime fell back to the CPU (providers {sess.get_providers()}); "
-                              f"check the CUDA/cuDNN libraries that onnxruntime-gpu needs")
+            raise ConfigError(f"{self.man.graph(name)['file']}: onnxruntime fell back to the CPU (providers "
+                              f"{sess.get_providers()}); check the CUDA/cuDNN libraries that onnxruntime-gpu needs")
         sess._var_ssg_keep = keep     # the OrtValues must outlive the session
         return sess
+
+    def result(self) -> Dict[str, object]:
+        self._job.join()
+        for name in GRAPHS:
+            got = self._done.get(name)
+            if isinstance(got, BaseException):
+                raise got
+        return {name: self._done[name] for name in GRAPHS}
 
     def _share(self, so, path: str, name: str) -> list:
         """Point this session's external initializers at the shared memory map of the weights
@@ -126,11 +156,39 @@ class OrtBackend:
             keep.append((arr, ov))
         return keep
 
+
+def early_sessions(holder: dict, **options):
+    """A `load_manifest(on_files=...)` hook: start the sessions as soon as the files are verified
+    (into holder["sessions"]). Best effort: a problem here is left for the full open to report,
+    after the schema check, with its own message."""
+    def start(man: Manifest) -> None:
+        try:
+            holder["sessions"] = OrtSessions(man, **options)
+        except Exception:  # noqa: BLE001 - reported by the full open, after the schema check
+            log.debug("early ONNX Runtime start skipped", exc_info=True)
+    return start
+
+
+class OrtBackend:
+    def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = True,
+                 trt_provider: bool = False, sessions: Optional[OrtSessions] = None):
+        options = (device, threads, prepack, trt_provider)
+        if sessions is None or sessions.options != options or sessions.man.data is not man.data:
+            sessions = OrtSessions(man, device=device, threads=threads, prepack=prepack, trt_provider=trt_provider)
+        self.ort, self.man, self.device = sessions.ort, man, device
+        self._in_dtypes = {n: man.input_dtypes(n) for n in GRAPHS}
+        consts = man.scale_consts()                      # on the host, while the sessions build
+        self.sessions = sessions.result()                # a build's error first (before any CUDA copy)
+        self.consts = consts if device == "cpu" else [{n: t.to(device) for n, t in c.items()} for c in consts]
+        self.info = BackendInfo(name="onnxruntime", cfg=man.cfg, k_max=man.k_max, transform=man.transform,
+                                kv_dtype=man.kv_dtype, batch=man.batch, device=device)
+        self.source_note = man.source_note
+
     def _bind(self, binding, name: str, t: torch.Tensor, output: bool):
         t = t if t.is_contiguous() else t.contiguous()
         dev = "cuda" if t.is_cuda else "cpu"
         fn = binding.bind_output if output else binding.bind_input
-        fn(name, dev, t.device.index or 0, _TORCH_NP[t.dtype], tuple(t.shape), t.data_ptr())
+        fn(name, dev, t.device.index or 0, _NP[str(t.dtype).replace("torch.", "")], tuple(t.shape), t.data_ptr())
         return t
 
     def _run(self, name: str, feeds: Dict[str, torch.Tensor], outs: Dict[str, torch.Tensor]):
@@ -145,6 +203,7 @@ class OrtBackend:
         return outs
 
     def _alloc(self, name: str, k: int, device, kv_out: torch.Tensor = None) -> Dict[str, torch.Tensor]:
+        import torch
         return {n: (kv_out if n == "new_kv" else torch.empty(shape, dtype=dt, device=device))
                 for n, (shape, dt) in self.man.output_specs(name, k).items()}
 

@@ -28,7 +28,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from tqdm import tqdm
-    from runtime.images import png_note, save_grid
 
     check_outputs(("--out", a.out, ".png"), ("--save-tokens", a.save_tokens, None),
                   inputs=(a.artifacts, a.ckpt, a.vae_ckpt))       # before the run, not after it
@@ -39,6 +38,7 @@ def main(argv=None) -> int:
         artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt,
         random_init=a.random_init, transforms=(a.dse,) if a.dse else (), top_k=a.top_k, device=a.device,
         verify=a.verify))
+    from runtime.images import png_note, save_grid
     cfg = pipe.info.cfg
     ssg = make_ssg(a.ssg_beta, a.dse or pipe.info.transform, cfg.num_scales)
 
