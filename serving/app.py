@@ -34,22 +34,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from common.proc import process_age_s
 from serving.requests import (MAX_BODY, ROUTES, RequestError, ServeOptions, checker, describe, model_summary,
                               parse_request, row_note, too_large)
 
 log = logging.getLogger(__name__)
-
-
-def _process_age_s() -> Optional[float]:
-    """Seconds since this process started (Linux /proc), None where unknown."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class Generator:
@@ -89,7 +78,7 @@ class Generator:
                                  boundaries=[10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000])
         self.m_queue = Gauge("var_ssg_queue_depth", description="requests in this replica waiting for a batch")
         t1 = time.perf_counter()
-        age = _process_age_s()
+        age = process_age_s()
         self.start = dict(replica=self.replica, ready_s=round(t1 - t0, 3), imports_s=round(t_import - t0, 3),
                           verify_s=round(t_verify - t_import, 3), open_s=round(t1 - t_verify, 3),
                           process_s=None if age is None else round(age, 3))

@@ -199,6 +199,7 @@ def saved_512(tmp_path_factory):
     return cfg, d
 
 
+@pytest.mark.slow          # a whole 512px run beside the official code
 def test_greedy_512px_shared_aln_follows_official(saved_512):
     cfg, d = saved_512
     var, vae, _ = load_models(cfg, str(d / "var_d2_512.pth"), str(d / "vae.pth"))

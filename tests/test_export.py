@@ -143,6 +143,7 @@ def test_lint_rejects(case):
     assert want in text
 
 
+@pytest.mark.slow          # an export (V = 4096)
 def test_bisection_sampler_exports_for_v4096():
     """'No top-k' with V=4096 must still export for TensorRT: the bisection sampler has no
     TopK, and ONNX Runtime agrees with torch."""

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import sys
+import time
 
+from common.proc import process_age_s
 from tools.cli import add_model_args, add_sampling_args, parser
 from common.files import check_outputs, json_writer, write_outputs
 from contract.stamp import VERIFY_MODES
@@ -42,15 +44,20 @@ def main(argv=None) -> int:
     cfg = pipe.info.cfg
     ssg = make_ssg(a.ssg_beta, a.dse or pipe.info.transform, cfg.num_scales)
 
+    started = process_age_s()
+    t0 = time.perf_counter()
     with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{a.backend}]", unit="scale", file=sys.stderr) as bar:
         res = pipe.run(a.classes, a.seed, a.guidance, sampler, ssg, progress=lambda k: bar.update(1),
                        more_smooth=a.more_smooth)
+    run_s = time.perf_counter() - t0
     note = png_note(cfg.name, a.backend, a.classes, a.seed, guidance=a.guidance, ssg=ssg.spec, top_k=a.top_k,
                     top_p=a.top_p, temperature=a.temperature, transform=ssg.transform, more_smooth=a.more_smooth,
                     source=source)
     write_outputs([(a.out, lambda path: save_grid(res.images, path, note)),      # both or neither
                    (a.save_tokens, json_writer({"note": note, "tokens": [t.tolist() for t in res.tokens]}))])
     print(f"wrote {a.out} ({note})")
+    print(f"start-up {'?' if started is None else f'{started:.2f}'} s (process start to the first scale), "
+          f"pipeline {run_s:.2f} s", file=sys.stderr)
     if "RANDOM" in source:
         print("note: made with RANDOM weights, not a trained model", file=sys.stderr)
     return 0
