@@ -12,6 +12,7 @@ export.publish (lock, temporary directory, swap, the --force rules).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import copy
 import hashlib
 import json
@@ -250,16 +251,22 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         clock.start("step_export")
         model = _export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
                             step.inputs, step.outputs, ec.opset, dynamic_shapes=step.dynamic_shapes())
-        clock.start("step_write")
-        graphs["step"] = _save(model, store, tmp, step.file, step.name)
+        # the decoder is exported while the step graph and its weights are written on a second
+        # thread (writing and hashing drop the GIL; DESIGN.md, "Export cost"); "write" is what is
+        # left of that, then the decoder's own weights (the shared file is written in order)
+        clock.start("decoder")
+        with ThreadPoolExecutor(1, thread_name_prefix="step-write") as pool:
+            pending = pool.submit(_save, model, store, tmp, step.file, step.name)
+            dec_model = _export_one(dec.module(var_x, vae).eval(), dec.example_feeds(), dec.inputs, dec.outputs,
+                                    ec.opset)
+            clock.start("write")
+            graphs["step"] = pending.result()
         del model
         consts = {f"k{k}/{n}": v for k in range(cfg.num_scales) for n, v in step.scale_consts(k).items()}
         with open(os.path.join(tmp, step.consts_file), "wb") as f:
             np.savez(f, **consts)
-        clock.start("decoder")
-        model = _export_one(dec.module(var_x, vae).eval(), dec.example_feeds(), dec.inputs, dec.outputs, ec.opset)
-        graphs["decoder"] = _save(model, store, tmp, dec.file, dec.name)
-        del model
+        graphs["decoder"] = _save(dec_model, store, tmp, dec.file, dec.name)
+        del dec_model
         clock.start("flush")
     finally:
         store.close()

@@ -13,7 +13,7 @@ from contract import stamp
 from contract.manifest import ManifestError, load_manifest
 from graphs.config import ConfigError
 
-EXPORT_STAGES = ["step_export", "step_write", "decoder", "flush", "check", "manifest"]
+EXPORT_STAGES = ["step_export", "decoder", "write", "flush", "check", "manifest"]
 
 
 @pytest.fixture(autouse=True)
