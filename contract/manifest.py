@@ -268,9 +268,7 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     c = _Check(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{path} is not a var-ssg manifest; re-export with scripts/export.py --force")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(f"{path} has format version {data.get('format_version')!r:.20}, this runtime reads "
-                            f"{FORMAT_VERSION}: re-export with this version of scripts/export.py (--force)")
+    _check_version(path, data)
     c.only(data, TOP_LEVEL, "")
     preset = c.get(data, "preset", str)
     try:
@@ -369,11 +367,18 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     return cfg
 
 
+def _check_version(path: str, data: Dict[str, Any]) -> None:
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{path} has format version {data.get('format_version')!r:.20}, this runtime reads "
+                            f"{FORMAT_VERSION}: re-export with this version of scripts/export.py (--force)")
+
+
 def _validate_files(c: _Check, data: Any) -> Dict[str, Any]:
     """The `files` listing: plain names, each with its size and sha256 (no torch needed: it runs
     before the schema on load, so the files are verified first)."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{c.path} is not a var-ssg manifest; re-export with scripts/export.py --force")
+    _check_version(c.path, data)            # before any file is hashed
     files = c.get(data, "files", dict)
     for rel, meta in files.items():
         if not FILE_NAME.fullmatch(rel) or rel == MANIFEST:
@@ -509,8 +514,6 @@ def load_manifest(root: str, verify_hashes: bool = True, verify: str = "full",
                 why = _file_problem(fp, meta, verify_hash=True)
         if why:
             raise ManifestError(f"{fp} {why}; artifacts must be plain files inside {root}: re-export with --force")
-    if hashed:
-        stamp.record(root, MANIFEST, verified)
     if on_files is not None:
         try:
             early = get_preset(data.get("preset"))
@@ -519,6 +522,8 @@ def load_manifest(root: str, verify_hashes: bool = True, verify: str = "full",
         if early is not None:
             on_files(Manifest(root=os.path.abspath(root), data=data, cfg=early))
     cfg = _validate(path, data)
+    if hashed:
+        stamp.record(root, MANIFEST, verified)      # only for a manifest that passed the schema
     return Manifest(root=os.path.abspath(root), data=data, cfg=cfg)
 
 

@@ -13,6 +13,7 @@ export.publish (lock, temporary directory, swap, the --force rules).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 import copy
 import hashlib
 import json
@@ -247,6 +248,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
     clock = StageClock(progress)
     store = SharedWeights(tmp)
     graphs = {}
+    pending = None
     try:
         clock.start("step_export")
         model = _export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
@@ -269,6 +271,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         del dec_model
         clock.start("flush")
     finally:
+        _settle(pending)        # the writer thread is done before the file closes (even on a second Ctrl-C)
         store.close()
     param_bytes = sum(p.numel() * p.element_size() for p in var_x.parameters()) + \
         sum(p.numel() * p.element_size() for n, p in vae.named_parameters() if not n.startswith("encoder."))
@@ -300,6 +303,16 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
                                  for n, m in written["files"].items()])
     clock.stop()
     return data
+
+
+def _settle(fut) -> None:
+    """Wait until a background write has finished or failed; an interrupt while waiting only
+    waits again (the one already raised still propagates)."""
+    while fut is not None and not fut.done():
+        try:
+            futures_wait([fut])
+        except KeyboardInterrupt:
+            continue
 
 
 def _save(model, store: SharedWeights, tmp: str, file: str, name: str) -> Dict:

@@ -249,3 +249,22 @@ def test_reading_a_manifest_and_parsing_arguments_import_no_torch():
             "tools.commands.generate; print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-800:]
+
+
+@pytest.mark.slow
+def test_a_schema_error_after_an_early_start_exits_cleanly(exported, tmp_path):
+    """The CLI over artifacts whose schema fails after the sessions started early: the one-line
+    error and exit 2, not an abort (a daemon build thread killed inside ONNX Runtime at exit)."""
+    import json
+    from tests.conftest import run_script
+    out = str(tmp_path / "a")
+    shutil.copytree(exported[0], out)
+    p = os.path.join(out, "manifest.json")
+    data = json.load(open(p))
+    data["created"] = 5
+    with open(p, "w") as f:
+        json.dump(data, f)
+    r = run_script("generate.py", "--backend", "onnxruntime", "--artifacts", out, "--class", "1",
+                   "--out", tmp_path / "x.png", env={"VAR_SSG_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2 and "field 'created'" in r.stderr, (r.returncode, r.stderr[-800:])
+    assert "terminate" not in r.stderr and not (tmp_path / "x.png").exists()

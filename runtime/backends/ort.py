@@ -85,9 +85,11 @@ class OrtSessions:
         self._done: Dict[str, object] = {}
         # the checks run here; ONNX Runtime's builds run one after the other in one thread, which
         # leaves the second core to the caller (torch's import): two builds at once beside it were
-        # slower on a 2-core machine
+        # slower on a 2-core machine. Not a daemon: a process that fails (a schema error after an
+        # early start) waits for the build at exit instead of killing it inside ONNX Runtime
+        # (which aborts the process).
         todo = [(name,) + self._options(name, prepack=(name == "step" and prepack)) for name in GRAPHS]
-        self._job = threading.Thread(target=self._build, args=(todo,), daemon=True, name="ort-sessions")
+        self._job = threading.Thread(target=self._build, args=(todo,), name="ort-sessions")
         self._job.start()
 
     def _options(self, name: str, prepack: bool):
