@@ -266,9 +266,7 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     """The schema. `listed`: `files` is present (on load, and after write_manifest); the builder
     validates before the files are listed."""
     c = _Check(path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f"{path} is not a var-ssg manifest; re-export with scripts/export.py --force")
-    _check_version(path, data)
+    _check_header(path, data)
     c.only(data, TOP_LEVEL, "")
     preset = c.get(data, "preset", str)
     try:
@@ -367,7 +365,10 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     return cfg
 
 
-def _check_version(path: str, data: Dict[str, Any]) -> None:
+def _check_header(path: str, data: Any) -> None:
+    """A var-ssg manifest of the format version this runtime reads."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{path} is not a var-ssg manifest; re-export with scripts/export.py --force")
     if data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path} has format version {data.get('format_version')!r:.20}, this runtime reads "
                             f"{FORMAT_VERSION}: re-export with this version of scripts/export.py (--force)")
@@ -376,9 +377,7 @@ def _check_version(path: str, data: Dict[str, Any]) -> None:
 def _validate_files(c: _Check, data: Any) -> Dict[str, Any]:
     """The `files` listing: plain names, each with its size and sha256 (no torch needed: it runs
     before the schema on load, so the files are verified first)."""
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f"{c.path} is not a var-ssg manifest; re-export with scripts/export.py --force")
-    _check_version(c.path, data)            # before any file is hashed
+    _check_header(c.path, data)             # before any file is hashed
     files = c.get(data, "files", dict)
     for rel, meta in files.items():
         if not FILE_NAME.fullmatch(rel) or rel == MANIFEST:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from contract.graphcheck import check_graph, check_values
-from contract.manifest import Manifest, ManifestError
+from contract.manifest import Manifest, ManifestError, dtype_name_of
 from graphs.config import ConfigError
 
 from .base import BackendInfo, fresh_kv
@@ -52,8 +52,8 @@ def import_ort():
 
 
 class OrtSessions:
-    """The step and decoder sessions of one artifacts directory, checked here and built in
-    background threads; `result()` waits for them and raises what a build raised."""
+    """The step and decoder sessions of one artifacts directory, checked here and built on one
+    background thread; `result()` waits for them and raises what a build raised."""
 
     def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = True,
                  trt_provider: bool = False):
@@ -190,7 +190,7 @@ class OrtBackend:
         t = t if t.is_contiguous() else t.contiguous()
         dev = "cuda" if t.is_cuda else "cpu"
         fn = binding.bind_output if output else binding.bind_input
-        fn(name, dev, t.device.index or 0, _NP[str(t.dtype).replace("torch.", "")], tuple(t.shape), t.data_ptr())
+        fn(name, dev, t.device.index or 0, _NP[dtype_name_of(t.dtype)], tuple(t.shape), t.data_ptr())
         return t
 
     def _run(self, name: str, feeds: Dict[str, torch.Tensor], outs: Dict[str, torch.Tensor]):
