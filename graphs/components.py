@@ -25,6 +25,10 @@ STEP_FEEDS = ["label", "f_hat", "noise", "guidance", "temperature", "top_k", "to
 SCALE_CONSTS = ["scale_first", "scale_level", "scale_pos", "scale_down", "scale_up", "scale_dse",
                 "scale_phi", "scale_t"]
 STEP_OUTPUTS = ["tokens", "logits", "logits_cfg", "f_hat_out", "new_kv"]
+# The step graph's dynamic axes (input -> axis -> dim): n = this scale's tokens, m = the
+# previous scale's, Lp = the past tokens; every other input axis is static.
+DYNAMIC_AXES = dict(noise={1: "n"}, past_kv={0: "Lp"}, prev_logits={1: "m"}, forced={1: "n"}, gumbel={1: "n"},
+                    scale_pos={0: "n"}, scale_down={0: "n"}, scale_up={1: "n"}, scale_dse={0: "n", 1: "m"})
 
 
 @dataclass(frozen=True)
@@ -90,17 +94,16 @@ class StepComponent:
 
     def dynamic_shapes(self) -> Dict[str, object]:
         """torch.export dims shared by name: n (tokens), m (previous tokens), Lp (past)."""
-        from torch.export import Dim
+        from torch.export import Dim         # imports sympy (~0.7 s): only the export needs it
         P2 = self.cfg.patch_nums[-1] ** 2
-        n, m, lp = Dim("n", min=1, max=P2), Dim("m", min=1, max=P2), Dim("Lp", min=0, max=self.cfg.L)
+        dims = dict(n=Dim("n", min=1, max=P2), m=Dim("m", min=1, max=P2), Lp=Dim("Lp", min=0, max=self.cfg.L))
         shapes: Dict[str, object] = {name: None for name in self.inputs}
-        shapes.update(noise={1: n}, past_kv={0: lp}, prev_logits={1: m}, forced={1: n}, gumbel={1: n},
-                      scale_pos={0: n}, scale_down={0: n}, scale_up={1: n}, scale_dse={0: n, 1: m})
+        shapes.update({name: {axis: dims[d] for axis, d in axes.items()} for name, axes in DYNAMIC_AXES.items()})
         return shapes
 
     @property
     def dynamic_inputs(self) -> List[str]:
-        return sorted(n for n, s in self.dynamic_shapes().items() if s)
+        return sorted(DYNAMIC_AXES)
 
 
 @dataclass(frozen=True)

@@ -268,3 +268,26 @@ def test_a_schema_error_after_an_early_start_exits_cleanly(exported, tmp_path):
                    "--out", tmp_path / "x.png", env={"VAR_SSG_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 2 and "field 'created'" in r.stderr, (r.returncode, r.stderr[-800:])
     assert "terminate" not in r.stderr and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_generate_as_its_own_process_skips_the_teardown_and_writes_everything(exported, tmp_path):
+    """`python scripts/generate.py` leaves without the interpreter's teardown after a success
+    (an atexit hook never runs), its output flushed and its PNG the in-process run's bytes;
+    a failure still exits through the teardown; a command run inside a caller's process (here,
+    this test's run_cli) returns to the caller."""
+    from tests.conftest import run_cli, run_script
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, sys\natexit.register(lambda: print('teardown ran', file=sys.stderr))\n")
+    env = {"VAR_SSG_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(hook), "PYTHONUNBUFFERED": ""}  # buffered
+    args = ["--backend", "onnxruntime", "--artifacts", exported[0], "--class", "1", "--seed", "3"]
+    r = run_script("generate.py", *args, "--out", tmp_path / "own.png", env=env)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "wrote " in r.stdout and "start-up " in r.stderr and "teardown ran" not in r.stderr, r.stderr[-800:]
+    r = run_cli("generate.py", *args, "--out", tmp_path / "here.png")
+    assert r.returncode == 0 and "wrote " in r.stdout, r.stderr[-800:]
+    assert (tmp_path / "own.png").read_bytes() == (tmp_path / "here.png").read_bytes()
+    r = run_script("generate.py", *args, "--out", tmp_path / "no-such-dir" / "x.png", env=env)
+    assert r.returncode == 2 and "teardown ran" in r.stderr, r.stderr[-800:]
