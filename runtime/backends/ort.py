@@ -83,16 +83,28 @@ class OrtSessions:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._threads = threads
         self._done: Dict[str, object] = {}
-        # the checks run here; ONNX Runtime's builds run one after the other in one thread, which
-        # leaves the second core to the caller (torch's import): two builds at once beside it were
-        # slower on a 2-core machine. Not a daemon: a process that fails (a schema error after an
-        # early start) waits for the build at exit instead of killing it inside ONNX Runtime
-        # (which aborts the process).
-        todo = [(name,) + self._options(name, prepack=(name == "step" and prepack)) for name in GRAPHS]
-        self._job = threading.Thread(target=self._build, args=(todo,), name="ort-sessions")
+        self._lock = threading.Lock()
+        # the graph checks run here; ONNX Runtime's builds run one after the other in one thread,
+        # which leaves the second core to the caller (torch's import): two builds at once beside
+        # it were slower on a 2-core machine. A graph the thread has not started when the caller
+        # asks for the sessions is built by the caller (`_claim`). Not a daemon: a process that
+        # fails (a schema error after an early start) waits for the build at exit instead of
+        # killing it inside ONNX Runtime (which aborts the process).
+        values: list = []
+        self._todo = {name: self._options(name, prepack=(name == "step" and prepack), values=values)
+                      for name in GRAPHS}
+        self._job = threading.Thread(target=self._build, name="ort-sessions")
         self._job.start()
+        # the stored values (the weights: ~0.3 s per GB) are checked while the sessions build;
+        # a damaged value is raised by result(), before any session is used
+        self._values_error: Optional[BaseException] = None
+        try:
+            for path, label, arr in values:
+                check_values(path, label, arr)
+        except ManifestError as e:
+            self._values_error = e
 
-    def _options(self, name: str, prepack: bool):
+    def _options(self, name: str, prepack: bool, values: list):
         ort = self.ort
         path = self.man.path(self.man.graph(name)["file"])
         so = ort.SessionOptions()
@@ -101,14 +113,29 @@ class OrtSessions:
             so.intra_op_num_threads = self._threads
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
-        return so, path, self._share(so, path, name)
+        return so, path, self._share(so, path, name, values)
 
-    def _build(self, todo) -> None:
-        for name, so, path, keep in todo:
-            try:
-                self._done[name] = self._session(name, so, path, keep)
-            except BaseException as e:  # noqa: BLE001 - handed to result(), raised in the caller's thread
-                self._done[name] = e
+    def _claim(self, name: str) -> bool:
+        """True for the one thread that builds `name` (the build thread or the caller)."""
+        with self._lock:
+            if name in self._done:
+                return False
+            self._done[name] = None      # claimed
+            return True
+
+    def _build_one(self, name: str) -> None:
+        so, path, keep = self._todo[name]
+        try:
+            self._done[name] = self._session(name, so, path, keep)
+        except BaseException as e:  # noqa: BLE001 - handed to result(), raised in the caller's thread
+            self._done[name] = e
+
+    def _build(self) -> None:
+        for name in GRAPHS:
+            if not self._claim(name):
+                return
+            self._build_one(name)
+            if isinstance(self._done[name], BaseException):
                 return
 
     def _session(self, name: str, so, path: str, keep: list):
@@ -124,14 +151,20 @@ class OrtSessions:
         return sess
 
     def result(self) -> Dict[str, object]:
+        if self._values_error is None and not any(isinstance(v, BaseException) for v in self._done.values()):
+            for name in GRAPHS:          # what the build thread has not started yet: built here
+                if self._claim(name):
+                    self._build_one(name)
         self._job.join()
+        if self._values_error is not None:
+            raise self._values_error
         for name in GRAPHS:
             got = self._done.get(name)
             if isinstance(got, BaseException):
                 raise got
         return {name: self._done[name] for name in GRAPHS}
 
-    def _share(self, so, path: str, name: str) -> list:
+    def _share(self, so, path: str, name: str, values: list) -> list:
         """Point this session's external initializers at the shared memory map of the weights
         file; ONNX Runtime then opens no data file itself."""
         try:
@@ -152,7 +185,7 @@ class OrtSessions:
             if off + length > len(self._mm) or length != dt.itemsize * int(np.prod(t.dims, dtype=np.int64)):
                 raise ManifestError(f"{path}: initializer {t.name} lies outside {self._weights}; re-export with --force")
             arr = np.frombuffer(self._mm, dtype=dt, count=length // dt.itemsize, offset=off).reshape(tuple(t.dims))
-            check_values(path, f"initializer {t.name}", arr)
+            values.append((path, f"initializer {t.name}", arr))        # checked while the sessions build
             ov = self.ort.OrtValue.ortvalue_from_numpy(arr)
             so.add_initializer(t.name, ov)
             keep.append((arr, ov))
