@@ -188,6 +188,5 @@ def console(argv: Optional[List[str]] = None) -> None:
               file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     cmd = importlib.import_module(f"tools.commands.{argv[0]}")
-    own = own and argv[0] in ONE_SHOT
     sys.argv[0] = f"var-ssg {argv[0]}"
-    run_main(lambda: cmd.main(argv[1:]), own_process=own)
+    run_main(lambda: cmd.main(argv[1:]), own_process=own and argv[0] in ONE_SHOT)
