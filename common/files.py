@@ -18,6 +18,7 @@ import os
 from contextlib import contextmanager
 import secrets
 import stat
+import threading
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 from .errors import ConfigError
@@ -37,10 +38,15 @@ def open_regular(path: str, follow_symlinks: bool = True):
     return os.fdopen(fd, "rb")
 
 
-def sha256_file(path: str, chunk: int = 1 << 24, follow_symlinks: bool = True) -> str:
+def sha256_file(path: str, chunk: int = 1 << 24, follow_symlinks: bool = True,
+                stop: Optional[threading.Event] = None) -> Optional[str]:
+    """The file's sha256 (hex); None if `stop` was set before the end (a hash on a background
+    thread that its caller no longer needs)."""
     h = hashlib.sha256()
     with open_regular(path, follow_symlinks) as f:
         while True:
+            if stop is not None and stop.is_set():
+                return None
             b = f.read(chunk)
             if not b:
                 break

@@ -10,6 +10,8 @@ import logging
 import math
 import pickle
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -181,8 +183,8 @@ def _meta_models(cfg: VARConfig) -> Tuple[VAR, VQVAE]:
         return VAR(cfg), VQVAE(cfg.vae)
 
 
-def _load_into(module, sd, path, what, preset):
-    check_state_dict(module, sd, path, what, preset)
+def _load_into(module, sd, path, what):
+    """Values checked, then assigned (keys and shapes were checked by check_state_dict)."""
     params = {n for n, _ in module.named_parameters()}
     for k, v in sd.items():     # NaN/inf weights give one token everywhere or a black image
         if not v.is_floating_point():
@@ -233,11 +235,24 @@ def load_models(cfg: VARConfig, ckpt: Optional[str] = None, vae_ckpt: Optional[s
     if ckpt is None:
         ckpt, vae_ckpt = download_official(cfg)
     var, vae = _meta_models(cfg)
-    _load_into(var, read_state_dict(ckpt), ckpt, "VAR", cfg.name)
-    _load_into(vae, read_state_dict(vae_ckpt), vae_ckpt, "VQVAE", cfg.name)
+    files = [(var, read_state_dict(ckpt), ckpt, "VAR"), (vae, read_state_dict(vae_ckpt), vae_ckpt, "VQVAE")]
+    for module, sd, path, what in files:            # a wrong file is refused before any hashing
+        check_state_dict(module, sd, path, what, cfg.name)
+    # the files are hashed on a second thread while their values are checked and assigned
+    # (hashlib and torch both drop the GIL): about half of this stage on 2 cores
+    stop = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="ckpt-sha256") as pool:
+        digests = pool.submit(lambda: [sha256_file(p, stop=stop) for p in (ckpt, vae_ckpt)] if hash_files
+                              else [None, None])
+        try:
+            for module, sd, path, what in files:
+                _load_into(module, sd, path, what)
+        except BaseException:
+            stop.set()                              # the hash is not needed: the error is not kept waiting
+            raise
+        ckpt_sha256, vae_sha256 = digests.result()
     src = WeightSource(kind="checkpoint", ckpt=str(ckpt), vae_ckpt=str(vae_ckpt),
-                       ckpt_sha256=sha256_file(ckpt) if hash_files else None,
-                       vae_sha256=sha256_file(vae_ckpt) if hash_files else None)
+                       ckpt_sha256=ckpt_sha256, vae_sha256=vae_sha256)
     return var.eval().requires_grad_(False), vae.eval().requires_grad_(False), src
 
 
@@ -284,7 +299,6 @@ def _fill_chunk(t: torch.Tensor, key: Tuple[int, ...], i: int, mean: float, std:
 def _random_fill(jobs, seed: int, threads: int = 0) -> Dict[str, torch.Tensor]:
     """jobs: (model, name, shape, mean, std) -> {name: tensor}, filled in parallel."""
     import zlib
-    from concurrent.futures import ThreadPoolExecutor
     out, work = {}, []
     for model, name, shape, mean, std in jobs:
         t = torch.empty(shape, dtype=torch.float32)
