@@ -12,8 +12,6 @@ export.publish (lock, temporary directory, swap, the --force rules).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 import copy
 import hashlib
 import json
@@ -40,6 +38,7 @@ from graphs.var import VAR
 from graphs.vqvae import VQVAE
 from graphs.weights import WeightSource
 
+from .decoder_job import DecoderJob, DecoderSpec
 from .lint import lint_files
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
@@ -96,7 +95,7 @@ def weights_id(src: WeightSource) -> str:
     return f"ckpt:{src.ckpt_sha256}:{src.vae_sha256}"
 
 
-def _export_one(module: torch.nn.Module, feeds: Dict[str, torch.Tensor], in_names, out_names, opset: int,
+def export_one(module: torch.nn.Module, feeds: Dict[str, torch.Tensor], in_names, out_names, opset: int,
                 dynamic_shapes=None):
     """The dynamo export, then torch's ONNX optimisation without its one costly rule that never
     fires here, then the input/output names, in torch's order (export.optimize; DESIGN.md,
@@ -248,31 +247,34 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
     clock = StageClock(progress)
     store = SharedWeights(tmp)
     graphs = {}
-    pending = None
+    scratch = tempfile.mkdtemp(prefix=".decoder-", dir=tmp)      # the child's; removed before the manifest
+    job = None
     try:
         clock.start("step_export")
-        model = _export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
-                            step.inputs, step.outputs, ec.opset, dynamic_shapes=step.dynamic_shapes())
-        # the decoder is exported while the step graph and its weights are written on a second
-        # thread (writing and hashing drop the GIL; DESIGN.md, "Export cost"); "write" is what is
-        # left of that, then the decoder's own weights (the shared file is written in order)
-        clock.start("decoder")
-        with ThreadPoolExecutor(1, thread_name_prefix="step-write") as pool:
-            pending = pool.submit(_save, model, store, tmp, step.file, step.name)
-            dec_model = _export_one(dec.module(var_x, vae).eval(), dec.example_feeds(), dec.inputs, dec.outputs,
-                                    ec.opset)
-            clock.start("write")
-            graphs["step"] = pending.result()
+        # the decoder is exported by a child process on the other core meanwhile (the export is
+        # Python and holds the GIL; DESIGN.md, "Export cost")
+        job = DecoderJob(vae, DecoderSpec(cfg, ec.batch, ec.opset), scratch)
+        model = export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
+                           step.inputs, step.outputs, ec.opset, dynamic_shapes=step.dynamic_shapes())
+        clock.start("write")
+        graphs["step"] = _save(model, store, tmp, step.file, step.name)
         del model
         consts = {f"k{k}/{n}": v for k in range(cfg.num_scales) for n, v in step.scale_consts(k).items()}
         with open(os.path.join(tmp, step.consts_file), "wb") as f:
             np.savez(f, **consts)
+        clock.start("decoder")          # what is left of the child's export, then its weights
+        try:
+            dec_model = job.result()
+        except RuntimeError as e:
+            raise ExportError(str(e)) from None
         graphs["decoder"] = _save(dec_model, store, tmp, dec.file, dec.name)
         del dec_model
         clock.start("flush")
     finally:
-        _settle(pending)        # the writer thread is done before the file closes (even on a second Ctrl-C)
+        if job is not None:
+            job.close()                 # nothing left running or writing, even on Ctrl-C
         store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
     param_bytes = sum(p.numel() * p.element_size() for p in var_x.parameters()) + \
         sum(p.numel() * p.element_size() for n, p in vae.named_parameters() if not n.startswith("encoder."))
     clock.start("check")
@@ -303,16 +305,6 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
                                  for n, m in written["files"].items()])
     clock.stop()
     return data
-
-
-def _settle(fut) -> None:
-    """Wait until a background write has finished or failed; an interrupt while waiting only
-    waits again (the one already raised still propagates)."""
-    while fut is not None and not fut.done():
-        try:
-            futures_wait([fut])
-        except KeyboardInterrupt:
-            continue
 
 
 def _save(model, store: SharedWeights, tmp: str, file: str, name: str) -> Dict:

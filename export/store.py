@@ -24,10 +24,22 @@ ALIGN = 64
 def tensor_bytes(t) -> memoryview:
     """The tensor's raw little-endian bytes, without a copy where its memory already holds them."""
     if sys.byteorder == "little":
-        arr = np.ascontiguousarray(t.numpy())
+        arr = _contiguous(t.numpy())
         if arr.nbytes == t.nbytes:
             return memoryview(arr.reshape(-1).view(np.uint8))
     return memoryview(t.tobytes())          # packed sub-byte types, big-endian hosts
+
+
+def _contiguous(arr: np.ndarray) -> np.ndarray:
+    """`arr` in C order. The optimiser's folded constants (e.g. a transposed weight) are strided
+    numpy views; torch copies those about 6x faster than numpy (blocked, all cores)."""
+    if arr.flags.c_contiguous:
+        return arr
+    try:
+        import torch
+        return torch.from_numpy(arr).contiguous().numpy()
+    except (TypeError, ValueError):         # a dtype or stride layout torch does not take
+        return np.ascontiguousarray(arr)
 
 
 class SharedWeights:

@@ -149,7 +149,7 @@ def test_bisection_sampler_exports_for_v4096():
     TopK, and ONNX Runtime agrees with torch."""
     import onnxruntime as ort
     from graphs.sampling import sample_with_support
-    from export.onnx_export import _export_one
+    from export.onnx_export import export_one
     import onnx_ir as ir
 
     class S(torch.nn.Module):
@@ -158,7 +158,7 @@ def test_bisection_sampler_exports_for_v4096():
     lg = torch.randn(1, 16, 4096) * 3
     u = torch.rand(1, 16)
     t, p = torch.tensor([1.0]), torch.tensor([0.9])
-    model = _export_one(S(), dict(logits=lg, u=u, temperature=t, top_p=p), ["logits", "u", "temperature", "top_p"], ["tokens"], 18)
+    model = export_one(S(), dict(logits=lg, u=u, temperature=t, top_p=p), ["logits", "u", "temperature", "top_p"], ["tokens"], 18)
     proto = ir.serde.serialize_model(model)
     assert lint_model(proto) == []
     assert "TopK" not in {n.op_type for n in proto.graph.node}
@@ -250,3 +250,25 @@ def test_step_graph_profiles_and_dynamic_axes(artifacts, tiny):
         assert step["output_shapes"][k]["new_kv"][0] == n
     r = run_cli("lint.py", d)
     assert r.returncode == 0 and "2 graphs, 0 issues" in r.stdout
+
+
+@pytest.mark.slow
+def test_decoder_job_reports_the_childs_error_and_close_leaves_no_process(tiny, tmp_path):
+    """The decoder's export runs in a child process: its failure is raised with its own message,
+    and close() while it runs leaves no process behind."""
+    from export.decoder_job import DecoderJob, DecoderSpec
+    from graphs.config import get_preset
+    cfg, _, vae = tiny
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    job = DecoderJob(vae, DecoderSpec(get_preset("var-d2"), 1, 18), str(tmp_path / "a"))   # weights of another size
+    try:
+        with pytest.raises(RuntimeError, match=r"decoder's export \(a child process\) failed: RuntimeError: "
+                                               r"Error\(s\) in loading state_dict"):
+            job.result()
+    finally:
+        job.close()
+    job = DecoderJob(vae, DecoderSpec(cfg, 1, 18), str(tmp_path / "b"))
+    pid = job._proc.pid
+    job.close()
+    assert not os.path.exists(f"/proc/{pid}")                # killed and reaped
