@@ -52,7 +52,9 @@ _ARTIFACTS = {}
 def artifacts(tmp_path_factory):
     """Export (once per preset and configuration, for the whole session) and return the
     directory: artifacts(**ExportConfig fields) for var-d2-tiny (top-k 64 unless given), or
-    artifacts(preset="var-d2", ...) for another preset."""
+    artifacts(preset="var-d2", ...) for another preset. `artifacts.stages[dir]`: the stages
+    the export's progress named; `artifacts.cache[dir]`: the stamp cache it wrote to (the one in
+    effect when it ran: a test may have pointed $VAR_SSG_CACHE elsewhere)."""
     from export.onnx_export import ExportConfig, export_artifacts
     from graphs.weights import WeightSource
 
@@ -61,9 +63,12 @@ def artifacts(tmp_path_factory):
         if (preset, ec) not in _ARTIFACTS:
             var, vae = random_models(get_preset(preset), 0)
             out = str(tmp_path_factory.mktemp("art") / "a")
-            export_artifacts(var, vae, WeightSource(kind="random", seed=0), out, ec)
+            seen = make.stages[out] = []
+            make.cache[out] = os.environ.get("VAR_SSG_CACHE")
+            export_artifacts(var, vae, WeightSource(kind="random", seed=0), out, ec, progress=seen.append)
             _ARTIFACTS[preset, ec] = out
         return _ARTIFACTS[preset, ec]
+    make.stages, make.cache = {}, {}
     return make
 
 

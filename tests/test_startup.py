@@ -13,7 +13,7 @@ from contract import stamp
 from contract.manifest import ManifestError, load_manifest
 from graphs.config import ConfigError
 
-EXPORT_STAGES = ["step_export", "decoder", "write", "flush", "check", "manifest"]
+EXPORT_STAGES = ["step_export", "write", "decoder", "flush", "check", "manifest"]
 
 
 @pytest.fixture(autouse=True)
@@ -24,25 +24,11 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """One var-d2-tiny export with its own stamp cache: (dir, manifest, stages seen, cache)."""
-    from export.onnx_export import ExportConfig, export_artifacts
-    from graphs.config import get_preset
-    from graphs.weights import WeightSource, random_models
-    base = tmp_path_factory.mktemp("startup")
-    old = os.environ.get("VAR_SSG_CACHE")
-    os.environ["VAR_SSG_CACHE"] = str(base / "cache")
-    try:
-        var, vae = random_models(get_preset("var-d2-tiny"), 0)
-        seen = []
-        res = export_artifacts(var, vae, WeightSource(kind="random", seed=0), str(base / "a"),
-                               ExportConfig(top_k=64), progress=seen.append)
-    finally:
-        if old is None:
-            os.environ.pop("VAR_SSG_CACHE")
-        else:
-            os.environ["VAR_SSG_CACHE"] = old
-    return str(base / "a"), res.manifest, seen, str(base / "cache")
+def exported(artifacts):
+    """The session's var-d2-tiny export: (dir, manifest, stages its progress named, the stamp
+    cache it wrote to)."""
+    out = artifacts()
+    return out, load_manifest(out, verify_hashes=False).data, artifacts.stages[out], artifacts.cache[out]
 
 
 def _count_hashes(monkeypatch):
@@ -166,7 +152,7 @@ def test_generate_refuses_a_bad_verify_mode(capsys):
 def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
     """export.optimize skips one rewrite rule for speed; the step graph must stay torch's own."""
     import onnx_ir as ir
-    from export.onnx_export import _export_one
+    from export.onnx_export import export_one
     from graphs.components import StepComponent
     from graphs.step import StepSpec
     cfg, var, vae = tiny
@@ -177,7 +163,7 @@ def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
         ref = torch.onnx.export(m, (), kwargs=feeds, dynamo=True, input_names=step.inputs, output_names=step.outputs,
                                 opset_version=18, optimize=True, verbose=False,
                                 dynamic_shapes=step.dynamic_shapes()).model
-    ours = _export_one(m, feeds, step.inputs, step.outputs, 18, dynamic_shapes=step.dynamic_shapes())
+    ours = export_one(m, feeds, step.inputs, step.outputs, 18, dynamic_shapes=step.dynamic_shapes())
     assert ir.to_proto(ours).SerializeToString(deterministic=True) == \
         ir.to_proto(ref).SerializeToString(deterministic=True)
 
