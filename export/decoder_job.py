@@ -16,23 +16,27 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from graphs.config import VARConfig
+from graphs.config import VARConfig, VQVAEConfig
 
-JOB, VAE, OUT, ERR = "job.pkl", "vae.pt", "decoder.onnx", "error.txt"
+JOB, VAE, OUT, ERR, STDERR = "job.pkl", "vae.pt", "decoder.onnx", "error.txt", "stderr.txt"
+MESSAGE_CHARS = 3000                    # the most of the child's error the parent quotes
 
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    cfg: VARConfig
+    cfg: VARConfig          # the step's configuration (the decoder's input shape)
+    vae: VQVAEConfig        # the VQVAE's own, as the parent built it
     batch: int
     opset: int
 
@@ -42,20 +46,39 @@ def _root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _tail(path: str, chars: int) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-chars:].strip()
+    except OSError:
+        return ""
+
+
 class DecoderJob:
     """The decoder exported by a child process into `scratch` (a folder the caller owns and
-    removes). `result()` waits for it and returns the graph; `close()` stops it (always call
-    it, e.g. in a finally: nothing is left running or writing)."""
+    removes). `start()` hands the VQVAE over and starts it; `result()` waits for it and returns
+    the graph; `close()` stops it (always call it, e.g. in a finally, once the job exists:
+    nothing is left running or writing)."""
 
     def __init__(self, vae: torch.nn.Module, spec: DecoderSpec, scratch: str):
-        self.scratch = scratch
-        with open(os.path.join(scratch, JOB), "wb") as f:
-            pickle.dump(spec, f)
-        torch.save(vae.state_dict(), os.path.join(scratch, VAE))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_root(), os.environ.get("PYTHONPATH")) if p))
-        self._proc: Optional[subprocess.Popen] = subprocess.Popen(
-            [sys.executable, "-m", "export.decoder_job", scratch, str(os.getpid())], env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.vae, self.spec, self.scratch = vae, spec, os.path.abspath(scratch)
+        self._proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        with open(os.path.join(self.scratch, JOB), "wb") as f:
+            pickle.dump(self.spec, f)
+        # the whole VQVAE (the encoder too: the exported program's signature lists every
+        # parameter, so the graph is the in-process export's byte for byte)
+        torch.save(self.vae.state_dict(), os.path.join(self.scratch, VAE))
+        # the child imports this checkout's packages: its PYTHONPATH starts here, its working
+        # folder is the scratch folder and PYTHONSAFEPATH keeps that folder off sys.path (so a
+        # user's `export.py` or another checkout where the export was started is never imported)
+        env = dict(os.environ, PYTHONSAFEPATH="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (_root(), os.environ.get("PYTHONPATH")) if p))
+        with open(os.path.join(self.scratch, STDERR), "wb") as err:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "export.decoder_job", self.scratch, str(os.getpid())], env=env,
+                cwd=self.scratch, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
 
     def result(self):
         """The exported decoder (an onnx_ir Model, weights in memory)."""
@@ -63,11 +86,13 @@ class DecoderJob:
         rc = self._proc.wait()
         self._proc = None
         if rc != 0:
-            try:
-                with open(os.path.join(self.scratch, ERR)) as f:
-                    why = f.read().strip() or f"exit status {rc}"
-            except OSError:
-                why = f"it ended with exit status {rc} and no message (killed, or out of memory?)"
+            why = _tail(os.path.join(self.scratch, ERR), MESSAGE_CHARS)
+            if not why:             # it died before it could say why: an import error, a crash, a signal
+                how = f"exit status {rc}"
+                if rc < 0:
+                    how = f"signal {signal.Signals(-rc).name}" + (" (killed: out of memory?)" if rc == -9 else "")
+                last = _tail(os.path.join(self.scratch, STDERR), MESSAGE_CHARS)
+                why = f"it ended with {how}" + (f"; its last output:\n{last}" if last else " and no output")
             raise RuntimeError(f"the decoder's export (a child process) failed: {why}")
         return ir.load(os.path.join(self.scratch, OUT))
 
@@ -88,7 +113,7 @@ def _run(scratch: str) -> None:
         spec: DecoderSpec = pickle.load(f)      # written by the parent, in a folder only it made
     torch.set_num_threads(1)                    # the other core is the step export's
     with torch.device("meta"):
-        vae = VQVAE(spec.cfg.vae)
+        vae = VQVAE(spec.vae)
     vae.load_state_dict(torch.load(os.path.join(scratch, VAE), weights_only=True, mmap=True), assign=True)
     dec = DecoderComponent(spec.cfg, spec.batch)
     model = export_one(dec.module(None, vae.eval().requires_grad_(False)).eval(), dec.example_feeds(), dec.inputs,
@@ -115,9 +140,9 @@ def main(argv=None) -> int:
         _run(scratch)
         return 0
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        first = (str(e).strip().splitlines() or [""])[0][:500]
+        traceback.print_exc()                   # into stderr.txt, for whoever debugs it
         with open(os.path.join(scratch, ERR), "w") as f:
-            f.write(f"{type(e).__name__}: {first}")
+            f.write(f"{type(e).__name__}: {str(e).strip()}"[:MESSAGE_CHARS])
         return 1
 
 

@@ -248,12 +248,12 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
     store = SharedWeights(tmp)
     graphs = {}
     scratch = tempfile.mkdtemp(prefix=".decoder-", dir=tmp)      # the child's; removed before the manifest
-    job = None
+    job = DecoderJob(vae, DecoderSpec(cfg, vae.cfg, ec.batch, ec.opset), scratch)
     try:
         clock.start("step_export")
         # the decoder is exported by a child process on the other core meanwhile (the export is
         # Python and holds the GIL; DESIGN.md, "Export cost")
-        job = DecoderJob(vae, DecoderSpec(cfg, ec.batch, ec.opset), scratch)
+        job.start()
         model = export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
                            step.inputs, step.outputs, ec.opset, dynamic_shapes=step.dynamic_shapes())
         clock.start("write")
@@ -271,8 +271,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         del dec_model
         clock.start("flush")
     finally:
-        if job is not None:
-            job.close()                 # nothing left running or writing, even on Ctrl-C
+        job.close()                     # nothing left running or writing, even on Ctrl-C
         store.close()
         shutil.rmtree(scratch, ignore_errors=True)
     param_bytes = sum(p.numel() * p.element_size() for p in var_x.parameters()) + \

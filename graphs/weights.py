@@ -247,10 +247,10 @@ def load_models(cfg: VARConfig, ckpt: Optional[str] = None, vae_ckpt: Optional[s
         try:
             for module, sd, path, what in files:
                 _load_into(module, sd, path, what)
+            ckpt_sha256, vae_sha256 = digests.result()
         except BaseException:
-            stop.set()                              # the hash is not needed: the error is not kept waiting
+            stop.set()                              # an error or Ctrl-C is not kept waiting for the hash
             raise
-        ckpt_sha256, vae_sha256 = digests.result()
     src = WeightSource(kind="checkpoint", ckpt=str(ckpt), vae_ckpt=str(vae_ckpt),
                        ckpt_sha256=ckpt_sha256, vae_sha256=vae_sha256)
     return var.eval().requires_grad_(False), vae.eval().requires_grad_(False), src

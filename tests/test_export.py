@@ -254,21 +254,72 @@ def test_step_graph_profiles_and_dynamic_axes(artifacts, tiny):
 
 @pytest.mark.slow
 def test_decoder_job_reports_the_childs_error_and_close_leaves_no_process(tiny, tmp_path):
-    """The decoder's export runs in a child process: its failure is raised with its own message,
-    and close() while it runs leaves no process behind."""
+    """The decoder's export runs in a child process: its failure is raised with its own message
+    (all of it), and close() while it runs leaves no process behind."""
     from export.decoder_job import DecoderJob, DecoderSpec
     from graphs.config import get_preset
     cfg, _, vae = tiny
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-    job = DecoderJob(vae, DecoderSpec(get_preset("var-d2"), 1, 18), str(tmp_path / "a"))   # weights of another size
+    other = get_preset("var-d2")
+    job = DecoderJob(vae, DecoderSpec(other, other.vae, 1, 18), str(tmp_path / "a"))   # weights of another size
     try:
-        with pytest.raises(RuntimeError, match=r"decoder's export \(a child process\) failed: RuntimeError: "
-                                               r"Error\(s\) in loading state_dict"):
-            job.result()
+        job.start()
+        with pytest.raises(RuntimeError, match=r"(?s)decoder's export \(a child process\) failed: RuntimeError: "
+                                               r"Error\(s\) in loading state_dict.*size mismatch"):
+            job.result()        # the detail after the first line is kept
     finally:
         job.close()
-    job = DecoderJob(vae, DecoderSpec(cfg, 1, 18), str(tmp_path / "b"))
+    job = DecoderJob(vae, DecoderSpec(cfg, vae.cfg, 1, 18), str(tmp_path / "b"))
+    job.close()                                              # never started: nothing to do
+    job.start()
     pid = job._proc.pid
     job.close()
     assert not os.path.exists(f"/proc/{pid}")                # killed and reaped
+
+
+@pytest.mark.parametrize("script, want", [
+    ("echo 'ImportError: no module named x' >&2; exit 3", r"exit status 3; its last output:\nImportError: no module"),
+    ("kill -9 $$", r"signal SIGKILL \(killed: out of memory\?\) and no output")])
+def test_decoder_job_that_dies_before_it_can_say_why_is_reported_with_its_output(tiny, tmp_path, monkeypatch,
+                                                                                 script, want):
+    from export import decoder_job
+    cfg, _, vae = tiny
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(decoder_job.sys, "executable", str(fake))
+    job = decoder_job.DecoderJob(vae, decoder_job.DecoderSpec(cfg, vae.cfg, 1, 18), str(tmp_path))
+    try:
+        job.start()
+        with pytest.raises(RuntimeError, match="decoder's export \\(a child process\\) failed: it ended with " + want):
+            job.result()
+    finally:
+        job.close()
+
+
+@pytest.mark.slow
+def test_decoder_job_imports_this_checkout_wherever_it_is_started(tiny, tmp_path, monkeypatch):
+    """Started from a folder that holds a user's `export.py`, the child still imports this
+    checkout's export package (not the folder's module), and its graph is the in-process
+    export's, byte for byte."""
+    import onnx_ir as ir
+    from export.decoder_job import DecoderJob, DecoderSpec
+    from export.onnx_export import export_one
+    from graphs.components import DecoderComponent
+    cfg, _, vae = tiny
+    here, scratch = tmp_path / "here", tmp_path / "scratch"
+    here.mkdir(), scratch.mkdir()
+    (here / "export.py").write_text("raise SystemExit('the wrong export')\n")
+    (here / "graphs.py").write_text("raise SystemExit('the wrong graphs')\n")
+    monkeypatch.chdir(here)
+    job = DecoderJob(vae, DecoderSpec(cfg, vae.cfg, 1, 18), "../scratch")    # relative: made absolute
+    try:
+        job.start()
+        model = job.result()
+    finally:
+        job.close()
+    assert [v.name for v in model.graph.outputs] == ["image"]
+    dec = DecoderComponent(cfg, 1)
+    here = export_one(dec.module(None, vae).eval(), dec.example_feeds(), dec.inputs, dec.outputs, 18)
+    assert ir.to_proto(model).SerializeToString() == ir.to_proto(here).SerializeToString()
