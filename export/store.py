@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional, Tuple
 
@@ -37,7 +38,9 @@ def _contiguous(arr: np.ndarray) -> np.ndarray:
         return arr
     try:
         import torch
-        return torch.from_numpy(arr).contiguous().numpy()
+        with warnings.catch_warnings():     # a read-only view: torch warns, but only reads it (a copy)
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr).contiguous().numpy()
     except (TypeError, ValueError):         # a dtype or stride layout torch does not take
         return np.ascontiguousarray(arr)
 

@@ -323,3 +323,19 @@ def test_decoder_job_imports_this_checkout_wherever_it_is_started(tiny, tmp_path
     dec = DecoderComponent(cfg, 1)
     here = export_one(dec.module(None, vae).eval(), dec.example_feeds(), dec.inputs, dec.outputs, 18)
     assert ir.to_proto(model).SerializeToString() == ir.to_proto(here).SerializeToString()
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: a.T,                                          # a transposed weight, as the optimiser folds it
+    lambda a: a[::-1, ::2],                                 # negative and skipping strides
+    lambda a: np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape).T,     # read-only
+    lambda a: a.astype(">f4").T,                            # big-endian: torch refuses it, numpy copies
+    lambda a: a.astype(np.float16).T])
+def test_strided_constants_are_written_in_c_order_without_a_warning(make):
+    import warnings
+    from export.store import _contiguous
+    arr = make(np.arange(12 * 8, dtype=np.float32).reshape(12, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _contiguous(arr)
+    assert got.flags.c_contiguous and got.dtype == arr.dtype and np.array_equal(got, arr)
