@@ -10,7 +10,7 @@ an in-process export writes, byte for byte.
     parent                                 child (python -m export.decoder_job SCRATCH PID)
       DecoderJob.start(): job.pkl, vae.pt  ->  load the VQVAE, export, optimise
       ... the step graph is exported ...       -> decoder.onnx (scratch)
-      DecoderJob.result(): the ir.Model    <-  exit 0, or exit 1 with the error's last line
+      DecoderJob.result(): the ir.Model    <-  exit 0, or exit 1 with the error (error.txt)
 """
 from __future__ import annotations
 
