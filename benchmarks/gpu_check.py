@@ -66,7 +66,7 @@ def parity_summary(ref, got, precision: str, k_max: int, transform: str, patch_n
     import torch
     from runtime.parity import BOUNDS, compare
     rep = compare(ref, got, "backend", precision, k_max, transform, patch_nums, mode="free-running")
-    same = [(a.cpu() == b.cpu()) for a, b in zip(ref.tokens, got.tokens)]
+    same = [torch.from_numpy(a == b) for a, b in zip(ref.tokens, got.tokens)]
     live = torch.ones(same[0].shape[0], dtype=torch.bool)
     rel = []
     for k, r in enumerate(rep.rows):
@@ -334,9 +334,6 @@ class GpuCheck:
         classes = list(CLASSES[:batch])
         res = pipe.run(classes, 0, guidance=DEFAULT_GUIDANCE, sampler=m.sampler, ssg=m.ssg, keep_logits=True)
         self._sync()
-        for name in ("tokens", "logits", "logits_cfg"):
-            setattr(res, name, [x.float().cpu() if x.is_floating_point() else x.cpu() for x in getattr(res, name)])
-        res.images = res.images.cpu()
         ts = []
         for r in range(repeats + 1):
             if r > 1 and self.budget.left() < 2 * max(ts):

@@ -13,10 +13,10 @@ ones the preset and precision imply, and every listed file (a plain name, a regu
 before any open, size and sha256): one-line errors. What hashes do and do not promise, and what is
 checked against the graphs themselves (contract.graphcheck): DESIGN.md "What the hashes promise".
 
-Reading a manifest does not import torch until the schema needs it (the shapes and dtypes are
-derived from graphs.components): `load_manifest(..., on_files=...)` hands the Manifest to a
-caller once its files are verified, before that check, so ONNX Runtime can build its sessions
-while torch loads (DESIGN.md, "Start-up"); the caller must not use them if the load then fails.
+Reading a manifest never imports torch (the shapes and dtypes come from graphs.io, plain
+data; dtypes are names): `load_manifest(..., on_files=...)` hands the Manifest to a caller once
+its files are verified, before the schema check, so ONNX Runtime can build its sessions while
+the rest is checked (DESIGN.md, "Start-up"); the caller must not use them if the load then fails.
 """
 from __future__ import annotations
 
@@ -175,9 +175,9 @@ class Manifest:
         return self.data["weights"]
 
     @property
-    def kv_dtype(self):
-        """torch dtype of the KV cache."""
-        return torch_dtype(self.data["kv"]["dtype"])
+    def kv_dtype(self) -> str:
+        """The KV cache's dtype (a name of DTYPE_NAMES)."""
+        return self.data["kv"]["dtype"]
 
     @property
     def source_note(self) -> str:
@@ -210,25 +210,24 @@ class Manifest:
         return self.graph("step")["profiles"][k]
 
     def output_specs(self, name: str, k: int = 0) -> Dict[str, tuple]:
-        """name -> (shape, torch dtype) of a graph's outputs (the step's at scale k)."""
+        """name -> (shape, dtype name) of a graph's outputs (the step's at scale k)."""
         g = self.graph(name)
         shapes = g["output_shapes"][k] if name == "step" else {o["name"]: o["shape"] for o in g["outputs"]}
-        return {o["name"]: (shapes[o["name"]], torch_dtype(o["dtype"])) for o in g["outputs"]}
+        return {o["name"]: (shapes[o["name"]], o["dtype"]) for o in g["outputs"]}
 
-    def input_dtypes(self, name: str) -> Dict[str, Any]:
-        """name -> torch dtype of a graph's inputs."""
-        return {i["name"]: torch_dtype(i["dtype"]) for i in self.graph(name)["inputs"]}
+    def input_dtypes(self, name: str) -> Dict[str, str]:
+        """name -> dtype name of a graph's inputs."""
+        return {i["name"]: i["dtype"] for i in self.graph(name)["inputs"]}
 
-    def scale_consts(self, device="cpu") -> List[Dict[str, Any]]:
-        """Per scale, the step graph's `scale_*` inputs as tensors. Each array's header (dtype,
+    def scale_consts(self) -> List[Dict[str, Any]]:
+        """Per scale, the step graph's `scale_*` inputs as numpy arrays. Each array's header (dtype,
         order, shape) is checked before it is read, so a hostile archive cannot make the runtime
         allocate more than the profiles imply; then its values must be the ones graphs.unified
         computes for this preset and DSE transform (position ids in range, the DCT matrix under
         `dse.transform: dct`)."""
         import numpy as np
-        import torch
         from numpy.lib import format as npy
-        from graphs.unified import scale_constants
+        from graphs.io import scale_constants
         path = self.path(self.graph("step")["consts"])
         out = []
         try:
@@ -255,7 +254,7 @@ class Manifest:
                                 np.isfinite(a).all() and np.abs(a.astype(np.float64) - want).max(initial=0) <= tol):
                             raise ValueError(f"{key} does not hold the values {self.cfg.name} with DSE "
                                              f"{self.transform} needs (from other artifacts, or edited)")
-                        consts[name] = torch.from_numpy(a).to(device)
+                        consts[name] = a
                     out.append(consts)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ManifestError(f"{path}: unusable ({type(e).__name__}: {e}); re-export with --force") from None
@@ -280,7 +279,7 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     c.int_in(data, "opset", MIN_OPSET, MAX_OPSET)
     dse = c.get(data, "dse", dict)
     c.only(dse, ("transform",), "dse")
-    transform = c.choice(dse, "transform", DSE_TRANSFORMS, "dse.transform")
+    c.choice(dse, "transform", DSE_TRANSFORMS, "dse.transform")
     sampler = c.get(data, "sampler", dict)
     c.only(sampler, ("k_max", "top_k_requested"), "sampler")
     k_max = c.int_in(sampler, "k_max", 0, cfg.V, "sampler.k_max")
@@ -318,15 +317,11 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     c.get(data, "export", dict)         # the options as given (recorded; the cache key covers them)
     graphs = c.get(data, "graphs", dict)
     c.only(graphs, ("step", "decoder"), "graphs")
-    from graphs.components import StepComponent, DecoderComponent
-    from graphs.step import StepSpec
-    step = StepComponent(cfg, B, StepSpec(transform=transform, k_max=k_max, dtype=torch_dtype(kv)))
-    dec = DecoderComponent(cfg, B)
-    # dtypes the runtime binds: inputs as the components' example feeds; outputs float32 except these
-    out_dtypes = dict(tokens="int64", new_kv=kv)
+    from graphs.io import DecoderIO, StepIO
+    step, dec = StepIO(cfg, B, kv), DecoderIO(cfg, B)
     keys = dict(step=("file", "inputs", "outputs", "consts", "dynamic_inputs", "profiles", "output_shapes"),
                 decoder=("file", "inputs", "outputs", "precision"))
-    for name, comp, feeds in (("step", step, step.example_feeds(0)), ("decoder", dec, dec.example_feeds())):
+    for name, comp in (("step", step), ("decoder", dec)):
         g = c.get(graphs, name, dict, f"graphs.{name}")
         c.only(g, keys[name], f"graphs.{name}")
         c.file(g, "file", f"graphs.{name}.file")
@@ -335,11 +330,9 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
         if list(ins) != list(comp.inputs) or list(outs) != list(comp.outputs):
             c.fail(f"graphs.{name}", f"has inputs {list(ins)} / outputs {list(outs)}, this runtime needs "
                                      f"{list(comp.inputs)} / {list(comp.outputs)}")
-        want = {n: dtype_name_of(t.dtype) for n, t in feeds.items()}
-        want.update({n: out_dtypes.get(n, "float32") for n in outs})
         for n, dt in list(ins.items()) + list(outs.items()):
-            if dt != want[n]:
-                c.fail(f"graphs.{name}", f"declares {n} as {dt}, the graph's {n} is {want[n]}")
+            if dt != comp.dtype(n):
+                c.fail(f"graphs.{name}", f"declares {n} as {dt}, the graph's {n} is {comp.dtype(n)}")
     s, d = graphs["step"], graphs["decoder"]
     c.choice(d, "precision", ("fp32",), "graphs.decoder.precision")
     c.file(s, "consts", "graphs.step.consts")
@@ -352,7 +345,7 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
         c.fail("graphs.step.output_shapes", f"are not the per-scale shapes of {preset} at batch {B}")
     if c.get(s, "dynamic_inputs", list, "graphs.step.dynamic_inputs") != step.dynamic_inputs:
         c.fail("graphs.step.dynamic_inputs", f"should be {step.dynamic_inputs}")
-    if [o["shape"] for o in d["inputs"]] != [list(step.profile(0)["f_hat"])]:
+    if [o["shape"] for o in d["inputs"]] != [dec.f_hat_shape()]:
         c.fail("graphs.decoder.inputs", "do not match the f_hat shape")
     needed = {s["file"], s["consts"], d["file"], data["external_data"]["file"]}
     needed |= _validate_engines(c, data, step, cfg)
@@ -397,11 +390,9 @@ def build_manifest(cfg: VARConfig, *, batch: int, precision: str, opset: int, tr
     caller gives what only it knows (the graphs' files and inputs/outputs as exported, the
     weights' source, the options); everything derived (config, k_max, kv, per-scale profiles and
     output shapes, dynamic inputs) is computed here, and the result is validated by the schema."""
-    from graphs.components import StepComponent
-    from graphs.step import StepSpec
+    from graphs.io import StepIO
     k_max = topk_bake(top_k, cfg.V)
-    comp = StepComponent(cfg, batch, StepSpec(transform=transform, k_max=k_max,
-                                              dtype=torch_dtype(PRECISION_DTYPES[precision])))
+    comp = StepIO(cfg, batch, PRECISION_DTYPES[precision])
     io = ("file", "inputs", "outputs")
     data = dict(
         format=FORMAT, format_version=FORMAT_VERSION, preset=cfg.name, config=config_to_json(cfg),

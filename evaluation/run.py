@@ -16,7 +16,8 @@ import torch
 
 from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, PATCH_NUMS_256,
                            ConfigError, SamplerConfig, SSGConfig, check_guidance, make_ssg)
-from runtime.pipeline import Pipeline, Row, to_uint8
+from runtime.images import to_uint8
+from runtime.pipeline import Pipeline, Row
 
 from .samples import parse_classes
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def generate(pipe: Pipeline, classes: Sequence[int], seed: int, guidance: float, sampler: SamplerConfig,
              ssg: SSGConfig, keep_fhat: bool = False, more_smooth: bool = False):
-    """One batch (image j uses seed + j); with keep_fhat the result has `f_hats`: K tensors
+    """One batch (image j uses seed + j); with keep_fhat the result has `f_hats`: K arrays
     B Cv P P, f_hat after each scale."""
     return pipe.run(list(classes), seed, guidance=guidance, sampler=sampler, ssg=ssg, keep_fhat=keep_fhat,
                     more_smooth=more_smooth)
@@ -162,5 +163,5 @@ def run_batches(pipe: Pipeline, job: Job, todo: Sequence[int], keep_fhat: bool =
         res = generate(pipe, rows, seed, job.guidance, job.sampler, job.ssg, keep_fhat=keep_fhat,
                        more_smooth=job.more_smooth)
         dt = time.perf_counter() - t0
-        f_hats = [f[:n].float().cpu() for f in res.f_hats] if keep_fhat else None
+        f_hats = [f[:n] for f in res.f_hats] if keep_fhat else None
         yield b, to_uint8(res.images[:n]), f_hats, dt

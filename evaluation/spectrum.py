@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Iterable, List, Sequence
 
 import numpy as np
-import torch
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -62,11 +61,11 @@ def image_spectrum(chunks: Iterable[np.ndarray]) -> np.ndarray:
     return acc.profile
 
 
-def latent_profiles(f_hats: Sequence[torch.Tensor]) -> np.ndarray:
-    """K tensors B Cv P P (f_hat after each scale) → (K, P//2 + 1) mean amplitude per bin."""
+def latent_profiles(f_hats: Sequence[np.ndarray]) -> np.ndarray:
+    """K arrays B Cv P P (f_hat after each scale) → (K, P//2 + 1) mean amplitude per bin."""
     out = []
     for f in f_hats:
-        f = f.double().cpu().numpy()
+        f = np.asarray(f, dtype=np.float64)
         amp = np.abs(np.fft.fft2(f)).reshape(-1, *f.shape[-2:])        # (B·Cv) P P
         out.append(radial_profile(amp))
     return np.stack(out)

@@ -14,21 +14,10 @@ from typing import Dict, List
 import torch
 
 from .config import DEFAULT_GUIDANCE, VARConfig
+from .io import DYNAMIC_AXES, SCALE_CONSTS, STEP_FEEDS, STEP_OUTPUTS, StepIO, scale_constants
 from .step import StepSpec
-from .unified import UnifiedStep, prev_rows, scale_constants
+from .unified import UnifiedStep
 from .vqvae import FhatDecoder
-
-# Fed by the runtime at every scale (one tensor each), in graph order. Tunables are per row (B,).
-STEP_FEEDS = ["label", "f_hat", "noise", "guidance", "temperature", "top_k", "top_p", "beta", "past_kv",
-              "prev_logits", "forced", "force", "smooth", "gumbel"]
-# Per-scale constants: stored in scale_consts.npz, bound by the runtime's backends.
-SCALE_CONSTS = ["scale_first", "scale_level", "scale_pos", "scale_down", "scale_up", "scale_dse",
-                "scale_phi", "scale_t"]
-STEP_OUTPUTS = ["tokens", "logits", "logits_cfg", "f_hat_out", "new_kv"]
-# The step graph's dynamic axes (input -> axis -> dim): n = this scale's tokens, m = the
-# previous scale's, Lp = the past tokens; every other input axis is static.
-DYNAMIC_AXES = dict(noise={1: "n"}, past_kv={0: "Lp"}, prev_logits={1: "m"}, forced={1: "n"}, gumbel={1: "n"},
-                    scale_pos={0: "n"}, scale_down={0: "n"}, scale_up={1: "n"}, scale_dse={0: "n", 1: "m"})
 
 
 @dataclass(frozen=True)
@@ -58,24 +47,17 @@ class StepComponent:
     def scale_consts(self, k: int):
         return scale_constants(self.cfg, self.spec.transform, k)
 
+    @property
+    def io(self) -> StepIO:
+        """The graph's inputs and outputs as plain data (what the manifest records)."""
+        return StepIO(self.cfg, self.batch, str(self.spec.dtype).replace("torch.", ""))
+
     def profile(self, k: int) -> Dict[str, List[int]]:
         """Every input's shape at scale k (TensorRT: min = opt = max)."""
-        c, B = self.cfg, self.batch
-        b, e = c.begin_ends[k]
-        P = c.patch_nums[-1]
-        n, m = e - b, prev_rows(c, k)
-        return dict(label=[B], f_hat=[B, c.Cvae, P, P], noise=[B, n], guidance=[B], temperature=[B], top_k=[B],
-                    top_p=[B], beta=[B], past_kv=[b, c.depth, 2, 2 * B, c.num_heads, c.head_dim],
-                    prev_logits=[B, m, c.V], forced=[B, n], force=[B], smooth=[B], gumbel=[B, n, c.V],
-                    # the scale constants (graphs.unified.scale_constants)
-                    scale_first=[1], scale_level=[1], scale_pos=[n], scale_down=[n, P * P], scale_up=[P * P, n],
-                    scale_dse=[n, m], scale_phi=[c.vae.share_quant_resi], scale_t=[1])
+        return self.io.profile(k)
 
     def output_shapes(self, k: int) -> Dict[str, List[int]]:
-        c, B = self.cfg, self.batch
-        n, P = c.patch_nums[k] ** 2, c.patch_nums[-1]
-        return dict(tokens=[B, n], logits=[B, n, c.V], logits_cfg=[B, n, c.V], f_hat_out=[B, c.Cvae, P, P],
-                    new_kv=[n, c.depth, 2, 2 * B, c.num_heads, c.head_dim])
+        return self.io.output_shapes(k)
 
     def example_feeds(self, k: int) -> Dict[str, torch.Tensor]:
         """Inputs of the right shapes and dtypes at scale k (export tracing, tests)."""

@@ -252,7 +252,7 @@ def check_guidance(w: float) -> float:
 
 
 def check_seed(seed, flag: str = "--seed") -> int:
-    """A seed: an integer in 0..2**63-1 (what torch's generator and the manifest's int64 take)."""
+    """A seed: an integer in 0..2**63-1 (the noise streams' seeds: runtime/noise.py; the manifest's int64)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"{flag} must be an integer in 0..{SEED_MAX}, got {seed!r:.40}")
     return seed

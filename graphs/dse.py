@@ -13,13 +13,15 @@ grid (and summed back when the coarse band is read out).
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import TYPE_CHECKING, Dict, Tuple
 
 import numpy as np
-import torch
 
 from .resample import bilinear_matrix
 from .config import DSE_TRANSFORMS
+
+if TYPE_CHECKING:       # the matrices are numpy; torch is imported by the reference's functions
+    import torch
 
 TRANSFORMS = DSE_TRANSFORMS
 
@@ -120,6 +122,7 @@ def dse_chain_matrices(src: Tuple[int, int], dst: Tuple[int, int], transform: st
 # ---------------------------------------------------------------- torch.fft reference
 def _dct_fft(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Orthonormal DCT-II along `dim` via the FFT of the symmetric extension."""
+    import torch
     x = x.movedim(dim, -1)
     n = x.shape[-1]
     Y = torch.fft.fft(torch.cat((x, x.flip(-1)), dim=-1), dim=-1)[..., :n]
@@ -132,6 +135,7 @@ def _dct_fft(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _idct_fft(X: torch.Tensor, dim: int) -> torch.Tensor:
     """Inverse of `_dct_fft` (orthonormal DCT-III) via a length-2n inverse FFT."""
+    import torch
     X = X.movedim(dim, -1)
     n = X.shape[-1]
     k = torch.arange(n, dtype=X.dtype, device=X.device)
@@ -144,6 +148,7 @@ def _idct_fft(X: torch.Tensor, dim: int) -> torch.Tensor:
 
 def forward_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
     """Orthonormal 2-D transform over the last two axes (complex for the DFT)."""
+    import torch
     if transform == "dct":
         return _dct_fft(_dct_fft(x, -1), -2)
     return torch.fft.fft2(x, norm="ortho")
@@ -151,6 +156,7 @@ def forward_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
 
 def inverse_transform(X: torch.Tensor, transform: str) -> torch.Tensor:
     """Inverse of forward_transform (real part for the DFT)."""
+    import torch
     if transform == "dct":
         return _idct_fft(_idct_fft(X, -1), -2)
     return torch.fft.ifft2(X, norm="ortho").real
@@ -158,6 +164,7 @@ def inverse_transform(X: torch.Tensor, transform: str) -> torch.Tensor:
 
 def _place(P: torch.Tensor, S: torch.Tensor, transform: str) -> torch.Tensor:
     """Overwrite S's low band with the coarse spectrum P (last two dims)."""
+    import torch
     h, w = P.shape[-2:]
     H, W = S.shape[-2:]
     if transform == "dct":
@@ -177,6 +184,7 @@ def _place(P: torch.Tensor, S: torch.Tensor, transform: str) -> torch.Tensor:
 
 def dse_fft(l_hw: torch.Tensor, dst: Tuple[int, int], transform: str = "dct") -> torch.Tensor:
     """DSE of (..., h, w) maps to (..., H, W), every leading index independently."""
+    import torch
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown DSE transform {transform!r}; use one of {TRANSFORMS}")
     h, w = l_hw.shape[-2:]

@@ -15,42 +15,12 @@ The tail (CFG -> SSG -> sample -> codebook) is graphs.step.step_tail, shared wit
 """
 from __future__ import annotations
 
-from typing import Dict
-
-import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import VARConfig
-from .dse import dse_matrix
-from .resample import area_matrix, bicubic_matrix, kron2d
 from .step import StepSpec, blocks_with_cache, codebook, step_tail
 from .var import VAR
 from .vqvae import VQVAE
-
-
-def prev_rows(cfg: VARConfig, k: int) -> int:
-    """m: rows of prev_logits at scale k (one zero row at k = 0)."""
-    return 1 if k == 0 else cfg.patch_nums[k - 1] ** 2
-
-
-def scale_constants(cfg: VARConfig, transform: str, k: int) -> Dict[str, np.ndarray]:
-    """The per-scale `scale_*` inputs (float32 / int64 numpy arrays)."""
-    pn, P = cfg.patch_nums[k], cfg.patch_nums[-1]
-    b, e = cfg.begin_ends[k]
-    phi = np.zeros(cfg.vae.share_quant_resi, np.float32)
-    phi[cfg.vae.phi_index(k)] = 1.0
-    dse = np.zeros((pn * pn, 1)) if k == 0 else dse_matrix((cfg.patch_nums[k - 1],) * 2, (pn, pn), transform)
-    up = np.eye(P * P) if k == cfg.num_scales - 1 else kron2d(bicubic_matrix(pn, P), bicubic_matrix(pn, P))
-    f32 = np.float32
-    return dict(scale_first=np.array([1.0 if k == 0 else 0.0], f32),
-                scale_level=np.array([k], np.int64),
-                scale_pos=np.arange(b, e, dtype=np.int64),
-                scale_down=kron2d(area_matrix(P, pn), area_matrix(P, pn)).astype(f32),
-                scale_up=up.astype(f32),
-                scale_dse=dse.astype(f32),
-                scale_phi=phi,
-                scale_t=np.array([k / (cfg.num_scales - 1)], f32))
 
 
 class UnifiedStep(nn.Module):

@@ -8,14 +8,14 @@ import io
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 from common.files import atomic_path
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """B 3 H W in [0, 1] -> B H W 3 uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """B 3 H W float32 in [0, 1] -> B H W 3 uint8 (float32 arithmetic, ties to even)."""
+    x = np.clip(np.asarray(images, dtype=np.float32), 0, 1) * np.float32(255)
+    return np.ascontiguousarray(np.round(x).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 def _png_info(note: str):
@@ -26,7 +26,7 @@ def _png_info(note: str):
     return meta
 
 
-def png_bytes(image: torch.Tensor, note: str = "") -> bytes:
+def png_bytes(image: np.ndarray, note: str = "") -> bytes:
     """One image (3 H W in [0, 1]) as PNG bytes; `note` goes into a tEXt chunk ("var-ssg")."""
     from PIL import Image
     buf = io.BytesIO()
@@ -34,7 +34,7 @@ def png_bytes(image: torch.Tensor, note: str = "") -> bytes:
     return buf.getvalue()
 
 
-def save_grid(images: torch.Tensor, path: str, note: str = "") -> None:
+def save_grid(images: np.ndarray, path: str, note: str = "") -> None:
     """Save a PNG grid (up to 8 per row) atomically; `note` goes into a tEXt chunk."""
     from PIL import Image
     arr = to_uint8(images)

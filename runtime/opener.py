@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 from graphs.config import ConfigError, get_preset, topk_bake
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline      # imported where it is made: torch loads after ONNX Runtime starts
+    from .pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
     """One Pipeline per DSE transform in `src.transforms` (one when none is named), and a note
     on the weights (for outputs' metadata)."""
     backend = src.backend_name
-    if src.threads:
+    if src.threads and backend == "eager":      # ONNX Runtime takes its own (its sessions' options)
         import torch
         torch.set_num_threads(src.threads)
     if src.artifacts:
@@ -76,8 +76,7 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
 def open_artifacts(artifacts: str, backend: str, device: str = "cpu", threads: int = 0, verify: str = "stamp",
                    clock: Optional[Callable[[str], None]] = None):
     """(Manifest, backend) of an artifacts directory. ONNX Runtime builds its sessions as soon
-    as the files are verified, while torch loads for the schema check (DESIGN.md, "Start-up: what
-    runs when"). `clock(stage)` is called when the files are verified ("files") and when the
+    as the files are verified, before the schema check (DESIGN.md, "Start-up: what runs when"). `clock(stage)` is called when the files are verified ("files") and when the
     manifest is loaded ("manifest"), for start-up reports."""
     from contract.manifest import load_manifest
     from .backends import open_backend

@@ -282,6 +282,7 @@ def compare(ref: RunResult, got: RunResult, backend: str, precision: str, k_max:
     """Compare one run of the backend with the reference's (appending to `rep` if given)."""
     bound = BOUNDS[precision]
     rep = rep or ParityReport(backend=backend, precision=precision, mode=mode)
+    ref, got = ref.as_torch(), got.as_torch()
     K = len(ref.tokens)
     info = run_info(ref, K)
     B = ref.tokens[0].shape[0]

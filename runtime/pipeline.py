@@ -7,28 +7,32 @@
              an image depends only on its own row (any slot, any batch, any backend)
     cache  = empty(L, depth, 2, 2B, H, hd)            allocated once per run (or owned by the
                                                        backend: TensorRT keeps its addresses fixed)
-    for k: feeds = the step graph's (graphs.components.STEP_FEEDS): past_kv = cache[:L_k] (a
+    for k: feeds = the step graph's (graphs.io.STEP_FEEDS): past_kv = cache[:L_k] (a
                    contiguous prefix view); k = 0: empty past, one zero prior row, beta 0;
                    forced/force: the tokens that drive f_hat (teacher-forced parity) or off
            outs  = backend.step(k, feeds, kv_out=cache[L_k:L_k+n_k])  (written in place / one copy)
     image  = backend.decode(f_hat)
+
+The host side is numpy (no torch: the ONNX Runtime CPU path runs without it). Feeds the
+pipeline makes are numpy arrays; what a step returns stays the backend's own (a device tensor
+on a GPU) and goes back into the next step as it is; what the result keeps is copied to the
+host by `backend.host`, so a RunResult holds numpy arrays whatever the backend.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
-                           SEED_MAX, ConfigError, SamplerConfig, SSGConfig, VARConfig,
+                           SEED_MAX, ConfigError, SamplerConfig, SSGConfig,
                            check_guidance, check_seed, parse_ssg_beta)
-from graphs.unified import prev_rows
+from graphs.io import prev_rows
 
 from .backends.base import Backend, BackendInfo
-from .images import to_uint8  # noqa: F401  (the images' home is runtime/images.py)
+from .noise import draw_row_noise
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +53,25 @@ class Row:
 
 @dataclass
 class RunResult:
-    images: torch.Tensor                    # B 3 H W in [0, 1]
-    tokens: List[torch.Tensor]              # K x (B, n_k) int64: each step's own draw
-    logits: List[torch.Tensor] = field(default_factory=list)      # after CFG + SSG (on request)
-    logits_cfg: List[torch.Tensor] = field(default_factory=list)  # after CFG only (on request)
-    f_hats: List[torch.Tensor] = field(default_factory=list)      # f_hat after each scale (on request)
-    noise: List[torch.Tensor] = field(default_factory=list)       # K x (B, n_k): the uniforms used
+    """What a run gives back, on the host (numpy), whatever the backend."""
+    images: np.ndarray                      # B 3 H W float32 in [0, 1]
+    tokens: List[np.ndarray]                # K x (B, n_k) int64: each step's own draw
+    logits: List[np.ndarray] = field(default_factory=list)        # after CFG + SSG (on request)
+    logits_cfg: List[np.ndarray] = field(default_factory=list)    # after CFG only (on request)
+    f_hats: List[np.ndarray] = field(default_factory=list)        # f_hat after each scale (on request)
+    noise: List[np.ndarray] = field(default_factory=list)         # K x (B, n_k): the uniforms used
     rows: List[Row] = field(default_factory=list)
-    f_hat: Optional[torch.Tensor] = None    # the final latent (B Cv P P), what the decoder reads
+    f_hat: Optional[np.ndarray] = None      # the final latent (B Cv P P), what the decoder reads
     sampling: Dict[str, list] = field(default_factory=dict)       # per row: the top_k / top_p fed
 
-
-def draw_row_noise(seed: int, patch_nums: Sequence[int], V: int, smooth: bool):
-    """One row's noise: uniforms per scale from `seed`; Gumbel noise (n_k x V) per scale from
-    a second stream (seed + 2**63), only for more_smooth rows (else None)."""
-    g = torch.Generator().manual_seed(int(seed))
-    u = [torch.rand(p * p, generator=g) for p in patch_nums]
-    gum = None
-    if smooth:
-        g2 = torch.Generator().manual_seed(int(seed) + 2 ** 63)
-        # -log(-log(u)), u in (0, 1): the standard Gumbel, as F.gumbel_softmax draws it
-        gum = [-(-torch.rand(p * p, V, generator=g2).clamp_(1e-20, 1.0).log()).log() for p in patch_nums]
-    return u, gum
+    def as_torch(self) -> "RunResult":
+        """The same run with CPU tensors that share the arrays' memory (for torch math: parity)."""
+        import torch
+        t = torch.from_numpy
+        return replace(self, images=t(self.images), tokens=[t(x) for x in self.tokens],
+                       logits=[t(x) for x in self.logits], logits_cfg=[t(x) for x in self.logits_cfg],
+                       f_hats=[t(x) for x in self.f_hats], noise=[t(x) for x in self.noise],
+                       f_hat=None if self.f_hat is None else t(self.f_hat))
 
 
 class Pipeline:
@@ -135,16 +136,15 @@ class Pipeline:
         return self.run_rows(rows, keep_logits=keep_logits, progress=progress, **kw)
 
     def run_rows(self, rows: Sequence[Row], keep_logits: bool = False, keep_fhat: bool = False,
-                 force_tokens: Optional[Sequence[torch.Tensor]] = None,
-                 force_fhat: Optional[Sequence[torch.Tensor]] = None, decode: bool = True,
-                 progress: Optional[Callable[[int], None]] = None) -> RunResult:
+                 force_tokens: Optional[Sequence] = None, force_fhat: Optional[Sequence] = None,
+                 decode: bool = True, progress: Optional[Callable[[int], None]] = None) -> RunResult:
         """Generate one image per row. `force_tokens` (K x (len(rows), n_k)): drive f_hat with
         these tokens instead of the sampled ones (teacher forcing; the outputs' tokens stay
         the backend's own draws). `force_fhat` (K x (len(rows), Cv, P, P), a reference's
         `f_hats`): more_smooth rows start scale k from it, since their f_hat follows the
-        logits through a sharp softmax, not the tokens. `decode=False` stops at the final
-        latent (res.f_hat)."""
-        info, mc = self.info, self.info.cfg
+        logits through a sharp softmax, not the tokens. Both take arrays (numpy, or CPU tensors).
+        `decode=False` stops at the final latent (res.f_hat)."""
+        info, mc, be = self.info, self.info.cfg, self.backend
         rows = list(rows)
         if not rows:
             raise ConfigError("give at least one request")
@@ -155,53 +155,51 @@ class Pipeline:
             raise ConfigError(f"{n_real} images but the artifacts were exported for batch {B}: give at most {B} "
                               f"class ids per run, or re-export with --batch {n_real}")
         rows, checked = rows + [rows[0]] * (B - n_real), checked + [checked[0]] * (B - n_real)   # pad
-        dev, V = info.device, mc.V
-        f32 = dict(dtype=torch.float32, device=dev)
+        V, f32, i64 = mc.V, np.float32, np.int64
         drawn = [draw_row_noise(r.seed, mc.patch_nums, V, r.more_smooth) for r in rows[:n_real]]
         drawn += [drawn[0]] * (B - n_real)                          # pads repeat row 0: same noise
-        noise = [torch.stack([d[0][k] for d in drawn]).to(dev) for k in range(mc.num_scales)]
-        per_row = dict(label=torch.tensor([int(r.class_id) for r in rows], dtype=torch.int64, device=dev),
-                       guidance=torch.tensor([float(r.guidance) for r in rows], **f32),
-                       temperature=torch.tensor([float(r.temperature) for r in rows], **f32),
-                       top_k=torch.tensor([c[1] for c in checked], dtype=torch.int64, device=dev),
-                       top_p=torch.tensor([c[2] for c in checked], **f32),
-                       smooth=torch.tensor([1.0 if r.more_smooth else 0.0 for r in rows], **f32))
-        betas = torch.tensor([[0.0] + list(c[0]) for c in checked], **f32)                 # B K
-        force = torch.full((B,), 1.0 if force_tokens is not None else 0.0, **f32)
+        noise = [np.stack([d[0][k] for d in drawn]) for k in range(mc.num_scales)]
+        per_row = dict(label=np.array([int(r.class_id) for r in rows], i64),
+                       guidance=np.array([float(r.guidance) for r in rows], f32),
+                       temperature=np.array([float(r.temperature) for r in rows], f32),
+                       top_k=np.array([c[1] for c in checked], i64),
+                       top_p=np.array([c[2] for c in checked], f32),
+                       smooth=np.array([1.0 if r.more_smooth else 0.0 for r in rows], f32))
+        betas = np.array([[0.0] + list(c[0]) for c in checked], f32)                  # B K
+        force = np.full((B,), 1.0 if force_tokens is not None else 0.0, f32)
         shape = (mc.L, mc.depth, 2, 2 * B, mc.num_heads, mc.head_dim)
-        kv = self.backend.alloc_kv(shape, info.kv_dtype)       # TensorRT owns it (fixed addresses)
-        f_hat = torch.zeros(B, mc.Cvae, mc.patch_nums[-1], mc.patch_nums[-1], device=dev)
-        res = RunResult(images=torch.empty(0), tokens=[], rows=rows[:n_real],
+        kv = be.alloc_kv(shape, info.kv_dtype)                 # TensorRT owns it (fixed addresses)
+        f_hat = np.zeros((B, mc.Cvae, mc.patch_nums[-1], mc.patch_nums[-1]), f32)
+        res = RunResult(images=np.empty(0, f32), tokens=[], rows=rows[:n_real],
                         sampling=dict(top_k=[c[1] for c in checked[:n_real]], top_p=[c[2] for c in checked[:n_real]]))
-        prev = torch.zeros(B, prev_rows(mc, 0), V, device=dev)      # scale 0: one zero prior row
+        prev = np.zeros((B, prev_rows(mc, 0), V), f32)             # scale 0: one zero prior row
         smooth_rows = [i for i, r in enumerate(rows[:n_real]) if r.more_smooth]
         for k, (b, e) in enumerate(mc.begin_ends):
             n = e - b
             if force_fhat is not None and k > 0 and smooth_rows:
-                f_hat = f_hat.clone()
-                f_hat[smooth_rows] = force_fhat[k - 1][smooth_rows].to(dev, f_hat.dtype)
-            forced = torch.zeros(B, n, dtype=torch.int64, device=dev)
+                f_hat = be.host(f_hat).copy()
+                f_hat[smooth_rows] = np.asarray(force_fhat[k - 1])[smooth_rows]
+            forced = np.zeros((B, n), i64)
             if force_tokens is not None:
-                forced[:n_real] = force_tokens[k].to(dev)
-            gumbel = torch.zeros(B, n, V, device=dev)                 # rows without more_smooth: unused
+                forced[:n_real] = np.asarray(force_tokens[k])
+            gumbel = np.zeros((B, n, V), f32)                        # rows without more_smooth: unused
             for i, d in enumerate(drawn):
                 if d[1] is not None:
                     gumbel[i] = d[1][k]
-            feeds: Dict[str, torch.Tensor] = dict(per_row, f_hat=f_hat, noise=noise[k], beta=betas[:, k].contiguous(),
-                                                  past_kv=kv[:b], prev_logits=prev, forced=forced, force=force,
-                                                  gumbel=gumbel)
-            out = self.backend.step(k, feeds, kv[b:e])
+            feeds = dict(per_row, f_hat=f_hat, noise=noise[k], beta=np.ascontiguousarray(betas[:, k]),
+                         past_kv=kv[:b], prev_logits=prev, forced=forced, force=force, gumbel=gumbel)
+            out = be.step(k, feeds, kv[b:e])
             f_hat, prev = out["f_hat_out"], out["logits_cfg"]
-            res.tokens.append(out["tokens"][:n_real])
+            res.tokens.append(be.host(out["tokens"])[:n_real])
             res.noise.append(noise[k][:n_real])
             if keep_logits:
-                res.logits.append(out["logits"][:n_real])
-                res.logits_cfg.append(out["logits_cfg"][:n_real])
+                res.logits.append(be.host(out["logits"])[:n_real])
+                res.logits_cfg.append(be.host(out["logits_cfg"])[:n_real])
             if keep_fhat:
-                res.f_hats.append(f_hat[:n_real].clone())
+                res.f_hats.append(be.host(f_hat)[:n_real].copy())
             if progress:
                 progress(k)
-        res.f_hat = f_hat[:n_real].clone()
+        res.f_hat = be.host(f_hat)[:n_real].copy()
         if decode:
-            res.images = self.backend.decode(f_hat)[:n_real]
+            res.images = be.host(be.decode(f_hat))[:n_real]
         return res

@@ -54,10 +54,10 @@ class Generator:
 
         def clock(stage: str) -> None:
             marks.setdefault(stage, time.perf_counter())
-            if stage == "manifest":     # torch is loaded now, before the backend opens
-                import torch
+            if stage == "manifest" and opts.backend != "onnxruntime":    # a torch backend (ONNX Runtime on
+                import torch                                                 # the CPU needs no torch)
                 torch.set_num_threads(opts.threads or os.cpu_count() or 1)   # Ray sets OMP_NUM_THREADS to the reserved CPUs
-        # verify="stamp", and ONNX Runtime's sessions built while torch loads: DESIGN.md, start-up
+        # verify="stamp", and ONNX Runtime's sessions built while the rest is checked: DESIGN.md, start-up
         man, self.backend = open_artifacts(opts.artifacts, opts.backend, device=opts.device, threads=opts.threads,
                                            verify="stamp", clock=clock)
         t_verify = marks.get("files", marks["manifest"])

@@ -178,7 +178,7 @@ def official_greedy_shared(sd, vae, labels, cfg_w, patch_nums, num_classes=1000)
 def run_guided(pipe, classes, seed, w, **kw):
     """Pipeline.run takes the guidance weight as `cfg=`; the main branch may rename it `guidance=`."""
     name = "guidance" if "guidance" in inspect.signature(pipe.run).parameters else "cfg"
-    return pipe.run(classes, seed, **{name: w}, **kw)
+    return pipe.run(classes, seed, **{name: w}, **kw).as_torch()
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def test_fp32_export_is_valid_and_lint_clean(artifacts, tiny):
 
 def _feeds(cfg, k, B, dtype=torch.float32):
     """The step's feeds at scale k (scale 0: empty past, one prior row, beta 0)."""
-    from graphs.unified import prev_rows
+    from graphs.io import prev_rows
     g = torch.Generator().manual_seed(k)
     b, _ = cfg.begin_ends[k]
     n = cfg.patch_nums[k] ** 2
@@ -53,7 +53,7 @@ def _feeds(cfg, k, B, dtype=torch.float32):
 
 def _run_step(d, feeds, k, outputs=None):
     import onnxruntime as ort
-    from graphs.unified import scale_constants
+    from graphs.io import scale_constants
     man = json.load(open(os.path.join(d, "manifest.json")))
     cfg = get_preset(man["preset"])
     sess = ort.InferenceSession(os.path.join(d, "step_all.onnx"), providers=["CPUExecutionProvider"])

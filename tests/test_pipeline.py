@@ -21,7 +21,7 @@ def test_kv_cache_matches_teacher_forcing(tiny, eager):
     """Run the cached loop, then feed the same per-scale inputs through one full-sequence
     forward with the block-causal mask: logits agree at every scale."""
     cfg, var, vae = tiny
-    res = eager.run([3, 7], seed=1, guidance=0.0, sampler=SamplerConfig(top_k=30), keep_logits=True)
+    res = eager.run([3, 7], seed=1, guidance=0.0, sampler=SamplerConfig(top_k=30), keep_logits=True).as_torch()
     # teacher-forcing input from the sampled tokens (VAR's idxBl_to_var_input semantics)
     B, P = 2, cfg.patch_nums[-1]
     f_hat = torch.zeros(B, cfg.Cvae, P, P)
@@ -87,23 +87,23 @@ def test_greedy_beta0_follows_official(tiny, eager):
     cfg, var, vae = tiny
     with torch.no_grad():
         toks, img = official_greedy(var, vae, [1, 999], 1.5)
-    res = eager.run([1, 999], seed=123, guidance=1.5, sampler=GREEDY, ssg=make_ssg("0", "dct"))
+    res = eager.run([1, 999], seed=123, guidance=1.5, sampler=GREEDY, ssg=make_ssg("0", "dct")).as_torch()
     for k in range(cfg.num_scales):
         assert torch.equal(res.tokens[k], toks[k]), k
     assert (res.images - img).abs().max() <= 1e-5
 
 
 def test_same_seed_same_image(eager):
-    a = eager.run([5], seed=7)
-    b = eager.run([5], seed=7)
-    c = eager.run([5], seed=8)
+    a = eager.run([5], seed=7).as_torch()
+    b = eager.run([5], seed=7).as_torch()
+    c = eager.run([5], seed=8).as_torch()
     assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
     assert torch.equal(a.images, b.images)
     assert any(not torch.equal(x, y) for x, y in zip(a.tokens, c.tokens))
 
 
 def test_beta0_leaves_logits_untouched(eager):
-    res = eager.run([4], seed=3, ssg=make_ssg("0"), keep_logits=True)
+    res = eager.run([4], seed=3, ssg=make_ssg("0"), keep_logits=True).as_torch()
     for lg, lc in zip(res.logits, res.logits_cfg):
         assert torch.equal(lg, lc)
 
@@ -112,8 +112,8 @@ def test_beta0_leaves_logits_untouched(eager):
 def test_nonzero_beta_changes_tokens_and_follows_formula(tiny, transform):
     cfg, var, vae = tiny
     pipe = Pipeline(EagerBackend(var, vae, transform=transform, k_max=64))
-    off = pipe.run([4], seed=3, ssg=make_ssg("0", transform))
-    on = pipe.run([4], seed=3, ssg=make_ssg("1.0", transform), keep_logits=True)
+    off = pipe.run([4], seed=3, ssg=make_ssg("0", transform)).as_torch()
+    on = pipe.run([4], seed=3, ssg=make_ssg("1.0", transform), keep_logits=True).as_torch()
     assert sum((a != b).sum().item() for a, b in zip(off.tokens, on.tokens)) > 0
     # logits_k = l + beta (l - DSE(l_{k-1})) with the previous scale's CFG logits
     from graphs.dse import dse_fft
@@ -152,7 +152,7 @@ def test_unconditional_class_follows_official(tiny, eager):
     cfg, var, vae = tiny
     with torch.no_grad():
         toks, img = official_greedy(var, vae, [cfg.num_classes, 5], 1.5)
-    res = eager.run([-1, 5], seed=0, guidance=1.5, sampler=GREEDY, ssg=make_ssg("0", "dct"))
+    res = eager.run([-1, 5], seed=0, guidance=1.5, sampler=GREEDY, ssg=make_ssg("0", "dct")).as_torch()
     for k in range(cfg.num_scales):
         assert torch.equal(res.tokens[k], toks[k]), k
     assert (res.images - img).abs().max() <= 1e-5
@@ -194,17 +194,17 @@ def official_smooth(var, vae, label, cfg_w, top_k, gumbels):
 
 
 def test_more_smooth_follows_official(tiny, eager):
-    from runtime.pipeline import draw_row_noise
+    from runtime.noise import draw_row_noise
     cfg, var, vae = tiny
     _, gumbel = draw_row_noise(11, cfg.patch_nums, cfg.V, smooth=True)
     with torch.no_grad():
-        img = official_smooth(var, vae, 7, 1.5, 20, [g.unsqueeze(0) for g in gumbel])
+        img = official_smooth(var, vae, 7, 1.5, 20, [torch.from_numpy(g).unsqueeze(0) for g in gumbel])
     res = eager.run([7], seed=11, guidance=1.5, sampler=SamplerConfig(top_k=20, top_p=0.0),
-                    ssg=make_ssg("0", "dct"), more_smooth=True)
+                    ssg=make_ssg("0", "dct"), more_smooth=True).as_torch()
     # 1/tau (up to 74 at the last scale) amplifies float32 rounding; the mean shows it is rounding
     d = (res.images - img).abs()
     assert d.max() <= 5e-3 and d.mean() <= 1e-4
-    plain = eager.run([7], seed=11, guidance=1.5, sampler=SamplerConfig(top_k=20, top_p=0.0), ssg=make_ssg("0", "dct"))
+    plain = eager.run([7], seed=11, guidance=1.5, sampler=SamplerConfig(top_k=20, top_p=0.0), ssg=make_ssg("0", "dct")).as_torch()
     assert (plain.images - img).abs().mean() > 100 * d.mean()          # the smooth path is really taken
 
 
@@ -212,8 +212,30 @@ def test_an_image_depends_only_on_its_own_row(eager):
     """Per-row noise: the same request gives the same pixels in any slot of any batch."""
     from runtime.pipeline import Row
     a = Row(5, 42, 2.0, "linear:0.1,0.5", 30, 0.9, 1.2)
-    alone = eager.run_rows([a])
-    mixed = eager.run_rows([Row(9, 1, 1.0, "0", 10, 0.5, 0.7), a, Row(3, 7, more_smooth=True)])
+    alone = eager.run_rows([a]).as_torch()
+    mixed = eager.run_rows([Row(9, 1, 1.0, "0", 10, 0.5, 0.7), a, Row(3, 7, more_smooth=True)]).as_torch()
     assert all(torch.equal(x[0], y[1]) for x, y in zip(alone.tokens, mixed.tokens))
     # same tokens; pixels equal up to the float order of a batch-1 vs batch-3 matmul
     assert (alone.images[0] - mixed.images[1]).abs().max() <= 1e-5
+
+
+def test_row_noise_is_torchs_stream_below_2_32_and_its_own_above():
+    """A seed below 2**32 draws torch.rand's uniforms from manual_seed(seed), bit for bit (the
+    images earlier versions made); every 64-bit seed has its own stream (torch's would repeat
+    every 2**32), and a more_smooth row's Gumbel noise comes from a stream of its own."""
+    from graphs.config import SEED_MAX, get_preset
+    from runtime.noise import GUMBEL_STREAM, draw_row_noise, uniforms
+    pn = get_preset("var-d16").patch_nums
+    for seed in (0, 1, 123456789, 2 ** 32 - 1):
+        g = torch.Generator().manual_seed(seed)
+        got, gum = draw_row_noise(seed, pn, 4096, smooth=False)
+        assert gum is None and all(a.dtype == np.float32 and a.shape == (p * p,) for a, p in zip(got, pn))
+        assert all(np.array_equal(a, torch.rand(p * p, generator=g).numpy()) for a, p in zip(got, pn)), seed
+    streams = {seed: uniforms(seed, [680])[0] for seed in (1, 2 ** 32 + 1, 2 ** 33 + 1, 2 ** 40 + 7, SEED_MAX)}
+    assert len({a.tobytes() for a in streams.values()}) == len(streams)
+    assert all(0 <= a.min() and a.max() < 1 for a in streams.values())
+    u, gum = draw_row_noise(5, pn, 64, smooth=True)
+    base = uniforms(5 + GUMBEL_STREAM, [64])[0]
+    assert not np.array_equal(base[:1], u[0])                   # not the token stream
+    want = -np.log(-np.log(np.clip(base.astype(np.float64), 1e-20, 1.0)))
+    assert gum[0].shape == (1, 64) and np.allclose(gum[0][0], want, rtol=1e-5, atol=1e-5)

@@ -84,7 +84,7 @@ def consts_out_of_range(d):
 
 def consts_dft_under_dct(d):
     from graphs.config import get_preset
-    from graphs.unified import scale_constants
+    from graphs.io import scale_constants
     arrs = _consts(d)
     cfg = get_preset("var-d2-tiny")
     for k in range(cfg.num_scales):

@@ -171,7 +171,7 @@ def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
 @pytest.mark.slow
 def test_onnxruntime_sessions_build_while_the_schema_is_checked(exported, tmp_path, monkeypatch):
     """open_artifacts: the files are verified, the sessions start, and only then the schema check
-    (which imports torch) runs; the backend uses the sessions started early."""
+    runs; the backend uses the sessions started early."""
     import contract.manifest as m
     import runtime.backends.ort as ort_mod
     from runtime.opener import open_artifacts
@@ -224,6 +224,34 @@ def test_an_early_start_that_fails_leaves_the_error_to_the_ordinary_open(exporte
     with pytest.raises(ConfigError, match="needs the onnxruntime package"):
         open_artifacts(exported[0], "onnxruntime")
     assert len(calls) == 2              # tried early, then again by the ordinary open
+
+
+@pytest.mark.slow
+def test_onnxruntime_on_the_cpu_never_imports_torch(exported, tmp_path):
+    """generate.py over artifacts with ONNX Runtime on the CPU, in a process where importing
+    torch fails: the same PNG and tokens as in a process with torch (the noise, feeds, KV cache
+    and images are numpy). A more_smooth row needs torch (its Gumbel noise) and says so."""
+    from tests.conftest import run_cli, run_script
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, NoTorch())\n")
+    env = {"VAR_SSG_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(hook)}
+    args = ["--backend", "onnxruntime", "--artifacts", exported[0], "--class", "1", "--seed", "3",
+            "--top-k", "40", "--ssg-beta", "linear:0.2,0.6"]
+    r = run_script("generate.py", *args, "--out", tmp_path / "a.png", "--save-tokens", tmp_path / "a.json", env=env)
+    assert r.returncode == 0, r.stderr[-800:]
+    r = run_cli("generate.py", *args, "--out", tmp_path / "b.png", "--save-tokens", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr[-800:]
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    r = run_script("generate.py", *args, "--more-smooth", "--out", tmp_path / "c.png", env=env)
+    assert r.returncode != 0 and "torch is blocked" in r.stderr and not (tmp_path / "c.png").exists()
 
 
 def test_reading_a_manifest_and_parsing_arguments_import_no_torch():

@@ -13,7 +13,7 @@ from graphs.step import StepSpec, build_steps
 from graphs.var import VAR
 from graphs.vqvae import VQVAE
 
-from .base import BackendInfo, fresh_kv
+from .base import BackendInfo, to_torch, torch_host
 
 
 class EagerBackend:
@@ -32,7 +32,7 @@ class EagerBackend:
         self.spec = StepSpec(transform=transform, k_max=k_max, dtype=dtype)
         self.steps = [s.to(device) for s in build_steps(var, vae, self.spec)]
         self.info = BackendInfo(name="eager", cfg=cfg, k_max=k_max, transform=transform,
-                                kv_dtype=dtype, batch=None, device=device)
+                                kv_dtype=str(dtype).replace("torch.", ""), batch=None, device=device)
 
     @classmethod
     def from_manifest(cls, man, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -47,16 +47,19 @@ class EagerBackend:
         return cls(var, vae, transform=man.transform, k_max=man.k_max, dtype=dtype, device=device,
                    source_note=src.describe())
 
-    def alloc_kv(self, shape, dtype) -> torch.Tensor:
-        return fresh_kv(self.info, shape, dtype)
+    def alloc_kv(self, shape, dtype: str) -> torch.Tensor:
+        return torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=self.device)
 
     @torch.inference_mode()
-    def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
-        feeds = {n: t.to(self.device) for n, t in feeds.items()}
+    def step(self, k: int, feeds: Dict[str, object], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
+        feeds = {n: to_torch(t, self.device) for n, t in feeds.items()}
         tokens, logits, logits_cfg, f_hat, new_kv = self.steps[k](**feeds)
         kv_out.copy_(new_kv)                      # the one copy into the preallocated cache
         return dict(tokens=tokens, logits=logits, logits_cfg=logits_cfg, f_hat_out=f_hat)
 
     @torch.inference_mode()
-    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        return self.vae.fhat_to_img(f_hat)
+    def decode(self, f_hat) -> torch.Tensor:
+        return self.vae.fhat_to_img(to_torch(f_hat, self.device))
+
+    def host(self, x):
+        return torch_host(x)

@@ -4,14 +4,15 @@ constants) and one over the decoder.
 * Weights: external initializers are OrtValues over one read-only memory map of the
   manifest's weights file (`SessionOptions.add_initializer`); the step session pre-packs them
   once (MLAS), which speeds up the small scales.
-* Start-up: `OrtSessions` checks both graphs, then builds the two sessions in a background
-  thread (ONNX Runtime releases the GIL while it optimises and pre-packs), beside the per-scale
-  constants and, through `load_manifest(on_files=...)`, beside torch's import (DESIGN.md,
-  "Start-up"). This module imports torch only where a tensor is made.
-* IO binding: inputs and outputs are bound to torch tensors (the KV cache prefix view as
-  `past_kv`, this scale's cache slice as `new_kv`), so no per-scale copies are made.
+* Start-up: `OrtSessions` checks both graphs, then builds the sessions in a background thread
+  (ONNX Runtime releases the GIL while it optimises and pre-packs), started through
+  `load_manifest(on_files=...)` before the schema check; the caller builds what the thread has
+  not started (DESIGN.md, "Start-up"). On the CPU this backend never imports torch: feeds, outputs and the KV cache are
+  numpy arrays.
+* IO binding: inputs and outputs are bound by address (the KV cache prefix view as `past_kv`,
+  this scale's cache slice as `new_kv`), so no per-scale copies are made.
 * CUDA: `device="cuda"` requires the CUDA provider on every session; a silent fall back to
-  the CPU is an error.
+  the CPU is an error. Its buffers are torch CUDA tensors (torch is imported then).
 """
 from __future__ import annotations
 
@@ -19,25 +20,21 @@ import logging
 import mmap
 import os
 import threading
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import onnx
 
 from contract.graphcheck import check_graph, check_values
-from contract.manifest import Manifest, ManifestError, dtype_name_of
+from contract.manifest import Manifest, ManifestError, torch_dtype
 from graphs.config import ConfigError
 
-from .base import BackendInfo, fresh_kv
-
-if TYPE_CHECKING:
-    import torch
+from .base import BackendInfo, to_torch, torch_host
 
 log = logging.getLogger(__name__)
 _ONNX_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
             onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
             onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BOOL: np.bool_}
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 GRAPHS = ("step", "decoder")
 
 
@@ -84,10 +81,10 @@ class OrtSessions:
         self._threads = threads
         self._done: Dict[str, object] = {}
         self._lock = threading.Lock()
-        # the graph checks run here; ONNX Runtime's builds run one after the other in one thread,
-        # which leaves the second core to the caller (torch's import): two builds at once beside
-        # it were slower on a 2-core machine. A graph the thread has not started when the caller
-        # asks for the sessions is built by the caller (`_claim`). Not a daemon: a process that
+        # the graph checks run here; ONNX Runtime's builds run one after the other in one thread
+        # (the step first: the longest). A graph the thread has not started when the caller asks
+        # for the sessions (the decoder, in practice) is built by the caller (`_claim`), beside
+        # the step's build. Not a daemon: a process that
         # fails (a schema error after an early start) waits for the build at exit instead of
         # killing it inside ONNX Runtime (which aborts the process).
         values: list = []
@@ -211,43 +208,62 @@ class OrtBackend:
         if sessions is None or sessions.options != options or sessions.man.data is not man.data:
             sessions = OrtSessions(man, device=device, threads=threads, prepack=prepack, trt_provider=trt_provider)
         self.ort, self.man, self.device = sessions.ort, man, device
-        self._in_dtypes = {n: man.input_dtypes(n) for n in GRAPHS}
+        self._in_dtypes = {n: {i: np.dtype(dt) for i, dt in man.input_dtypes(n).items()} for n in GRAPHS}
         consts = man.scale_consts()                      # on the host, while the sessions build
         self.sessions = sessions.result()                # a build's error first (before any CUDA copy)
-        self.consts = consts if device == "cpu" else [{n: t.to(device) for n, t in c.items()} for c in consts]
+        self.consts = consts if device == "cpu" else [{n: to_torch(a, device) for n, a in c.items()} for c in consts]
         self.info = BackendInfo(name="onnxruntime", cfg=man.cfg, k_max=man.k_max, transform=man.transform,
                                 kv_dtype=man.kv_dtype, batch=man.batch, device=device)
         self.source_note = man.source_note
 
-    def _bind(self, binding, name: str, t: torch.Tensor, output: bool):
-        t = t if t.is_contiguous() else t.contiguous()
-        dev = "cuda" if t.is_cuda else "cpu"
+    def _bind(self, binding, name: str, x, dtype: np.dtype, output: bool):
+        """Bind an array by address: numpy on the CPU, torch tensors on CUDA; returns what must
+        stay alive until the run ends."""
         fn = binding.bind_output if output else binding.bind_input
-        fn(name, dev, t.device.index or 0, _NP[dtype_name_of(t.dtype)], tuple(t.shape), t.data_ptr())
+        if self.device == "cpu":
+            a = np.asarray(x)
+            if output:      # written in place: a copy would lose what the session writes
+                if not a.flags.c_contiguous or a.dtype != dtype:
+                    raise RuntimeError(f"output {name}: a {a.dtype} array that is not C-contiguous cannot be bound")
+            else:
+                a = np.ascontiguousarray(a, dtype=dtype)
+            fn(name, "cpu", 0, dtype.type, a.shape, a.ctypes.data)
+            return a
+        t = to_torch(x, self.device).to(torch_dtype(dtype.name)).contiguous()
+        fn(name, "cuda", t.device.index or 0, dtype.type, tuple(t.shape), t.data_ptr())
         return t
 
-    def _run(self, name: str, feeds: Dict[str, torch.Tensor], outs: Dict[str, torch.Tensor]):
+    def _run(self, name: str, feeds: Dict[str, object], outs: Dict[str, object]):
         sess = self.sessions[name]
         b = sess.io_binding()
-        alive = []
-        for spec in self.man.graph(name)["inputs"]:
-            alive.append(self._bind(b, spec["name"], feeds[spec["name"]].to(self._in_dtypes[name][spec["name"]]), False))
+        dtypes = self._in_dtypes[name]
+        alive = [self._bind(b, spec["name"], feeds[spec["name"]], dtypes[spec["name"]], False)
+                 for spec in self.man.graph(name)["inputs"]]
         for n, t in outs.items():
-            alive.append(self._bind(b, n, t, True))
+            alive.append(self._bind(b, n, t, np.dtype(t.dtype) if isinstance(t, np.ndarray) else
+                                    np.dtype(str(t.dtype).replace("torch.", "")), True))
         sess.run_with_iobinding(b)
         return outs
 
-    def _alloc(self, name: str, k: int, device, kv_out: torch.Tensor = None) -> Dict[str, torch.Tensor]:
+    def _empty(self, shape, dtype: str):
+        if self.device == "cpu":
+            return np.empty(tuple(shape), dtype=np.dtype(dtype))
         import torch
-        return {n: (kv_out if n == "new_kv" else torch.empty(shape, dtype=dt, device=device))
+        return torch.empty(tuple(shape), dtype=torch_dtype(dtype), device=self.device)
+
+    def _alloc(self, name: str, k: int, kv_out=None) -> Dict[str, object]:
+        return {n: (kv_out if n == "new_kv" else self._empty(shape, dt))
                 for n, (shape, dt) in self.man.output_specs(name, k).items()}
 
-    def alloc_kv(self, shape, dtype) -> torch.Tensor:
-        return fresh_kv(self.info, shape, dtype)
+    def alloc_kv(self, shape, dtype: str):
+        return self._empty(shape, dtype)
 
-    def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def step(self, k: int, feeds: Dict[str, object], kv_out) -> Dict[str, object]:
         # new_kv is bound to the cache slice: written in place
-        return self._run("step", dict(feeds, **self.consts[k]), self._alloc("step", k, kv_out.device, kv_out))
+        return self._run("step", dict(feeds, **self.consts[k]), self._alloc("step", k, kv_out))
 
-    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        return self._run("decoder", {"f_hat": f_hat}, self._alloc("decoder", 0, f_hat.device))["image"]
+    def decode(self, f_hat):
+        return self._run("decoder", {"f_hat": f_hat}, self._alloc("decoder", 0))["image"]
+
+    def host(self, x) -> np.ndarray:
+        return torch_host(x)

@@ -31,13 +31,14 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
-from contract.manifest import Manifest
+from contract.manifest import Manifest, torch_dtype
 from contract.tensorrt import check_compat, check_profile_scales, import_tensorrt
 from graphs.config import ConfigError
 
-from .base import BackendInfo
+from .base import BackendInfo, to_torch, torch_host
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,9 @@ class TrtBackend:
         check_engine_io(e, path, dec["inputs"], dec["outputs"], [{i["name"]: i["shape"] for i in dec["inputs"]}],
                         [{o["name"]: o["shape"] for o in dec["outputs"]}])
         self.dec_engine = _Engine(trt, e, path, 0, self.stream)
-        self.consts = man.scale_consts("cuda")
+        self.consts = [{n: to_torch(a, "cuda") for n, a in c.items()} for c in man.scale_consts()]
         self.dynamic = set(man.graph("step")["dynamic_inputs"])
-        self.in_dtype = man.input_dtypes("step")
+        self.in_dtype = {n: torch_dtype(dt) for n, dt in man.input_dtypes("step").items()}
         self.kv: Optional[torch.Tensor] = None
         self.bound: Dict[int, Dict[str, torch.Tensor]] = {}     # scale (or -1: decoder) -> static tensors
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
@@ -157,7 +158,8 @@ class TrtBackend:
         self.source_note = man.source_note
 
     # the pipeline asks for the cache: one persistent buffer, so bound addresses stay valid
-    def alloc_kv(self, shape, dtype) -> torch.Tensor:
+    def alloc_kv(self, shape, dtype: str) -> torch.Tensor:
+        dtype = torch_dtype(dtype)
         if self.kv is None or tuple(self.kv.shape) != tuple(shape) or self.kv.dtype != dtype:
             self.kv = torch.empty(shape, dtype=dtype, device="cuda")
             self.bound.clear()
@@ -228,7 +230,7 @@ class TrtBackend:
                     tensors[name] = src              # cache prefix view / constants: stable addresses
                 else:
                     tensors[name] = torch.empty(shape, dtype=self.in_dtype[name], device="cuda")
-            tensors.update({n: (kv_out if n == "new_kv" else torch.empty(shape, dtype=dt, device="cuda"))
+            tensors.update({n: (kv_out if n == "new_kv" else torch.empty(shape, dtype=torch_dtype(dt), device="cuda"))
                             for n, (shape, dt) in self.man.output_specs("step", k).items()})
             self._bind_static(k, ctx, tensors, {n: s for n, s in prof.items() if n in self.dynamic})
         t = self.bound[k]
@@ -238,8 +240,9 @@ class TrtBackend:
             for name in prof:
                 if name == "past_kv" or name.startswith("scale_"):
                     continue
-                if t[name].data_ptr() != full[name].data_ptr():
-                    t[name].copy_(full[name], non_blocking=True)
+                src = to_torch(full[name], "cpu") if isinstance(full[name], np.ndarray) else full[name]
+                if t[name].data_ptr() != src.data_ptr():
+                    t[name].copy_(src, non_blocking=True)
         self._execute(k, ctx)
         cur.wait_stream(self.stream)
         return {n: (t[n] if n == "new_kv" else t[n].clone()) for n in ("tokens", "logits", "logits_cfg", "f_hat_out", "new_kv")}
@@ -247,16 +250,19 @@ class TrtBackend:
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         ctx = self.dec_engine.contexts[0]
         if -1 not in self.bound:
-            tensors = {i["name"]: torch.empty(i["shape"], dtype=dt, device="cuda")
+            tensors = {i["name"]: torch.empty(i["shape"], dtype=torch_dtype(dt), device="cuda")
                        for i, dt in zip(self.man.graph("decoder")["inputs"], self.man.input_dtypes("decoder").values())}
-            tensors.update({n: torch.empty(shape, dtype=dt, device="cuda")
+            tensors.update({n: torch.empty(shape, dtype=torch_dtype(dt), device="cuda")
                             for n, (shape, dt) in self.man.output_specs("decoder").items()})
             self._bind_static(-1, ctx, tensors, {})
         t = self.bound[-1]
         cur = torch.cuda.current_stream()
         self.stream.wait_stream(cur)
         with torch.cuda.stream(self.stream):
-            t["f_hat"].copy_(f_hat, non_blocking=True)
+            t["f_hat"].copy_(to_torch(f_hat, "cpu") if isinstance(f_hat, np.ndarray) else f_hat, non_blocking=True)
         self._execute(-1, ctx)
         cur.wait_stream(self.stream)
         return t["image"].clone()
+
+    def host(self, x):
+        return torch_host(x)

@@ -120,13 +120,13 @@ def pipeline_runs(art_dir: str, work: str):
     s, ssg = SamplerConfig(top_k=40, top_p=0.9), make_ssg("linear:0.1,0.3", man.transform)
     cls = [3]
     ref = Pipeline(open_backend("onnxruntime", out, device="cpu")).run(cls, 5, guidance=1.5, sampler=s, ssg=ssg,
-                                                                          keep_logits=True)
+                                                                          keep_logits=True).as_torch()
     backend = open_backend("tensorrt", out)
     trt = Pipeline(backend)
     runs = []
     for r in range(3):                              # plain, capture (+ replay), replay
         n = len(MACHINE.executions)
-        res = trt.run(cls, 5, guidance=1.5, sampler=s, ssg=ssg, keep_logits=True)
+        res = trt.run(cls, 5, guidance=1.5, sampler=s, ssg=ssg, keep_logits=True).as_torch()
         assert len(MACHINE.executions) - n == K + 1, (r, len(MACHINE.executions) - n)   # every scale + decoder ran
         for k in range(K):
             assert torch.equal(res.tokens[k], ref.tokens[k]), (r, k)
