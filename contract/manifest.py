@@ -222,7 +222,7 @@ class Manifest:
     def scale_consts(self) -> List[Dict[str, Any]]:
         """Per scale, the step graph's `scale_*` inputs as numpy arrays. Each array's header (dtype,
         order, shape) is checked before it is read, so a hostile archive cannot make the runtime
-        allocate more than the profiles imply; then its values must be the ones graphs.unified
+        allocate more than the profiles imply; then its values must be the ones graphs.io
         computes for this preset and DSE transform (position ids in range, the DCT matrix under
         `dse.transform: dct`)."""
         import numpy as np

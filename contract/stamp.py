@@ -33,10 +33,14 @@ def file_key(st: os.stat_result) -> Key:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def cache_dir() -> str:
-    root = os.environ.get("VAR_SSG_CACHE") or os.path.join(
+def cache_root() -> str:
+    """The user's var-ssg cache: $VAR_SSG_CACHE, else $XDG_CACHE_HOME/var-ssg, else ~/.cache/var-ssg."""
+    return os.environ.get("VAR_SSG_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "var-ssg")
-    return os.path.join(root, "verified")
+
+
+def cache_dir() -> str:
+    return os.path.join(cache_root(), "verified")
 
 
 def _stamp_path(root: str, manifest: str) -> Optional[str]:

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, PATCH_NUMS_256,
                            ConfigError, SamplerConfig, SSGConfig, check_guidance, make_ssg)
 from runtime.images import to_uint8
+from runtime.noise import VERSION as NOISE
 from runtime.pipeline import Pipeline, Row
 
 from .samples import parse_classes
@@ -118,7 +118,7 @@ class Job:
         return {"format": "var-ssg samples v1", "model": info.cfg.name, "weights": source,
                 "backend": info.name, "image_size": info.cfg.vae.image_size,
                 "classes": list(self.classes), "per_class": self.per_class, "seed": self.seed,
-                "seed_rule": "image i uses seed S + i", "batch": self.batch,
+                "seed_rule": "image i uses seed S + i", "noise": NOISE, "batch": self.batch,
                 "guidance": self.guidance, **asdict(self.sampler),
                 "ssg_beta": self.ssg.spec, "betas": list(self.ssg.betas), "dse": self.ssg.transform,
                 "more_smooth": self.more_smooth}
@@ -154,7 +154,7 @@ def check_job(pipe: Pipeline, job: Job) -> None:
 
 
 def run_batches(pipe: Pipeline, job: Job, todo: Sequence[int], keep_fhat: bool = False
-                ) -> Iterator[Tuple[int, np.ndarray, Optional[List[torch.Tensor]], float]]:
+                ) -> Iterator[Tuple[int, np.ndarray, Optional[List[np.ndarray]], float]]:
     """Yield (batch index, N H W 3 uint8 real images, f_hats of the real rows or None, seconds)."""
     import time
     for b in todo:

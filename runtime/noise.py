@@ -18,6 +18,8 @@ import numpy as np
 
 _MASK24 = np.uint64((1 << 24) - 1)
 GUMBEL_STREAM = 2 ** 63         # a row's Gumbel noise: the stream of seed + 2**63
+# What samples record (evaluation's settings), so a resumed run never mixes two noise definitions.
+VERSION = "mt19937: init_genrand below 2**32, init_by_array above; Gumbel: seed + 2**63, float64 log"
 
 
 def _mt19937(seed: int) -> np.random.MT19937:
@@ -45,9 +47,9 @@ def draw_row_noise(seed: int, patch_nums: Sequence[int], V: int,
     u = uniforms(seed, [p * p for p in patch_nums])
     gum = None
     if smooth:
-        import torch        # only this path: torch's float32 log, as earlier versions took it
         g = uniforms(int(seed) + GUMBEL_STREAM, [p * p * V for p in patch_nums])
-        # -log(-log(u)), u in (0, 1): the standard Gumbel, as F.gumbel_softmax draws it
-        gum = [(-(-torch.from_numpy(x).clamp_(1e-20, 1.0).log()).log()).numpy().reshape(p * p, V)
+        # -log(-log(u)), u clamped to [1e-20, 1]: the standard Gumbel, as F.gumbel_softmax draws it;
+        # in float64 (then rounded once to float32), so no CPU's float32 log can change a value
+        gum = [(-np.log(-np.log(np.clip(x.astype(np.float64), 1e-20, 1.0)))).astype(np.float32).reshape(p * p, V)
                for x, p in zip(g, patch_nums)]
     return u, gum

@@ -35,6 +35,7 @@ class PipelineSource:
     threads: int = 0                         # CPU threads for this pipeline (0: the library's default)
     verify: str = "stamp"                    # artifacts: "stamp" (hash only what the verified stamp does
                                              # not vouch for) or "full" (DESIGN.md, start-up)
+    session_cache: bool = False              # onnxruntime on the CPU: the saved optimised step session
 
     @property
     def backend_name(self) -> str:
@@ -49,7 +50,8 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
         import torch
         torch.set_num_threads(src.threads)
     if src.artifacts:
-        _, b = open_artifacts(src.artifacts, backend, device=src.device, threads=src.threads, verify=src.verify)
+        _, b = open_artifacts(src.artifacts, backend, device=src.device, threads=src.threads, verify=src.verify,
+                              session_cache=src.session_cache)
         if src.model and src.model != b.info.cfg.name:
             raise ConfigError(f"--model {src.model} but the artifacts in {src.artifacts} are {b.info.cfg.name}")
         bad = [t for t in src.transforms if t != b.info.transform]
@@ -74,7 +76,7 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
 
 
 def open_artifacts(artifacts: str, backend: str, device: str = "cpu", threads: int = 0, verify: str = "stamp",
-                   clock: Optional[Callable[[str], None]] = None):
+                   clock: Optional[Callable[[str], None]] = None, session_cache: bool = False):
     """(Manifest, backend) of an artifacts directory. ONNX Runtime builds its sessions as soon
     as the files are verified, before the schema check (DESIGN.md, "Start-up: what runs when"). `clock(stage)` is called when the files are verified ("files") and when the
     manifest is loaded ("manifest"), for start-up reports."""
@@ -84,7 +86,7 @@ def open_artifacts(artifacts: str, backend: str, device: str = "cpu", threads: i
     hook = None
     if backend == "onnxruntime":
         from .backends.ort import early_sessions
-        kw = {"threads": threads} if threads else {}
+        kw = dict({"threads": threads} if threads else {}, **({"session_cache": True} if session_cache else {}))
         hook = early_sessions(early, device=device, **kw)
     def on_files(man):
         if clock:

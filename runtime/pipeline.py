@@ -174,7 +174,8 @@ class Pipeline:
                         sampling=dict(top_k=[c[1] for c in checked[:n_real]], top_p=[c[2] for c in checked[:n_real]]))
         prev = np.zeros((B, prev_rows(mc, 0), V), f32)             # scale 0: one zero prior row
         smooth_rows = [i for i, r in enumerate(rows[:n_real]) if r.more_smooth]
-        for k, (b, e) in enumerate(mc.begin_ends):
+        kept: Dict[str, list] = dict(tokens=[], logits=[], logits_cfg=[], f_hats=[])   # the backend's arrays:
+        for k, (b, e) in enumerate(mc.begin_ends):                                       # to the host after the loop
             n = e - b
             if force_fhat is not None and k > 0 and smooth_rows:
                 f_hat = be.host(f_hat).copy()
@@ -182,23 +183,28 @@ class Pipeline:
             forced = np.zeros((B, n), i64)
             if force_tokens is not None:
                 forced[:n_real] = np.asarray(force_tokens[k])
-            gumbel = np.zeros((B, n, V), f32)                        # rows without more_smooth: unused
-            for i, d in enumerate(drawn):
-                if d[1] is not None:
-                    gumbel[i] = d[1][k]
+            if smooth_rows:
+                gumbel = np.zeros((B, n, V), f32)                    # rows without more_smooth: unused
+                for i, d in enumerate(drawn):
+                    if d[1] is not None:
+                        gumbel[i] = d[1][k]
+            else:
+                gumbel = be.zeros((B, n, V))                         # where the backend computes
             feeds = dict(per_row, f_hat=f_hat, noise=noise[k], beta=np.ascontiguousarray(betas[:, k]),
                          past_kv=kv[:b], prev_logits=prev, forced=forced, force=force, gumbel=gumbel)
             out = be.step(k, feeds, kv[b:e])
-            f_hat, prev = out["f_hat_out"], out["logits_cfg"]
-            res.tokens.append(be.host(out["tokens"])[:n_real])
+            f_hat, prev = out["f_hat_out"], out["logits_cfg"]      # fresh arrays every step
+            kept["tokens"].append(out["tokens"])
             res.noise.append(noise[k][:n_real])
             if keep_logits:
-                res.logits.append(be.host(out["logits"])[:n_real])
-                res.logits_cfg.append(be.host(out["logits_cfg"])[:n_real])
+                kept["logits"].append(out["logits"])
+                kept["logits_cfg"].append(out["logits_cfg"])
             if keep_fhat:
-                res.f_hats.append(be.host(f_hat)[:n_real].copy())
+                kept["f_hats"].append(f_hat)
             if progress:
                 progress(k)
+        for name, arrays in kept.items():
+            setattr(res, name, [be.host(a)[:n_real].copy() for a in arrays])
         res.f_hat = be.host(f_hat)[:n_real].copy()
         if decode:
             res.images = be.host(be.decode(f_hat))[:n_real]

@@ -34,6 +34,7 @@ class ServeOptions:
     max_batch_wait_ms: float = 20.0
     max_queue: int = 64
     threads: int = 0                    # per replica: torch and ONNX Runtime intra-op threads (0 = all cores)
+    session_cache: bool = False         # onnxruntime on the CPU: the saved optimised step session
     cpus_per_replica: float = 1.0       # what Ray reserves per CPU replica (scheduling only)
     request_timeout_s: float = 600.0
     body_timeout_s: float = 30.0        # a client must send its whole body within this (else 408)

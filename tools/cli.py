@@ -29,6 +29,13 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> 
     g.add_argument("--random-init", type=seed_int, metavar="SEED", help="seeded random weights (no checkpoint)")
 
 
+def add_session_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--session-cache", action="store_true",
+                   help="onnxruntime on the CPU: keep ONNX Runtime's optimised step graph with its pre-packed "
+                        "weights in the user's cache (about 2x the weights on disk, once per artifacts "
+                        "directory) so later starts load it instead of building it (DESIGN.md, start-up)")
+
+
 def finite_float(s: str) -> float:
     try:
         v = float(s)
@@ -40,7 +47,7 @@ def finite_float(s: str) -> float:
 
 
 def seed_int(s: str) -> int:
-    """A seed: 0..2**63-1, refused here rather than as a traceback from torch's generator."""
+    """A seed: 0..2**63-1, refused here with the flag's name (runtime/noise.py takes 0..2**64-1 and the Gumbel stream adds 2**63)."""
     try:
         v = int(s)
     except ValueError:

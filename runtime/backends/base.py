@@ -44,6 +44,9 @@ class Backend(Protocol):
     def host(self, x: Any) -> np.ndarray:
         """One of this backend's arrays on the host, as numpy."""
 
+    def zeros(self, shape: Sequence[int]) -> Any:
+        """A float32 zero feed where this backend computes (no host-to-device copy of zeros)."""
+
 
 def torch_host(x) -> np.ndarray:
     """A torch tensor (or a numpy array) on the host, as numpy: the torch backends' `host`."""

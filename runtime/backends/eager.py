@@ -63,3 +63,6 @@ class EagerBackend:
 
     def host(self, x):
         return torch_host(x)
+
+    def zeros(self, shape):
+        return torch.zeros(tuple(shape), device=self.device)

@@ -53,10 +53,10 @@ class OrtSessions:
     background thread; `result()` waits for them and raises what a build raised."""
 
     def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = True,
-                 trt_provider: bool = False):
+                 trt_provider: bool = False, session_cache: bool = False):
         ort = import_ort()
         self.ort, self.man, self.device = ort, man, device
-        self.options = (device, threads, prepack, trt_provider)
+        self.options = (device, threads, prepack, trt_provider, session_cache)
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
         self.providers = ["CPUExecutionProvider"]
@@ -79,6 +79,13 @@ class OrtSessions:
             with open(wpath, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._threads = threads
+        self._cache = None
+        if session_cache and device == "cpu":       # the saved graph holds CPU kernels' layouts
+            from .ort_cache import SessionCache
+            try:
+                self._cache = SessionCache(man, ort, self.options[:4])
+            except OSError as e:
+                log.warning("ONNX Runtime session cache off (%s)", e)
         self._done: Dict[str, object] = {}
         self._lock = threading.Lock()
         # the graph checks run here; ONNX Runtime's builds run one after the other in one thread
@@ -137,7 +144,10 @@ class OrtSessions:
 
     def _session(self, name: str, so, path: str, keep: list):
         try:
-            sess = self.ort.InferenceSession(path, sess_options=so, providers=self.providers)
+            if name == "step" and self._cache is not None:      # opt-in: DESIGN.md, "the session cache"
+                sess = self._cache.load(self.providers) or self._cache.save(so, path, self.providers)
+            else:
+                sess = self.ort.InferenceSession(path, sess_options=so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise ManifestError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
                                 f"re-export with --force") from None
@@ -203,10 +213,11 @@ def early_sessions(holder: dict, **options):
 
 class OrtBackend:
     def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = True,
-                 trt_provider: bool = False, sessions: Optional[OrtSessions] = None):
-        options = (device, threads, prepack, trt_provider)
+                 trt_provider: bool = False, session_cache: bool = False, sessions: Optional[OrtSessions] = None):
+        options = (device, threads, prepack, trt_provider, session_cache)
         if sessions is None or sessions.options != options or sessions.man.data is not man.data:
-            sessions = OrtSessions(man, device=device, threads=threads, prepack=prepack, trt_provider=trt_provider)
+            sessions = OrtSessions(man, device=device, threads=threads, prepack=prepack, trt_provider=trt_provider,
+                                   session_cache=session_cache)
         self.ort, self.man, self.device = sessions.ort, man, device
         self._in_dtypes = {n: {i: np.dtype(dt) for i, dt in man.input_dtypes(n).items()} for n in GRAPHS}
         consts = man.scale_consts()                      # on the host, while the sessions build
@@ -224,7 +235,8 @@ class OrtBackend:
             a = np.asarray(x)
             if output:      # written in place: a copy would lose what the session writes
                 if not a.flags.c_contiguous or a.dtype != dtype:
-                    raise RuntimeError(f"output {name}: a {a.dtype} array that is not C-contiguous cannot be bound")
+                    raise RuntimeError(f"output {name}: needs a C-contiguous {dtype} array, got "
+                                       f"{'a C-contiguous' if a.flags.c_contiguous else 'a strided'} {a.dtype} one")
             else:
                 a = np.ascontiguousarray(a, dtype=dtype)
             fn(name, "cpu", 0, dtype.type, a.shape, a.ctypes.data)
@@ -267,3 +279,9 @@ class OrtBackend:
 
     def host(self, x) -> np.ndarray:
         return torch_host(x)
+
+    def zeros(self, shape):
+        if self.device == "cpu":
+            return np.zeros(tuple(shape), np.float32)
+        import torch
+        return torch.zeros(tuple(shape), device=self.device)

@@ -216,7 +216,7 @@ class TrtBackend:
             self.no_graph.add(key)
         self._run_plain(ctx)
 
-    def step(self, k: int, feeds: Dict[str, torch.Tensor], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def step(self, k: int, feeds: Dict[str, object], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.kv is None or kv_out.untyped_storage().data_ptr() != self.kv.untyped_storage().data_ptr():
             raise ConfigError("the tensorrt backend owns the KV cache: run it through runtime.pipeline.Pipeline")
         ctx = self.step_contexts[k]
@@ -247,7 +247,7 @@ class TrtBackend:
         cur.wait_stream(self.stream)
         return {n: (t[n] if n == "new_kv" else t[n].clone()) for n in ("tokens", "logits", "logits_cfg", "f_hat_out", "new_kv")}
 
-    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+    def decode(self, f_hat) -> torch.Tensor:
         ctx = self.dec_engine.contexts[0]
         if -1 not in self.bound:
             tensors = {i["name"]: torch.empty(i["shape"], dtype=torch_dtype(dt), device="cuda")
@@ -266,3 +266,6 @@ class TrtBackend:
 
     def host(self, x):
         return torch_host(x)
+
+    def zeros(self, shape):
+        return torch.zeros(tuple(shape), device="cuda")

@@ -9,7 +9,7 @@ import sys
 import time
 
 from common.proc import process_age_s
-from tools.cli import add_model_args, add_sampling_args, parser
+from tools.cli import add_model_args, add_sampling_args, add_session_cache_arg, parser
 from common.files import check_outputs, json_writer, write_outputs
 from contract.stamp import VERIFY_MODES
 from graphs.config import BACKENDS, SamplerConfig, make_ssg
@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--verify", choices=VERIFY_MODES, default="stamp",
                    help="artifacts check at start: stamp (default) re-hashes only files changed since they were "
                         "last verified; full re-hashes every file (DESIGN.md, start-up)")
+    add_session_cache_arg(p)
     a = p.parse_args(argv)
 
     from tqdm import tqdm
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     (pipe,), source = open_pipelines(PipelineSource(
         artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt,
         random_init=a.random_init, transforms=(a.dse,) if a.dse else (), top_k=a.top_k, device=a.device,
-        verify=a.verify))
+        verify=a.verify, session_cache=a.session_cache))
     from runtime.images import png_note, save_grid
     cfg = pipe.info.cfg
     ssg = make_ssg(a.ssg_beta, a.dse or pipe.info.transform, cfg.num_scales)

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from tools.cli import parser
+from tools.cli import add_session_cache_arg, parser
 
 
 def main(argv=None) -> int:
@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a replica beyond the 2 batches "
                                                              "each replica holds; more get 503")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per CPU replica (0 = all cores)")
+    add_session_cache_arg(p)
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per CPU replica")
     p.add_argument("--request-timeout-s", type=float, default=600.0, help="a request waiting longer gets 504")
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="a request body not complete within this "
@@ -40,6 +41,7 @@ def main(argv=None) -> int:
     device = a.device or ("cuda" if a.backend == "tensorrt" else "cpu")
     opts = ServeOptions(artifacts=a.artifacts, backend=a.backend, device=device, replicas=a.replicas,
                         max_batch_wait_ms=a.max_batch_wait_ms, max_queue=a.max_queue, threads=a.threads,
+                        session_cache=a.session_cache,
                         cpus_per_replica=a.cpus_per_replica, request_timeout_s=a.request_timeout_s,
                         body_timeout_s=a.body_timeout_s, drain_s=a.drain_s, pythonpath=code_path())
     launch = LaunchConfig(host=a.host, port=a.port, address=a.address, metrics_export_port=a.metrics_export_port)
