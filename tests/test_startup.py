@@ -3,6 +3,8 @@ while written, stage timings, and the verified stamp that lets later starts skip
 import io
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -281,7 +283,13 @@ def test_session_cache_is_written_once_then_loaded_and_a_changed_entry_is_rebuil
         return Pipeline(open_backend("onnxruntime", exported[0], **kw)).run_rows(rows)
     plain = run()
     assert not (cache / "ort").exists() and "step_all.onnx" in opened
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = cache / "ort" / f".tmp-{int(gone.stdout)}-x", cache / "ort" / f".tmp-{os.getpid()}-y"
+    for d in (dead, alive):                                # what a killed writer / a running one leaves
+        d.mkdir(parents=True)
     first = run(session_cache=True)
+    assert not dead.exists() and alive.exists()
+    alive.rmdir()
     (entry,) = (cache / "ort").iterdir()
     assert sorted(p.name for p in entry.iterdir()) == ["entry.json", "step.data", "step.onnx"]
     assert "step_all.onnx" in opened                       # built (and saved) from the artifacts

@@ -103,7 +103,8 @@ class SessionCache:
             log.warning("ONNX Runtime session cache not written: %s has %.1f GB free, it needs %.1f GB",
                         self.root, free / 1e9, need / 1e9)
             return self.ort.InferenceSession(path, sess_options=so, providers=providers)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.root)
+        self._sweep()
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=self.root)
         try:
             so.optimized_model_filepath = os.path.join(tmp, GRAPH)
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
@@ -124,11 +125,30 @@ class SessionCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)       # gone after a publish; removed after a failure
 
+    def _sweep(self) -> None:
+        """Remove what a killed writer left (`.tmp-PID-*`, `.old-PID-*` of a process that is gone)."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        for name in names:
+            parts = name.split("-")
+            if len(parts) < 3 or parts[0] not in (".tmp", ".old") or not parts[1].isdigit():
+                continue
+            try:
+                os.kill(int(parts[1]), 0)
+                continue                       # its writer still runs
+            except ProcessLookupError:
+                pass
+            except OSError:                    # another user's process: alive
+                continue
+            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
     def _publish(self, tmp: str) -> None:
         """Put the new entry in place of the old one (another process may be doing the same:
         whichever lands first stays)."""
         if os.path.lexists(self.dir):
-            old = tempfile.mkdtemp(prefix=".old-", dir=self.root)
+            old = tempfile.mkdtemp(prefix=f".old-{os.getpid()}-", dir=self.root)
             try:
                 os.rename(self.dir, os.path.join(old, "entry"))
             except OSError:
