@@ -42,10 +42,19 @@ class PipelineSource:
         return self.backend or ("onnxruntime" if self.artifacts else "eager")
 
 
+def check_session_cache(backend: str, device: str) -> None:
+    """--session-cache keeps ONNX Runtime's CPU session: refused for anything else."""
+    if backend != "onnxruntime" or device != "cpu":
+        raise ConfigError(f"--session-cache keeps ONNX Runtime's CPU session: it needs --backend onnxruntime "
+                          f"--device cpu, not {backend} on {device}")
+
+
 def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
     """One Pipeline per DSE transform in `src.transforms` (one when none is named), and a note
     on the weights (for outputs' metadata)."""
     backend = src.backend_name
+    if src.session_cache:
+        check_session_cache(backend, src.device)
     if src.threads and backend == "eager":      # ONNX Runtime takes its own (its sessions' options)
         import torch
         torch.set_num_threads(src.threads)
@@ -82,6 +91,8 @@ def open_artifacts(artifacts: str, backend: str, device: str = "cpu", threads: i
     manifest is loaded ("manifest"), for start-up reports."""
     from contract.manifest import load_manifest
     from .backends import open_backend
+    if session_cache:
+        check_session_cache(backend, device)
     kw, early = {}, {}
     hook = None
     if backend == "onnxruntime":

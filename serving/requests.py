@@ -54,6 +54,9 @@ class ServeOptions:
             raise ConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0 (0 = all cores), got {self.threads}")
+        if self.session_cache:
+            from runtime.opener import check_session_cache
+            check_session_cache(self.backend, self.device)
         for flag, v, hi in (("--max-batch-wait-ms", self.max_batch_wait_ms, 60_000),
                             ("--cpus-per-replica", self.cpus_per_replica, 1024),
                             ("--request-timeout-s", self.request_timeout_s, 86_400),

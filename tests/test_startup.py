@@ -1,6 +1,7 @@
 """Start-up costs: the export's optimiser (same graph, faster), weights written once and hashed
 while written, stage timings, and the verified stamp that lets later starts skip re-hashing."""
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -263,7 +264,8 @@ def test_session_cache_is_written_once_then_loaded_and_a_changed_entry_is_rebuil
     """--session-cache: off by default (nothing written); the first open saves ONNX Runtime's
     optimised step graph with its pre-packed weights, the next loads that instead of the
     artifacts' graph, with the same tokens and pixels; an entry whose file changed since it was
-    written (here: bytes overwritten in place), or made for other options, is rebuilt."""
+    written (here: bytes overwritten in place), or made for other options, is rebuilt; a save
+    removes what a killed writer left and entries whose artifacts are gone."""
     import numpy as np
     import onnxruntime as ort
     from runtime.backends import open_backend
@@ -285,12 +287,16 @@ def test_session_cache_is_written_once_then_loaded_and_a_changed_entry_is_rebuil
     assert not (cache / "ort").exists() and "step_all.onnx" in opened
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, alive = cache / "ort" / f".tmp-{int(gone.stdout)}-x", cache / "ort" / f".tmp-{os.getpid()}-y"
-    for d in (dead, alive):                                # what a killed writer / a running one leaves
+    orphan = cache / "ort" / "1-2"                         # an entry for artifacts that are gone
+    for d in (dead, alive, orphan):                        # what a killed writer / a running one leaves
         d.mkdir(parents=True)
+    (orphan / "entry.json").write_text(json.dumps(dict(format=1, key="k", artifacts=str(cache / "gone"),
+                                                       manifest=[1, 2], files={})))
     first = run(session_cache=True)
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and alive.exists() and not orphan.exists()
     alive.rmdir()
-    (entry,) = (cache / "ort").iterdir()
+    entries = lambda: [p for p in (cache / "ort").iterdir() if p.is_dir()]     # noqa: E731
+    (entry,) = entries()
     assert sorted(p.name for p in entry.iterdir()) == ["entry.json", "step.data", "step.onnx"]
     assert "step_all.onnx" in opened                       # built (and saved) from the artifacts
     second = run(session_cache=True)
@@ -301,27 +307,63 @@ def test_session_cache_is_written_once_then_loaded_and_a_changed_entry_is_rebuil
         f.write(b"\x7f" * 4096)
     third = run(session_cache=True)
     assert "step_all.onnx" in opened and "step.onnx" not in opened      # not trusted: rebuilt
-    fourth = run(session_cache=True, threads=1)                          # other options: another key
+    opened.clear()
+    be = open_backend("onnxruntime", exported[0], session_cache=True, threads=1)   # threads: set at load
+    assert "step.onnx" in opened and be.sessions["step"].get_session_options().intra_op_num_threads == 1
+    fourth = run(session_cache=True, prepack=False)                      # another graph saved: another key
     assert "step_all.onnx" in opened and "step.onnx" not in opened
-    assert len(list((cache / "ort").iterdir())) == 1                     # one entry per artifacts directory
+    assert len(entries()) == 1                                           # one entry per artifacts directory
     for r in (first, second, third, fourth):
         assert all(np.array_equal(a, b) for a, b in zip(r.tokens, plain.tokens))
         assert np.array_equal(r.images, plain.images)
 
 
 @pytest.mark.slow
-def test_session_cache_that_cannot_be_written_is_no_error(exported, tmp_path, monkeypatch):
-    """A cache location that is a file: the session is built as without the cache (a warning)."""
+def test_session_cache_that_cannot_be_written_is_no_error(exported, tmp_path, monkeypatch, caplog):
+    """A cache location that is a file, a folder that cannot be written, a full disk when the
+    entry is put in place, another process writing the entry: each time the session is built as
+    without the cache, with a warning."""
+    import runtime.backends.ort_cache as oc
     from runtime.backends import open_backend
     from runtime.pipeline import Pipeline, Row
+    rows = [Row(2, 5, top_k=40)]
+    want = Pipeline(open_backend("onnxruntime", exported[0])).run_rows(rows)
+
+    def no_space(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    def denied(*a, **kw):
+        raise PermissionError(13, "Permission denied")
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    monkeypatch.setenv("VAR_SSG_CACHE", str(blocker))
-    rows = [Row(2, 5, top_k=40)]
-    got = Pipeline(open_backend("onnxruntime", exported[0], session_cache=True)).run_rows(rows)
-    monkeypatch.setenv("VAR_SSG_CACHE", str(tmp_path / "cache2"))
-    want = Pipeline(open_backend("onnxruntime", exported[0])).run_rows(rows)
-    assert blocker.read_text() == "x" and (got.images == want.images).all()
+    import fcntl
+    man_st = os.lstat(os.path.join(exported[0], "manifest.json"))
+    for case in ("file", "mkdtemp", "rename", "locked"):
+        monkeypatch.setenv("VAR_SSG_CACHE", str(blocker if case == "file" else tmp_path / case))
+        with monkeypatch.context() as m, open(os.devnull) as held:
+            if case == "locked":                     # another process is writing this entry
+                (tmp_path / case / "ort").mkdir(parents=True)
+                held = open(tmp_path / case / "ort" / f"{man_st.st_dev}-{man_st.st_ino}.lock", "a")
+                fcntl.flock(held, fcntl.LOCK_EX)
+            if case == "mkdtemp":
+                m.setattr(oc.tempfile, "mkdtemp", denied)
+            if case == "rename":
+                m.setattr(oc.os, "rename", no_space)
+            caplog.clear()
+            got = Pipeline(open_backend("onnxruntime", exported[0], session_cache=True)).run_rows(rows)
+            held.close()
+        assert (got.images == want.images).all(), case
+        assert "session cache not written" in caplog.text, case
+        assert not any(p.is_dir() for p in (tmp_path / case / "ort").glob("*")), case    # nothing half-made
+    assert blocker.read_text() == "x"
+
+
+def test_session_cache_is_refused_where_it_does_not_apply(tmp_path):
+    from tests.conftest import run_cli
+    r = run_cli("generate.py", "--model", "var-d2-tiny", "--random-init", "0", "--class", "1", "--session-cache",
+                "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "--session-cache keeps ONNX Runtime's CPU session" in r.stderr, r.stderr[-500:]
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_reading_a_manifest_and_parsing_arguments_import_no_torch():

@@ -80,10 +80,10 @@ class OrtSessions:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._threads = threads
         self._cache = None
-        if session_cache and device == "cpu":       # the saved graph holds CPU kernels' layouts
+        if session_cache:                           # on the CPU only (runtime.opener checks the options)
             from .ort_cache import SessionCache
             try:
-                self._cache = SessionCache(man, ort, self.options[:4])
+                self._cache = SessionCache(man, ort, prepack=prepack, threads=threads)
             except OSError as e:
                 log.warning("ONNX Runtime session cache off (%s)", e)
         self._done: Dict[str, object] = {}

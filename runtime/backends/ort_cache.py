@@ -4,18 +4,22 @@ instead of optimising and pre-packing again (DESIGN.md, "Start-up: the session c
 
     <cache>/ort/<dev>-<ino>/   one entry per artifacts directory (the manifest's device and inode)
         step.onnx  step.data   what ONNX Runtime wrote (the weights as given and pre-packed)
-        entry.json             the key it was made for and both files' identity when written
+        entry.json             the key it was made for, both files' identity when written, and
+                               the artifacts directory (an entry whose manifest is gone is removed)
+    <cache>/ort/<dev>-<ino>.lock   held by the one process writing that entry
 
 The key covers what the saved session depends on: the step graph's and the weights' sha256
 (from the verified manifest), the onnxruntime version, the CPU (model and feature flags: the
-saved graph may hold CPU-specific layouts) and the session options. An entry is used only if
+saved graph may hold CPU-specific layouts) and whether it pre-packs. An entry is used only if
 its key matches and both files still have the identity (device, inode, size, mtime_ns,
 ctime_ns) they had when written, the verified stamp's rule; anything else is a miss, and a miss
 with the cache on writes a new entry (a first start then builds the session once while saving
-it). Any problem with the cache is logged and the session is built as without it.
+it). Any problem with the cache (unwritable, too little space, another process writing it) is
+logged and the session is built as without it.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -48,6 +52,8 @@ def _cpu() -> str:
 
 
 def session_key(man: Manifest, ort_version: str, options: Any) -> str:
+    """What a saved session depends on (`options`: the session options that shape the saved
+    graph; the thread count does not, it is set at load)."""
     files = man.data["files"]
     parts = dict(format=FORMAT, ort=ort_version, machine=platform.machine(), cpu=_cpu(), options=repr(options),
                  graph=files[man.graph("step")["file"]]["sha256"],
@@ -56,19 +62,19 @@ def session_key(man: Manifest, ort_version: str, options: Any) -> str:
 
 
 class SessionCache:
-    def __init__(self, man: Manifest, ort, options: Any):
-        self.ort, self.man = ort, man
-        self.key = session_key(man, ort.__version__, options)
+    def __init__(self, man: Manifest, ort, prepack: bool, threads: int):
+        self.ort, self.man, self.threads = ort, man, threads
+        self.key = session_key(man, ort.__version__, dict(prepack=prepack))
         self.root = os.path.join(stamp.cache_root(), "ort")
         st = os.lstat(os.path.join(man.root, "manifest.json"))
+        self.manifest_id = [st.st_dev, st.st_ino]
         self.dir = os.path.join(self.root, f"{st.st_dev}-{st.st_ino}")
 
     def load(self, providers) -> Optional[Any]:
         """The cached step session, or None (a miss)."""
         try:
-            with open_regular(os.path.join(self.dir, ENTRY), follow_symlinks=False) as f:
-                entry = json.loads(f.read(1 << 16).decode("utf-8"))
-            if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != self.key:
+            entry = _read_entry(self.dir)
+            if entry is None or entry.get("key") != self.key:
                 return None
             for name in (GRAPH, DATA):
                 if list(stamp.file_key(os.lstat(os.path.join(self.dir, name)))) != entry["files"][name]:
@@ -76,11 +82,13 @@ class SessionCache:
                     return None
             so = self.ort.SessionOptions()
             so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # saved optimised
+            if self.threads:
+                so.intra_op_num_threads = self.threads
             sess = self.ort.InferenceSession(os.path.join(self.dir, GRAPH), sess_options=so, providers=providers)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's own errors: a miss, rebuilt below
-            log.warning("ONNX Runtime session cache in %s not usable (%s); rebuilding", self.dir, str(e)[:200])
+            log.warning("ONNX Runtime session cache in %s not usable (%s); rebuilding", self.dir, _last_line(e))
             return None
         want = self.man.graph("step")
         if [i.name for i in sess.get_inputs()] != [i["name"] for i in want["inputs"]] or \
@@ -90,22 +98,31 @@ class SessionCache:
         return sess
 
     def save(self, so, path: str, providers) -> Any:
-        """Build the step session from `path` with options `so`, having ONNX Runtime write the
-        optimised graph and pre-packed weights to a new entry (replacing the old one)."""
-        need = SPACE_FACTOR * os.path.getsize(self.man.path(self.man.data["external_data"]["file"]))
+        """Build the step session from `path` with options `so`; if this process can, have ONNX
+        Runtime write the optimised graph and pre-packed weights into a new entry (replacing
+        the old one). Whatever goes wrong with the cache, the session is still built."""
+        lock = tmp = None
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
+            lock = open(self.dir + ".lock", "a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # one writer per entry (replicas)
+            except BlockingIOError:
+                raise OSError("another process is writing it") from None
+            self._sweep()
+            _remove(self.dir, self.root)                          # a stale entry: its space counts
+            need = SPACE_FACTOR * os.path.getsize(self.man.path(self.man.data["external_data"]["file"]))
             free = shutil.disk_usage(self.root).free
-        except OSError as e:
+            if free < need:
+                raise OSError(f"{self.root} has {free / 2**20:.0f} MiB free, an entry needs {need / 2**20:.0f} MiB")
+            tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=self.root)
+        except OSError as e:            # unwritable, too little space, or another process writes it
             log.warning("ONNX Runtime session cache not written (%s)", e)
+            if lock is not None:
+                lock.close()
             return self.ort.InferenceSession(path, sess_options=so, providers=providers)
-        if free < need:
-            log.warning("ONNX Runtime session cache not written: %s has %.1f GB free, it needs %.1f GB",
-                        self.root, free / 1e9, need / 1e9)
-            return self.ort.InferenceSession(path, sess_options=so, providers=providers)
-        self._sweep()
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=self.root)
         try:
+            so.log_severity_level = 3            # ONNX Runtime's notes on saving are not the user's concern
             so.optimized_model_filepath = os.path.join(tmp, GRAPH)
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
@@ -113,48 +130,85 @@ class SessionCache:
             try:
                 sess = self.ort.InferenceSession(path, sess_options=so, providers=providers)
             except Exception as e:  # noqa: BLE001 - writing failed (or the graph itself does: raised below)
-                log.warning("ONNX Runtime session cache not written (%s)", str(e).splitlines()[0][:200] if str(e) else e)
+                log.warning("ONNX Runtime session cache not written (%s)", _last_line(e))
                 so.optimized_model_filepath = ""                  # build as without the cache
                 return self.ort.InferenceSession(path, sess_options=so, providers=providers)
-            entry = dict(format=FORMAT, key=self.key,
-                         files={n: list(stamp.file_key(os.lstat(os.path.join(tmp, n)))) for n in (GRAPH, DATA)})
-            with open(os.path.join(tmp, ENTRY), "w") as f:
-                json.dump(entry, f)
-            self._publish(tmp)
+            try:
+                entry = dict(format=FORMAT, key=self.key, artifacts=os.path.abspath(self.man.root),
+                             manifest=self.manifest_id,
+                             files={n: list(stamp.file_key(os.lstat(os.path.join(tmp, n)))) for n in (GRAPH, DATA)})
+                with open(os.path.join(tmp, ENTRY), "w") as f:
+                    json.dump(entry, f)
+                os.rename(tmp, self.dir)
+            except OSError as e:
+                log.warning("ONNX Runtime session cache not written (%s)", e)
             return sess
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)       # gone after a publish; removed after a failure
+            shutil.rmtree(tmp, ignore_errors=True)       # gone after the rename; removed after a failure
+            lock.close()
 
     def _sweep(self) -> None:
-        """Remove what a killed writer left (`.tmp-PID-*`, `.old-PID-*` of a process that is gone)."""
-        try:
-            names = os.listdir(self.root)
-        except OSError:
-            return
-        for name in names:
+        """Remove what would otherwise stay forever: what a killed writer left (`.tmp-PID-*`,
+        `.old-PID-*` of a process that is gone) and entries whose artifacts' manifest is gone
+        or was replaced (a re-export)."""
+        for name in os.listdir(self.root):
+            full = os.path.join(self.root, name)
             parts = name.split("-")
-            if len(parts) < 3 or parts[0] not in (".tmp", ".old") or not parts[1].isdigit():
+            if name.startswith(".") and len(parts) >= 3 and parts[0] in (".tmp", ".old") and parts[1].isdigit():
+                if not _alive(int(parts[1])):
+                    shutil.rmtree(full, ignore_errors=True)
+                continue
+            if name.startswith(".") or name.endswith(".lock") or full == self.dir:
+                continue
+            entry = _read_entry(full)
+            if entry is None:
                 continue
             try:
-                os.kill(int(parts[1]), 0)
-                continue                       # its writer still runs
-            except ProcessLookupError:
-                pass
-            except OSError:                    # another user's process: alive
-                continue
-            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                st = os.lstat(os.path.join(str(entry.get("artifacts")), "manifest.json"))
+                live = [st.st_dev, st.st_ino] == entry.get("manifest")
+            except (OSError, ValueError):
+                live = False
+            if not live:
+                _remove(full, self.root)
+                try:
+                    os.unlink(full + ".lock")
+                except OSError:
+                    pass
 
-    def _publish(self, tmp: str) -> None:
-        """Put the new entry in place of the old one (another process may be doing the same:
-        whichever lands first stays)."""
-        if os.path.lexists(self.dir):
-            old = tempfile.mkdtemp(prefix=f".old-{os.getpid()}-", dir=self.root)
-            try:
-                os.rename(self.dir, os.path.join(old, "entry"))
-            except OSError:
-                pass
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, self.dir)
-        except OSError as e:
-            log.info("ONNX Runtime session cache: %s was written by another process (%s)", self.dir, e)
+
+def _read_entry(folder: str) -> Optional[dict]:
+    try:
+        with open_regular(os.path.join(folder, ENTRY), follow_symlinks=False) as f:
+            entry = json.loads(f.read(1 << 16).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("format") == FORMAT else None
+
+
+def _remove(folder: str, root: str) -> None:
+    """Remove an entry folder: renamed out of the way first, so no reader finds half of it."""
+    if not os.path.lexists(folder):
+        return
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        os.unlink(folder)
+        return
+    old = tempfile.mkdtemp(prefix=f".old-{os.getpid()}-", dir=root)
+    try:
+        os.rename(folder, os.path.join(old, "entry"))
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                 # another user's process
+        return True
+    return True
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:400]
