@@ -14,7 +14,7 @@ from typing import Dict, List
 import torch
 
 from .config import DEFAULT_GUIDANCE, VARConfig
-from .io import DYNAMIC_AXES, SCALE_CONSTS, STEP_FEEDS, STEP_OUTPUTS, StepIO, scale_constants
+from .io import DYNAMIC_AXES, DecoderIO, StepIO, scale_constants
 from .step import StepSpec
 from .unified import UnifiedStep
 from .vqvae import FhatDecoder
@@ -30,12 +30,17 @@ class StepComponent:
     consts_file: str = "scale_consts.npz"
 
     @property
+    def io(self) -> StepIO:
+        """The graph's inputs and outputs as plain data (what the manifest records)."""
+        return StepIO(self.cfg, self.batch, str(self.spec.dtype).replace("torch.", ""))
+
+    @property
     def inputs(self) -> List[str]:
-        return STEP_FEEDS + SCALE_CONSTS
+        return self.io.inputs
 
     @property
     def outputs(self) -> List[str]:
-        return STEP_OUTPUTS
+        return self.io.outputs
 
     def module(self, var, vae) -> torch.nn.Module:
         return UnifiedStep(var, vae, self.spec)
@@ -46,11 +51,6 @@ class StepComponent:
 
     def scale_consts(self, k: int):
         return scale_constants(self.cfg, self.spec.transform, k)
-
-    @property
-    def io(self) -> StepIO:
-        """The graph's inputs and outputs as plain data (what the manifest records)."""
-        return StepIO(self.cfg, self.batch, str(self.spec.dtype).replace("torch.", ""))
 
     def profile(self, k: int) -> Dict[str, List[int]]:
         """Every input's shape at scale k (TensorRT: min = opt = max)."""
@@ -85,7 +85,7 @@ class StepComponent:
 
     @property
     def dynamic_inputs(self) -> List[str]:
-        return sorted(DYNAMIC_AXES)
+        return self.io.dynamic_inputs
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,11 @@ class DecoderComponent:
     batch: int
     name: str = "decoder"
     file: str = "decoder.onnx"
-    inputs = ("f_hat",)
-    outputs = ("image",)
+    inputs = DecoderIO.inputs
+    outputs = DecoderIO.outputs
 
     def module(self, var, vae) -> torch.nn.Module:
         return FhatDecoder(vae)
 
     def example_feeds(self) -> Dict[str, torch.Tensor]:
-        P = self.cfg.patch_nums[-1]
-        return dict(f_hat=torch.zeros(self.batch, self.cfg.Cvae, P, P))
+        return dict(f_hat=torch.zeros(DecoderIO(self.cfg, self.batch).f_hat_shape()))

@@ -8,6 +8,7 @@ import re
 
 import torch
 
+from contract.manifest import dtype_name_of
 from graphs.config import DEFAULT_TOP_K, ConfigError, VARConfig
 from graphs.step import StepSpec, build_steps
 from graphs.var import VAR
@@ -32,7 +33,7 @@ class EagerBackend:
         self.spec = StepSpec(transform=transform, k_max=k_max, dtype=dtype)
         self.steps = [s.to(device) for s in build_steps(var, vae, self.spec)]
         self.info = BackendInfo(name="eager", cfg=cfg, k_max=k_max, transform=transform,
-                                kv_dtype=str(dtype).replace("torch.", ""), batch=None, device=device)
+                                kv_dtype=dtype_name_of(dtype), batch=None, device=device)
 
     @classmethod
     def from_manifest(cls, man, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -7,8 +7,8 @@ constants) and one over the decoder.
 * Start-up: `OrtSessions` checks both graphs, then builds the sessions in a background thread
   (ONNX Runtime releases the GIL while it optimises and pre-packs), started through
   `load_manifest(on_files=...)` before the schema check; the caller builds what the thread has
-  not started (DESIGN.md, "Start-up"). On the CPU this backend never imports torch: feeds, outputs and the KV cache are
-  numpy arrays.
+  not started (DESIGN.md, "Start-up"). On the CPU this backend never imports torch: feeds,
+  outputs and the KV cache are numpy arrays.
 * IO binding: inputs and outputs are bound by address (the KV cache prefix view as `past_kv`,
   this scale's cache slice as `new_kv`), so no per-scale copies are made.
 * CUDA: `device="cuda"` requires the CUDA provider on every session; a silent fall back to
@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from contract.graphcheck import check_graph, check_values
-from contract.manifest import Manifest, ManifestError, torch_dtype
+from contract.manifest import Manifest, ManifestError, dtype_name_of, torch_dtype
 from graphs.config import ConfigError
 
 from .base import BackendInfo, to_torch, torch_host
@@ -252,23 +252,23 @@ class OrtBackend:
         alive = [self._bind(b, spec["name"], feeds[spec["name"]], dtypes[spec["name"]], False)
                  for spec in self.man.graph(name)["inputs"]]
         for n, t in outs.items():
-            alive.append(self._bind(b, n, t, np.dtype(t.dtype) if isinstance(t, np.ndarray) else
-                                    np.dtype(str(t.dtype).replace("torch.", "")), True))
+            alive.append(self._bind(b, n, t, np.dtype(dtype_name_of(t.dtype)), True))
         sess.run_with_iobinding(b)
         return outs
 
-    def _empty(self, shape, dtype: str):
+    def _array(self, shape, dtype: str, zero: bool = False):
+        """A new array where this backend computes: numpy on the CPU, a torch tensor on CUDA."""
         if self.device == "cpu":
-            return np.empty(tuple(shape), dtype=np.dtype(dtype))
+            return (np.zeros if zero else np.empty)(tuple(shape), dtype=np.dtype(dtype))
         import torch
-        return torch.empty(tuple(shape), dtype=torch_dtype(dtype), device=self.device)
+        return (torch.zeros if zero else torch.empty)(tuple(shape), dtype=torch_dtype(dtype), device=self.device)
 
     def _alloc(self, name: str, k: int, kv_out=None) -> Dict[str, object]:
-        return {n: (kv_out if n == "new_kv" else self._empty(shape, dt))
+        return {n: (kv_out if n == "new_kv" else self._array(shape, dt))
                 for n, (shape, dt) in self.man.output_specs(name, k).items()}
 
     def alloc_kv(self, shape, dtype: str):
-        return self._empty(shape, dtype)
+        return self._array(shape, dtype)
 
     def step(self, k: int, feeds: Dict[str, object], kv_out) -> Dict[str, object]:
         # new_kv is bound to the cache slice: written in place
@@ -281,7 +281,4 @@ class OrtBackend:
         return torch_host(x)
 
     def zeros(self, shape):
-        if self.device == "cpu":
-            return np.zeros(tuple(shape), np.float32)
-        import torch
-        return torch.zeros(tuple(shape), device=self.device)
+        return self._array(shape, "float32", zero=True)
