@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from graphs.config import DEFAULT_TOP_K, PRECISIONS, ConfigError
+from graphs.config import DEFAULT_TOP_K, EAGER_PRECISIONS, ConfigError
 
 CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)        # batch b uses the first b
 EXPORTED = ("tensorrt", "onnxruntime")                   # their order in the table
@@ -35,7 +35,7 @@ ROW_OVERHEAD_S = 5            # an eager row: backend set-up, cast, freeing
 @dataclass(frozen=True)
 class GpuCheckConfig:
     models: Tuple[str, ...] = ("var-d16", "var-d24")
-    precisions: Tuple[str, ...] = PRECISIONS             # eager precisions (fp32 first: the reference)
+    precisions: Tuple[str, ...] = EAGER_PRECISIONS             # eager precisions (fp32 first: the reference)
     batches: Tuple[int, ...] = (1, 8)
     device: str = "cuda"
     repeats: int = 3                                     # timed runs per row (after 2 warm-ups)
@@ -46,8 +46,8 @@ class GpuCheckConfig:
 
     def __post_init__(self):
         for prec in self.precisions:
-            if prec not in PRECISIONS:
-                raise ConfigError(f"--precisions: {prec!r} is not one of {', '.join(PRECISIONS)}")
+            if prec not in EAGER_PRECISIONS:
+                raise ConfigError(f"--precisions: {prec!r} is not one of {', '.join(EAGER_PRECISIONS)}")
         if any(not 1 <= b <= len(CLASSES) for b in self.batches):
             raise ConfigError(f"--batches must be in 1..{len(CLASSES)}")
         if self.device not in ("cuda", "cpu"):

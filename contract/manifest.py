@@ -48,12 +48,14 @@ SSG_NOTE = dict(beta="graph input per scale (scales 1..K-1)", prior="DSE of the 
 WEIGHT_KEYS = ("kind", "seed", "ckpt", "vae_ckpt", "ckpt_sha256", "vae_sha256")
 TOP_LEVEL = ("format", "format_version", "preset", "config", "batch", "precision", "opset", "dse", "sampler", "ssg",
              "weights", "kv", "external_data", "graphs", "engines", "tensorrt", "files", "tools", "cache_key",
-             "created", "export")
+             "created", "export", "quantization")
 
 # The one dtype table: the manifest's dtype names (the names onnx_ir prints, "float" -> "float32"),
 # each a torch dtype of the same name; a precision's KV cache dtype.
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# int8/fp8 quantize the transformer's weight MatMuls in the graph (QDQ); its tensors, the KV cache
+# included, stay float32 between them (contract.quantization)
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32", "fp8": "float32"}
 
 
 def torch_dtype(name: str):
@@ -315,6 +317,8 @@ def _validate(path: str, data: Any, listed: bool = True) -> VARConfig:
         c.fail("cache_key", "is not a sha256 hex digest")
     c.get(data, "created", str)
     c.get(data, "export", dict)         # the options as given (recorded; the cache key covers them)
+    from .quantization import validate as validate_quantization
+    validate_quantization(c, data, precision, cfg.num_scales)
     graphs = c.get(data, "graphs", dict)
     c.only(graphs, ("step", "decoder"), "graphs")
     from graphs.io import DecoderIO, StepIO
@@ -385,7 +389,7 @@ def _validate_files(c: _Check, data: Any) -> Dict[str, Any]:
 def build_manifest(cfg: VARConfig, *, batch: int, precision: str, opset: int, transform: str, top_k: int,
                    weights: Dict[str, Any], external_data: Dict[str, int | str], step: Dict[str, Any],
                    decoder: Dict[str, Any], consts: str, tools: Dict[str, str], cache_key: str,
-                   export: Dict[str, Any]) -> Dict[str, Any]:
+                   export: Dict[str, Any], quantization: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The manifest of an export (before its files are listed: write_manifest does that). The
     caller gives what only it knows (the graphs' files and inputs/outputs as exported, the
     weights' source, the options); everything derived (config, k_max, kv, per-scale profiles and
@@ -406,6 +410,8 @@ def build_manifest(cfg: VARConfig, *, batch: int, precision: str, opset: int, tr
                     decoder=dict({k: decoder[k] for k in io}, precision="fp32")),
         tools=dict(tools), cache_key=cache_key,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), export=dict(export))
+    if quantization is not None:
+        data["quantization"] = quantization
     check_manifest(data)
     return data
 

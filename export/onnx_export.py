@@ -40,6 +40,7 @@ from graphs.weights import WeightSource
 
 from .decoder_job import DecoderJob, DecoderSpec
 from .lint import lint_files
+from .quantize import MIN_OPSET as MIN_QUANT_OPSET, SCHEMES, CalibrationConfig
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
 
@@ -57,6 +58,7 @@ class ExportConfig:
     trt_hardware_compatible: bool = False   # engines run on Ampere and newer, not only this GPU
     trt_version_compatible: bool = False    # engines run on later TensorRT (same major, or 10 -> 11)
     trt_tf32: bool = False                  # let TensorRT run fp32 MatMuls in TF32 (opt-in; off keeps fp32)
+    calibration: CalibrationConfig = CalibrationConfig()    # int8/fp8: the runs that set activation ranges
 
     def __post_init__(self):
         if self.precision not in PRECISION_DTYPES:
@@ -72,6 +74,12 @@ class ExportConfig:
             raise ConfigError(f"--target must be onnx or trt, got {self.target!r}")
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0 (0 = no top-k), got {self.top_k}")
+        if self.precision in SCHEMES and self.opset < MIN_QUANT_OPSET[self.precision]:
+            raise ConfigError(f"--precision {self.precision} needs --opset {MIN_QUANT_OPSET[self.precision]} or more "
+                              f"(its QuantizeLinear), got {self.opset}")
+        if self.precision == "fp8" and self.target != "trt":
+            raise ConfigError("--precision fp8 runs on TensorRT only (ONNX Runtime has no fp8 MatMul on the CPU): "
+                              "add --target trt, or use --precision int8")
         if self.top_k > TRT_TOPK_LIMIT:
             raise ConfigError(f"--top-k {self.top_k} exceeds TensorRT's TopK limit {TRT_TOPK_LIMIT}; use <= {TRT_TOPK_LIMIT} or 0 (no top-k)")
 
@@ -246,7 +254,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
     var_x = var if dtype == torch.float32 else copy.deepcopy(var).to(dtype)
     clock = StageClock(progress)
     store = SharedWeights(tmp)
-    graphs = {}
+    graphs, quant = {}, None
     scratch = tempfile.mkdtemp(prefix=".decoder-", dir=tmp)      # the child's; removed before the manifest
     job = DecoderJob(vae, DecoderSpec(cfg, vae.cfg, ec.batch, ec.opset), scratch)
     try:
@@ -256,6 +264,8 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         job.start()
         model = export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
                            step.inputs, step.outputs, ec.opset, dynamic_shapes=step.dynamic_shapes())
+        if ec.precision in SCHEMES:
+            model, quant = _quantize(model, var, vae, ec, k_max, scratch, clock)
         clock.start("write")
         graphs["step"] = _save(model, store, tmp, step.file, step.name)
         del model
@@ -288,7 +298,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         weights=src.to_json(), external_data=dict(file=store.filename, bytes=store.bytes_written,
                                                   referenced_bytes=store.bytes_referenced, parameter_bytes=param_bytes),
         step=graphs["step"], decoder=graphs["decoder"], consts=step.consts_file, tools=_versions(), cache_key=key,
-        export=asdict(ec))
+        export=asdict(ec), quantization=quant)
     if ec.target == "trt":
         from .trt_build import build_engines
         clock.start("engines")
@@ -304,6 +314,29 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
                                  for n, m in written["files"].items()])
     clock.stop()
     return data
+
+
+def _quantize(model, var, vae, ec: ExportConfig, k_max: int, scratch: str, clock: StageClock):
+    """The fp32 step graph → its QDQ form (export.quantize), calibrated on the model's own runs
+    (export.calibrate). -> (the quantized graph, the manifest's `quantization` record)."""
+    import onnx_ir as ir
+    from .calibrate import calibration_feeds
+    from .quantize import quantize_step, scheme
+    qdir = tempfile.mkdtemp(prefix="quant-", dir=scratch)
+    clock.start("calibrate")
+    src = os.path.join(qdir, "fp32.onnx")
+    ir.save(model, src, external_data="fp32.data")
+    del model
+    feeds, record = calibration_feeds(var, vae, ec.transform, k_max, ec.batch, ec.calibration)
+    clock.start("quantize")
+    params = {"var." + n: p.detach().float().numpy() for n, p in var.named_parameters()}
+    dst = os.path.join(qdir, "quant.onnx")
+    q = quantize_step(src, dst, ec.precision, params, feeds, qdir)
+    del feeds
+    import onnxruntime
+    info = dict(scheme(ec.precision), tool_version=onnxruntime.__version__, calibration=record, nodes=q.nodes,
+                weights=q.weights)
+    return ir.load(dst), info
 
 
 def _save(model, store: SharedWeights, tmp: str, file: str, name: str) -> Dict:

@@ -34,7 +34,8 @@ from .base import BackendInfo, to_torch, torch_host
 log = logging.getLogger(__name__)
 _ONNX_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
             onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
-            onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BOOL: np.bool_}
+            onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BOOL: np.bool_,
+            onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8}
 GRAPHS = ("step", "decoder")
 
 
@@ -184,7 +185,11 @@ class OrtSessions:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             ext = {e.key: e.value for e in t.external_data}
-            if ext.get("location") != self._weights or t.data_type not in _ONNX_NP or self._mm is None:
+            if t.data_type not in _ONNX_NP:
+                raise ManifestError(f"{path}: initializer {t.name} has element type "
+                                    f"{onnx.TensorProto.DataType.Name(t.data_type)}, which this runtime does not map; "
+                                    f"re-export with --force")
+            if ext.get("location") != self._weights or self._mm is None:
                 raise ManifestError(f"{path}: initializer {t.name} reads {ext.get('location')!r}, not the artifacts' "
                                     f"{self._weights}; re-export with --force")
             dt = np.dtype(_ONNX_NP[t.data_type])

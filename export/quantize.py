@@ -1,0 +1,182 @@
+"""Low-precision step graphs: the transformer's weight MatMuls in QDQ form (DESIGN.md
+"Low precision"), through onnxruntime.quantization.
+
+    fp32 step graph (scratch copy, own external data)
+      │ prepare      value_info dropped (the quantizer's rewrites contradict it); every Gemm with a
+      │              stored weight → MatMul (+ Add for the bias), so ONNX Runtime fuses it too
+      │ select       MatMuls whose B is a stored weight equal to a VAR parameter transposed, bit for
+      │              bit (the map initializer → parameter goes to the manifest); attention's
+      │              activation MatMuls, DSE, CFG/SSG, sampling, the norms stay fp32
+      │ calibrate    MinMax over the model's own runs: calibration rows (classes, seeds, guidance)
+      │              through every scale, fed to the exported graph exactly as the runtime feeds it
+      │ quantize     quantize_static, QDQ, weights per output channel (MatMul B axis 1), symmetric;
+      ▼              activations per tensor, symmetric (zero point 0: what TensorRT takes)
+    QDQ step graph: int8 (ONNX Runtime CPU: QLinearMatMul; TensorRT int8) or fp8 e4m3 (TensorRT)
+
+The precision's recipe (`SCHEMES`) and the calibration record are written into the manifest
+(`quantization`), so the weights check can re-derive every stored weight and scale from the
+reference's parameters (runtime.weights_check).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from graphs.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# precision -> (weight type, activation type) in onnxruntime.quantization's QuantType names
+SCHEMES = {"int8": ("QInt8", "QInt8"), "fp8": ("QFLOAT8E4M3FN", "QFLOAT8E4M3FN")}
+MIN_OPSET = {"int8": 13, "fp8": 19}           # per-channel QDQ: 13; float8 QuantizeLinear: 19
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The rows whose runs calibrate the activation ranges: row i is class `classes[i]`, seed
+    `seed + i`, guidance `guidance[i % len(guidance)]`, the default SSG schedule; all scales."""
+    classes: Tuple[int, ...] = (207, 1, 360, 980, 88, 417)
+    seed: int = 0
+    guidance: Tuple[float, ...] = (4.0, 1.5, 2.5, 1.0)
+
+    def __post_init__(self):
+        if not self.classes:
+            raise ConfigError("calibration needs at least one class")
+        if not self.guidance:
+            raise ConfigError("calibration needs at least one guidance value")
+
+    def rows(self, num_classes: int) -> List[Tuple[int, int, float]]:
+        return [(int(c) % num_classes if c >= 0 else -1, self.seed + i, float(self.guidance[i % len(self.guidance)]))
+                for i, c in enumerate(self.classes)]
+
+
+def scheme(precision: str) -> Dict:
+    """What the manifest records of the recipe (the weights check re-derives from it)."""
+    w, a = SCHEMES[precision]
+    return dict(tool="onnxruntime.quantization", format="QDQ", weight_type=w, activation_type=a,
+                weight_granularity="per-channel", weight_axis=1, weight_symmetric=True,
+                activation_granularity="per-tensor", activation_symmetric=True, calibration_method="MinMax",
+                op_types=["MatMul"])
+
+
+# ------------------------------------------------------------------ graph preparation
+def gemm_to_matmul(model) -> int:
+    """Gemm(A, W, bias) with a stored W (transB 0/1, alpha = beta = 1) → MatMul(A, W') + bias,
+    W' stored as (K, N): ONNX Runtime's CPU fuses only MatMul with QDQ. Returns how many."""
+    import onnx
+    from onnx import numpy_helper
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes, n_done = [], 0
+    for n in g.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0) or \
+                attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        if attrs.get("transB", 0):
+            w = np.ascontiguousarray(w.T)
+        wname = n.input[1] + ".T" if attrs.get("transB", 0) else n.input[1]
+        if wname not in inits:
+            t = numpy_helper.from_array(w, wname)
+            g.initializer.append(t)
+            inits[wname] = t
+        mm_out = n.output[0] + "_mm" if len(n.input) > 2 and n.input[2] else n.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [n.input[0], wname], [mm_out], name=n.name + "_mm"))
+        if mm_out != n.output[0]:
+            nodes.append(onnx.helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=n.name + "_bias"))
+        n_done += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return n_done
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
+
+
+def weight_map(model, params: Dict[str, np.ndarray]) -> Dict[str, str]:
+    """MatMul weights (K, N) that are a VAR parameter (N, K) transposed, bit for bit:
+    {initializer name: parameter name}. Only these are quantized."""
+    from onnx import numpy_helper
+    by_digest: Dict[str, str] = {}
+    for name, p in params.items():
+        if p.ndim == 2:
+            by_digest.setdefault(_digest(p.T), name)
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in inits and n.input[1] not in out:
+            w = numpy_helper.to_array(inits[n.input[1]])
+            if w.ndim == 2 and w.dtype == np.float32:
+                hit = by_digest.get(_digest(w))
+                if hit is not None:
+                    out[n.input[1]] = hit
+    return out
+
+
+# ------------------------------------------------------------------ quantization
+class _Feeds:
+    """onnxruntime.quantization's CalibrationDataReader over recorded feed dicts."""
+
+    def __init__(self, feeds: Iterable[Dict[str, np.ndarray]]):
+        self._it = iter(feeds)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        return next(self._it, None)
+
+    def rewind(self):            # the quantizer never rewinds MinMax calibration
+        raise NotImplementedError
+
+
+@dataclass
+class Quantized:
+    weights: Dict[str, str]      # quantized initializer (as the graph stores it) -> VAR parameter
+    nodes: int                   # MatMuls quantized
+    feeds: int                   # calibration feeds (scales x runs)
+
+
+def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarray],
+                  feeds: Sequence[Dict[str, np.ndarray]], scratch: str) -> Quantized:
+    """Quantize the fp32 step graph `src` (external data beside it) into `dst` (external data
+    `<dst>.data`). `params`: the VAR parameters in float32 (the weights to match), `feeds`: the
+    graph's inputs of every calibration scale."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    if precision not in SCHEMES:
+        raise ConfigError(f"no quantization scheme for precision {precision!r} (one of {', '.join(SCHEMES)})")
+    model = onnx.load(src)
+    del model.graph.value_info[:]
+    gemm_to_matmul(model)
+    wmap = weight_map(model, params)
+    if not wmap:
+        raise ConfigError("the step graph has no MatMul whose weight is a VAR parameter: nothing to quantize")
+    nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in wmap]
+    prepared = os.path.join(scratch, "prepared.onnx")
+    onnx.save(model, prepared, save_as_external_data=True, location="prepared.data", size_threshold=1024)
+    del model
+    w_type, a_type = (getattr(QuantType, t) for t in SCHEMES[precision])
+    quantize_static(prepared, dst, _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=w_type, activation_type=a_type, op_types_to_quantize=["MatMul"],
+                    nodes_to_quantize=nodes, use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
+                    extra_options=dict(ActivationSymmetric=True, WeightSymmetric=True, MatMulConstBOnly=True,
+                                       QDQOpTypePerChannelSupportToAxis={"MatMul": 1},
+                                       CalibTensorRangeSymmetric=False))
+    q = onnx.load(dst, load_external_data=False)
+    stored = {t.name for t in q.graph.initializer}
+    weights = {}
+    for w, p in wmap.items():
+        if w + "_quantized" not in stored or w + "_scale" not in stored:
+            raise ConfigError(f"the quantizer left the weight of {p} unquantized ({w}); it cannot be checked")
+        weights[w + "_quantized"] = p
+    return Quantized(weights=weights, nodes=len(nodes), feeds=len(feeds))
