@@ -53,9 +53,9 @@ TOP_LEVEL = ("format", "format_version", "preset", "config", "batch", "precision
 # The one dtype table: the manifest's dtype names (the names onnx_ir prints, "float" -> "float32"),
 # each a torch dtype of the same name; a precision's KV cache dtype.
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
-# int8/fp8 quantize the transformer's weight MatMuls in the graph (QDQ); its tensors, the KV cache
+# int8 quantizes the transformer's weight MatMuls in the graph (QDQ); its tensors, the KV cache
 # included, stay float32 between them (contract.quantization)
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32", "fp8": "float32"}
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
 
 
 def torch_dtype(name: str):

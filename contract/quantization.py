@@ -1,16 +1,15 @@
-"""The `quantization` section of a low-precision manifest (int8, fp8), and the one re-derivation
+"""The `quantization` section of a quantized manifest (int8), and the one re-derivation
 of a quantized weight from its fp32 parameter (DESIGN.md "Low precision").
 
     quantization = {tool, tool_version, format: "QDQ", weight_type, activation_type,
                     weight_granularity: "per-channel", weight_axis: 1, weight_symmetric: true,
                     activation_granularity: "per-tensor", activation_symmetric: true,
                     calibration_method, op_types, nodes, calibration: {...},
-                    weights: {stored int8/fp8 initializer: VAR parameter}}
+                    weights: {stored int8 initializer: VAR parameter}}
 
 `requantize(w)` is what the weights check compares the stored weights against, bit for bit:
 a MatMul weight B = W^T (K, N), one scale per output channel n: s_n = max_k |B[k, n]| / QMAX
-(QMAX = 127 for int8, 448 for fp8 e4m3), q = round-half-even(B / s) clipped to the type's
-symmetric range, the zero point 0. This is the recipe onnxruntime.quantization applies with
+(QMAX = 127), q = round-half-even(B / s) clipped to [-127, 127], the zero point 0. This is the recipe onnxruntime.quantization applies with
 WeightSymmetric per channel; a quantizer bug (a scale off, the wrong axis, a zero point that is
 not 0) makes some stored value differ.
 """
@@ -20,17 +19,17 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-QUANT_PRECISIONS = ("int8", "fp8")
+QUANT_PRECISIONS = ("int8",)
 # precision -> (stored weight dtype name, the symmetric range's bound)
-WEIGHT_TYPES = {"int8": ("int8", 127.0), "fp8": ("float8_e4m3fn", 448.0)}
+WEIGHT_TYPES = {"int8": ("int8", 127.0)}
 QUANT_KEYS = ("tool", "tool_version", "format", "weight_type", "activation_type", "weight_granularity", "weight_axis",
               "weight_symmetric", "activation_granularity", "activation_symmetric", "calibration_method", "op_types",
               "nodes", "calibration", "weights")
-CALIBRATION_KEYS = ("method", "rows", "ssg_beta", "batch", "scales", "feeds")
+CALIBRATION_KEYS = ("method", "rows", "ssg_beta", "batch", "scales", "feeds", "keep_fp32")
 
 
 def validate(c, data: Dict[str, Any], precision: str, num_scales: int) -> None:
-    """The section's schema (c: contract.manifest's field checker): present exactly for int8/fp8."""
+    """The section's schema (c: contract.manifest's field checker): present exactly for int8."""
     q = data.get("quantization")
     if precision not in QUANT_PRECISIONS:
         if q is not None:
@@ -45,7 +44,7 @@ def validate(c, data: Dict[str, Any], precision: str, num_scales: int) -> None:
     for key in ("weight_symmetric", "activation_symmetric"):
         if c.get(q, key, bool, f"quantization.{key}") is not True:
             c.fail(f"quantization.{key}", "must be true (zero point 0: what TensorRT takes)")
-    want = {"int8": "QInt8", "fp8": "QFLOAT8E4M3FN"}[precision]
+    want = {"int8": "QInt8"}[precision]
     for key in ("weight_type", "activation_type"):
         c.choice(q, key, (want,), f"quantization.{key}")
     c.get(q, "tool", str, "quantization.tool")
@@ -77,9 +76,5 @@ def requantize(w_nk: np.ndarray, precision: str) -> Tuple[np.ndarray, np.ndarray
     absmax = np.abs(b).max(axis=0)
     scale = (absmax / np.float32(qmax)).astype(np.float32)
     scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
-    if precision == "int8":
-        q = np.clip(np.rint(b / scale), -qmax, qmax).astype(np.int8)
-    else:
-        import ml_dtypes
-        q = np.clip(b / scale, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn)
+    q = np.clip(np.rint(b / scale), -qmax, qmax).astype(np.int8)
     return q, scale

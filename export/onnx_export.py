@@ -58,9 +58,13 @@ class ExportConfig:
     trt_hardware_compatible: bool = False   # engines run on Ampere and newer, not only this GPU
     trt_version_compatible: bool = False    # engines run on later TensorRT (same major, or 10 -> 11)
     trt_tf32: bool = False                  # let TensorRT run fp32 MatMuls in TF32 (opt-in; off keeps fp32)
-    calibration: CalibrationConfig = CalibrationConfig()    # int8/fp8: the runs that set activation ranges
+    calibration: CalibrationConfig = CalibrationConfig()    # int8: the runs that set activation ranges
 
     def __post_init__(self):
+        if self.precision == "fp8":
+            raise ConfigError("--precision fp8 is not available yet: onnxruntime.quantization calibrates float8 "
+                              "only with histograms, which do not take the step graph's per-scale token counts; "
+                              "use --precision int8 (ONNX Runtime and TensorRT) or bf16")
         if self.precision not in PRECISION_DTYPES:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISION_DTYPES)}, got {self.precision!r}")
         if not 1 <= self.batch <= MAX_BATCH:
@@ -77,9 +81,6 @@ class ExportConfig:
         if self.precision in SCHEMES and self.opset < MIN_QUANT_OPSET[self.precision]:
             raise ConfigError(f"--precision {self.precision} needs --opset {MIN_QUANT_OPSET[self.precision]} or more "
                               f"(its QuantizeLinear), got {self.opset}")
-        if self.precision == "fp8" and self.target != "trt":
-            raise ConfigError("--precision fp8 runs on TensorRT only (ONNX Runtime has no fp8 MatMul on the CPU): "
-                              "add --target trt, or use --precision int8")
         if self.top_k > TRT_TOPK_LIMIT:
             raise ConfigError(f"--top-k {self.top_k} exceeds TensorRT's TopK limit {TRT_TOPK_LIMIT}; use <= {TRT_TOPK_LIMIT} or 0 (no top-k)")
 
@@ -88,6 +89,8 @@ def cache_key(cfg: VARConfig, ec: ExportConfig, weights_id: str) -> str:
     """The graphs' key. The TensorRT options (target, trt_*) are left out: they, the TensorRT
     version and the GPU make the engines' key (contract.tensorrt.engine_cache_key)."""
     graph_opts = {k: v for k, v in asdict(ec).items() if k != "target" and not k.startswith("trt_")}
+    if ec.precision not in SCHEMES:
+        del graph_opts["calibration"]            # only quantized graphs depend on it
     blob = json.dumps(dict(config=config_to_json(cfg), export=graph_opts, weights=weights_id,
                            format=FORMAT_VERSION, torch=torch.__version__), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -331,9 +334,10 @@ def _quantize(model, var, vae, ec: ExportConfig, k_max: int, scratch: str, clock
     clock.start("quantize")
     params = {"var." + n: p.detach().float().numpy() for n, p in var.named_parameters()}
     dst = os.path.join(qdir, "quant.onnx")
-    q = quantize_step(src, dst, ec.precision, params, feeds, qdir)
+    q = quantize_step(src, dst, ec.precision, params, feeds, qdir, ec.calibration.keep_fp32)
     del feeds
     import onnxruntime
+    record["keep_fp32"] = list(ec.calibration.keep_fp32)
     info = dict(scheme(ec.precision), tool_version=onnxruntime.__version__, calibration=record, nodes=q.nodes,
                 weights=q.weights)
     return ir.load(dst), info

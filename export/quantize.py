@@ -11,7 +11,7 @@
       │              through every scale, fed to the exported graph exactly as the runtime feeds it
       │ quantize     quantize_static, QDQ, weights per output channel (MatMul B axis 1), symmetric;
       ▼              activations per tensor, symmetric (zero point 0: what TensorRT takes)
-    QDQ step graph: int8 (ONNX Runtime CPU: QLinearMatMul; TensorRT int8) or fp8 e4m3 (TensorRT)
+    QDQ step graph: int8 (ONNX Runtime CPU: QLinearMatMul; TensorRT int8)
 
 The precision's recipe (`SCHEMES`) and the calibration record are written into the manifest
 (`quantization`), so the weights check can re-derive every stored weight and scale from the
@@ -32,17 +32,19 @@ from graphs.config import ConfigError
 log = logging.getLogger(__name__)
 
 # precision -> (weight type, activation type) in onnxruntime.quantization's QuantType names
-SCHEMES = {"int8": ("QInt8", "QInt8"), "fp8": ("QFLOAT8E4M3FN", "QFLOAT8E4M3FN")}
-MIN_OPSET = {"int8": 13, "fp8": 19}           # per-channel QDQ: 13; float8 QuantizeLinear: 19
+SCHEMES = {"int8": ("QInt8", "QInt8")}
+MIN_OPSET = {"int8": 13}                       # per-channel QDQ
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     """The rows whose runs calibrate the activation ranges: row i is class `classes[i]`, seed
-    `seed + i`, guidance `guidance[i % len(guidance)]`, the default SSG schedule; all scales."""
+    `seed + i`, guidance `guidance[i % len(guidance)]`, the default SSG schedule; all scales.
+    `keep_fp32`: VAR parameters (prefix match after `var.`, e.g. "head.") whose MatMuls stay fp32."""
     classes: Tuple[int, ...] = (207, 1, 360, 980, 88, 417)
     seed: int = 0
     guidance: Tuple[float, ...] = (4.0, 1.5, 2.5, 1.0)
+    keep_fp32: Tuple[str, ...] = ("head.",)
 
     def __post_init__(self):
         if not self.classes:
@@ -147,7 +149,7 @@ class Quantized:
 
 
 def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarray],
-                  feeds: Sequence[Dict[str, np.ndarray]], scratch: str) -> Quantized:
+                  feeds: Sequence[Dict[str, np.ndarray]], scratch: str, keep_fp32: Sequence[str] = ()) -> Quantized:
     """Quantize the fp32 step graph `src` (external data beside it) into `dst` (external data
     `<dst>.data`). `params`: the VAR parameters in float32 (the weights to match), `feeds`: the
     graph's inputs of every calibration scale."""
@@ -158,7 +160,8 @@ def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarr
     model = onnx.load(src)
     del model.graph.value_info[:]
     gemm_to_matmul(model)
-    wmap = weight_map(model, params)
+    wmap = {w: p for w, p in weight_map(model, params).items()
+            if not any(p[len("var."):].startswith(x) for x in keep_fp32)}
     if not wmap:
         raise ConfigError("the step graph has no MatMul whose weight is a VAR parameter: nothing to quantize")
     nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in wmap]

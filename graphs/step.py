@@ -28,6 +28,7 @@ is the next contiguous slice.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -49,10 +50,21 @@ class StepSpec:
     transform: str = "dct"
     k_max: int = DEFAULT_TOP_K
     dtype: torch.dtype = torch.float32
+    autocast: Optional[torch.dtype] = None     # eager only: the transformer under torch.autocast (fp32 weights)
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}")
+        if self.autocast is not None and (self.dtype != torch.float32 or
+                                          self.autocast not in (torch.bfloat16, torch.float16)):
+            raise ValueError("autocast runs fp32 weights in bfloat16 or float16")
+
+    def transformer(self, device: torch.device):
+        """The context the transformer runs in: torch.autocast in `autocast` (as the official code
+        is run in bf16: matmuls in bf16, norms and softmax in fp32), else nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
 
 
 def blocks_with_cache(var: VAR, x, cond, past_kv: Optional[torch.Tensor], dt: torch.dtype):
@@ -118,14 +130,16 @@ class ScaleStep(nn.Module):
                 forced, force, smooth, gumbel):
         var, k = self.var, self.k
         B = label.shape[0]
-        cond = var.cond(label)                                            # 2B D
-        if k == 0:
-            x, past_kv = var.first_tokens(cond), None
-        else:
-            down = F.interpolate(f_hat, size=(self.pn, self.pn), mode="area").flatten(2).transpose(1, 2)
-            x = var.next_tokens(k, down.to(var.word_embed.weight.dtype))
-        h, new_kv = blocks_with_cache(var, x, cond, past_kv, self.spec.dtype)
-        lg = var.logits(h, cond.to(self.spec.dtype))                     # 2B n V, fp32
+        with self.spec.transformer(label.device):
+            cond = var.cond(label)                                        # 2B D
+            if k == 0:
+                x, past_kv = var.first_tokens(cond), None
+            else:
+                down = F.interpolate(f_hat, size=(self.pn, self.pn), mode="area").flatten(2).transpose(1, 2)
+                x = var.next_tokens(k, down.to(var.word_embed.weight.dtype))
+            h, new_kv = blocks_with_cache(var, x, cond, past_kv, self.spec.dtype)
+            lg = var.logits(h, cond.to(self.spec.dtype))                 # 2B n V
+        lg, new_kv = lg.float(), new_kv.to(self.spec.dtype)              # fp32 logits; the cache's dtype
         prior = self.prior(prev_logits) if k > 0 else None
         tokens, logits, logits_cfg, h_BnC = step_tail(lg, self.t_ratio, guidance, beta, prior, noise, temperature,
                                                       top_k, top_p, self.spec.k_max, codebook(self.vae),

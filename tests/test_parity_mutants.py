@@ -38,14 +38,15 @@ def _check(clean, prec, d, rows=None, probe=True, images=True):
     """(report, weights failures) of ONNX Runtime on artifacts `d` against the clean set's
     reference; images=False: the step graph only (no decode; only the decoder mutant needs it)."""
     from runtime.backends import open_backend
-    from runtime.parity import run_parity, weights_check
+    from runtime.parity import run_parity
+    from runtime.weights_check import weights_check
     from runtime.pipeline import Pipeline, Row
     _, ref, cache = clean[prec]
     man = load_manifest(str(d))
     rows = rows or [Row(907, 3)]
     rep = run_parity(ref, Pipeline(open_backend("onnxruntime", man)), rows, man.precision, probe=probe,
                      ref_cache=cache, images=images)
-    _, wbad = weights_check(man, {"var": ref.backend.var, "vae": ref.backend.vae})
+    wbad = weights_check(man, {"var": ref.backend.var, "vae": ref.backend.vae}).failures
     return rep, wbad
 
 

@@ -1,7 +1,7 @@
 """The eager PyTorch backend: the reference. The only runtime code that touches nn.Modules."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import copy
 import re
@@ -19,7 +19,11 @@ from .base import BackendInfo, to_torch, torch_host
 
 class EagerBackend:
     def __init__(self, var: VAR, vae: VQVAE, transform: str = "dct", k_max: int = DEFAULT_TOP_K,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", source_note: str = ""):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", source_note: str = "",
+                 autocast: Optional[torch.dtype] = None):
+        """`dtype`: the transformer's weights and KV cache; `autocast` (with fp32 weights): run each
+        step's transformer under torch.autocast in that dtype, as the official code is run in bf16
+        (graphs.step.StepSpec.transformer; DESIGN.md "Low precision")."""
         cfg: VARConfig = var.cfg
         if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", str(device)):
             raise ConfigError(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
@@ -28,9 +32,11 @@ class EagerBackend:
         if dtype != torch.float32:
             var = copy.deepcopy(var).to(dtype)
         var, vae = var.to(device), vae.to(device)
+        if autocast is not None and (dtype != torch.float32 or autocast not in (torch.bfloat16, torch.float16)):
+            raise ConfigError("autocast runs fp32 weights in bf16 or fp16 (dtype float32, autocast bfloat16/float16)")
         self.device, self.source_note = device, source_note
         self.var, self.vae = var, vae
-        self.spec = StepSpec(transform=transform, k_max=k_max, dtype=dtype)
+        self.spec = StepSpec(transform=transform, k_max=k_max, dtype=dtype, autocast=autocast)
         self.steps = [s.to(device) for s in build_steps(var, vae, self.spec)]
         self.info = BackendInfo(name="eager", cfg=cfg, k_max=k_max, transform=transform,
                                 kv_dtype=dtype_name_of(dtype), batch=None, device=device)

@@ -5,6 +5,9 @@ torch.fft, peak memory, and a last `summary:` line. The work is benchmarks.bench
   python scripts/bench.py --model var-d16 --random-init 0 --backends eager,onnxruntime --batch 1,4 \
       --repeats 3 --json build/bench.json --plot build/bench.png
   python scripts/bench.py --artifacts build/var-d24 --repeats 1        (one existing artifacts dir)
+  python scripts/bench.py --model var-d16 --random-init 0 --precisions \
+      eager-fp32,eager-bf16-autocast,onnxruntime-fp32,onnxruntime-int8,official-bf16-autocast --official ~/VAR
+                          (precisions side by side, the CPU's features printed: benchmarks.precision)
 
 On a GPU (--device cuda) it also prints the roofline floor and each backend's distance from it.
 """
@@ -52,10 +55,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--peak-tflops", type=positive_float, help="roofline: peak compute (default on a known GPU: data sheet)")
     p.add_argument("--bandwidth-gbs", type=positive_float, help="roofline: memory bandwidth in GB/s")
+    p.add_argument("--precisions", metavar="ROWS",
+                   help="instead: precisions side by side at batch 1 (needs --model), comma list of "
+                        "eager-fp32, eager-bf16, eager-bf16-autocast, onnxruntime-fp32, onnxruntime-int8, "
+                        "official-fp32, official-bf16-autocast")
+    p.add_argument("--official", metavar="DIR", help="a FoundationVision/VAR checkout, for the official-* rows")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     a = p.parse_args(argv)
     check_outputs(("--json", a.json, None), ("--plot", a.plot, ".png"), inputs=(a.artifacts, a.ckpt, a.vae_ckpt))
+    if a.precisions is not None:
+        return _precisions(a)
     from benchmarks.bench import BenchConfig, per_scale_figure, run_bench
     from export.ensure import ModelSource
     try:
@@ -76,4 +86,20 @@ def main(argv=None) -> int:
         write_outputs([(a.plot, lambda path: fig.savefig(path, dpi=100, format="png"))])
     write_json(a.json, dict(result.to_json(), argv=sys.argv[1:]), indent=2)
     print(result.summary())
+    return 0
+
+
+def _precisions(a) -> int:
+    from dataclasses import asdict
+    from benchmarks.precision import PrecisionBenchConfig, run_precision_bench
+    from export.ensure import ModelSource
+    if not a.model or a.artifacts or a.batch or a.plot:
+        raise ConfigError("--precisions needs --model (batch 1; artifacts under --artifacts-root), not --artifacts, "
+                          "--batch or --plot")
+    cfg = PrecisionBenchConfig(source=ModelSource(a.model, a.artifacts_root, a.ckpt, a.vae_ckpt, a.random_init),
+                               rows=tuple(r.strip() for r in a.precisions.split(",") if r.strip()),
+                               official=a.official, repeats=a.repeats)
+    res = run_precision_bench(cfg, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    print(res.table())
+    write_json(a.json, dict(asdict(res), argv=sys.argv[1:]), indent=2)
     return 0

@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="artifacts directory (written atomically)")
     p.add_argument("--precision", default="fp32",
                    help="fp32 | fp16 | bf16 (transformer + KV) | int8 (QDQ weight MatMuls, calibrated: ONNX Runtime "
-                        "CPU and TensorRT) | fp8 (QDQ, TensorRT only); DSE, SSG and sampling stay fp32")
+                        "CPU and TensorRT); DSE, SSG and sampling stay fp32")
     p.add_argument("--batch", type=int, default=1, help="images per run, fixed at export (2x rows with CFG)")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="TopK K baked in; runs may use any top-k <= it; 0 = none")
     p.add_argument("--dse", choices=DSE_TRANSFORMS, default="dct")

@@ -34,6 +34,11 @@ def parse_seeds(spec: str):
     return out
 
 
+def _failures(rep):
+    """A parity or quality report's failures (a quality report's parity checks included)."""
+    return list(rep.failures) + (list(rep.parity.failures) if getattr(rep, "parity", None) else [])
+
+
 def main(argv=None) -> int:
     p = parser("Per-scale parity of backends against eager PyTorch.")
     p.add_argument("--artifacts", required=True)
@@ -41,7 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", help="several runs: 0-5 or 1,4,9 (each run: image i uses seed + i); overrides --seed")
     p.add_argument("--free-running", action="store_true",
-                   help="no teacher forcing: a report (images equal, PSNR) that fails only on unexplained flips")
+                   help="no teacher forcing: rows are compared until their tokens first differ; a report (images "
+                        "equal, PSNR) that fails on unexplained flips and on the logit, prior and f_hat bounds of "
+                        "the scales compared")
     p.add_argument("--no-probe", action="store_true",
                    help="only the given rows (default: also a probe row with T, top-k, top-p and beta off their defaults)")
     p.add_argument("--sweep", action="store_true",
@@ -49,18 +56,26 @@ def main(argv=None) -> int:
                         "beta, more_smooth, class -1) and print the largest error of each measure")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--polygraphy", action="store_true",
-                   help="also compare the step graph in ONNX Runtime against Polygraphy's run (graph level)")
+                   help="also run the step graph through Polygraphy's ONNX Runtime runner with all graph "
+                        "optimizations and with none, and compare them (a fusion that changes numerics); "
+                        "a MISMATCH fails")
     add_sampling_args(p)
     p.set_defaults(classes=None)
     a = p.parse_args(argv)
     seeds = parse_seeds(a.seeds) if a.seeds else [a.seed]
     check_outputs(("--json", a.json, None), inputs=(a.artifacts,))
 
+    import torch
     from contract.manifest import load_manifest
     from graphs.config import parse_ssg_beta
     from runtime.backends import open_backend
-    from runtime.parity import run_parity, sweep, weights_check
+    from runtime.backends.eager import EagerBackend
+    from runtime.parity import BOUNDS
+    from runtime.quality import run_quality
+    from runtime.parity import run_parity
     from runtime.pipeline import Pipeline, Row
+    from runtime.sweep import sweep
+    from runtime.weights_check import weights_check
 
     names = [b.strip() for b in a.backends.split(",") if b.strip()]
     others = [b for b in names if b != "eager"]
@@ -75,30 +90,42 @@ def main(argv=None) -> int:
     top_k = a.top_k                           # None: the pipeline's default (900 or the baked K)
     betas = parse_ssg_beta(a.ssg_beta, cfg.num_scales)
     mode = "free-running" if a.free_running else "teacher-forced"
-    n_w, wbad = weights_check(man, {"var": ref.backend.var, "vae": ref.backend.vae})
-    print("\n".join(wbad) or f"weights: {n_w} exported tensors equal the reference's, bit for bit")
-    reports = []
+    wrep = weights_check(man, {"var": ref.backend.var, "vae": ref.backend.vae})
+    print(wrep.summary())
+    quantized = BOUNDS[man.precision] is None        # int8: the quality gate replaces the logit bounds
+    if quantized and (a.sweep or a.free_running):
+        raise ConfigError(f"{man.precision} artifacts are judged by the quality gate (teacher-forced): "
+                          f"drop --sweep / --free-running")
+    base = Pipeline(EagerBackend(ref.backend.var, ref.backend.vae, transform=man.transform, k_max=man.k_max,
+                                 device=a.device, autocast=torch.bfloat16)) if quantized else None
+    reports, sweeps, fails = [], [], list(wrep.failures)
     for name in others:
         pipe = Pipeline(open_backend(name, man, device=a.device))
         if a.sweep:
             res = sweep(ref, pipe, man.precision)
             print(res.summary(name, man.precision))
-            reports += [(0, f) for f in res.failures]
+            sweeps.append(dict(backend=name, **res.to_json()))
+            fails += res.failures
             continue
         for seed in seeds:
             rows = [Row(c, seed + i, a.guidance, betas, top_k, a.top_p, a.temperature, a.more_smooth)
                     for i, c in enumerate(classes)]
-            rep = run_parity(ref, pipe, rows, man.precision, mode, probe=not a.no_probe)
+            if quantized:
+                rep = run_quality(ref, base, pipe, rows, man.precision, probe=not a.no_probe)
+            else:
+                rep = run_parity(ref, pipe, rows, man.precision, mode, probe=not a.no_probe)
             print(f"seed {seed} classes {classes}")
             print(rep.table())
             reports.append((seed, rep))
     if a.polygraphy:
         from runtime.poly import polygraphy_check
-        for line in polygraphy_check(man):
-            print(line)
+        lines = polygraphy_check(man)
+        print("\n".join(lines))
+        fails += [f"polygraphy: {line}" for line in lines if not line.endswith(": OK")]
     if a.json:
-        write_json(a.json, [dict(seed=s, **r.to_json()) for s, r in reports], indent=2)
-    fails = wbad + ([f for _, f in reports] if a.sweep else [])
+        write_json(a.json, dict(weights=dict(compared=wrep.compared, quantized=wrep.quantized, failures=wrep.failures),
+                                sweeps=sweeps, runs=[dict(seed=s, **r.to_json()) for s, r in reports],
+                                failures=fails + [f for _, r in reports for f in _failures(r)]), indent=2)
     if fails:
         print("parity FAILED:\n" + "\n".join(fails), file=sys.stderr)
         return 1
@@ -106,12 +133,14 @@ def main(argv=None) -> int:
         print("sweep OK")
         return 0
     bad = [(s, r) for s, r in reports if not r.ok]
-    flips = sum(len(r.flips) for _, r in reports)
-    expected = sum(row["expected_flips"] for _, r in reports for row in r.rows)
+    toks = [r.parity if quantized else r for _, r in reports]
+    flips = sum(len(r.flips) for r in toks)
+    expected = sum(row["expected_flips"] for r in toks for row in r.rows)
     print(f"{len(reports)} runs, {flips} token flips (expected {expected:.1f} from the logit differences), "
-          f"{sum(f['explained'] for _, r in reports for f in r.flips)} drawn by the backend's own logits")
+          f"{sum(f['explained'] for r in toks for f in r.flips)} drawn by the backend's own logits")
     if bad:
-        print("parity FAILED: " + "; ".join(f"{r.backend} seed {s}: {r.failures[0]}" for s, r in bad), file=sys.stderr)
+        print("parity FAILED: " + "; ".join(f"{r.backend} seed {s}: {_failures(r)[0]}" for s, r in bad),
+              file=sys.stderr)
         return 1
     print("parity OK")
     return 0
