@@ -58,6 +58,10 @@ def _pair_text(model: Infinity, text: TextCondition):
     B, Lt = m.shape
     if Lt > model.cfg.text_maxlen:
         raise ValueError(f"{Lt} text positions; the model takes at most {model.cfg.text_maxlen}")
+    for x in (e, text.neg_embeds):
+        if x is not None and x.shape[-1] != model.cfg.text_dim:
+            raise ValueError(f"text states of width {x.shape[-1]}; {model.cfg.name} takes {model.cfg.text_dim} "
+                             f"(the T5 encoder it was trained with: {model.cfg.t5 or 'see its preset'})")
     if text.neg_embeds is None:
         ne, nm = model.uncond_text(B, Lt).to(e.dtype), m          # the official: the row's own length
     else:

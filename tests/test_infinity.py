@@ -74,6 +74,18 @@ def test_schedules_follow_the_templates():
             parse_aspect_ratio(bad)
 
 
+def test_run_config_checks():
+    run = InfinityRunConfig.constant(3, 4.0, 0.5)
+    assert run.cfg == (4.0,) * 3 and run.tau == (0.5,) * 3 and run.top_k_pair == 2 and run.top_p_threshold == 0.97
+    assert InfinityRunConfig.constant(3, top_k=1, top_p=0.0).top_k_pair == 1
+    assert InfinityRunConfig.constant(3, top_p=0.0).top_p_threshold == 2.0
+    for kw, msg in ((dict(cfg=(1.0,), tau=(1.0, 1.0)), "one value per scale"), (dict(cfg=(1e5,), tau=(1.0,)), "--cfg"),
+                    (dict(cfg=(1.0,), tau=(0.0,)), "--tau"), (dict(cfg=(1.0,), tau=(1.0,), top_k=-1), "--top-k"),
+                    (dict(cfg=(1.0,), tau=(1.0,), top_p=1.5), "--top-p")):
+        with pytest.raises(ConfigError, match=msg):
+            InfinityRunConfig(**kw)
+
+
 # ---------------------------------------------------------------- weights
 def test_random_weights_are_seeded():
     cfg = get_infinity_preset(TINY)
@@ -348,6 +360,8 @@ def test_text_mask_and_negative_prompt(tiny):
     assert any(not torch.equal(x, y) for x, y in zip(a.bits, neg.bits))
     with pytest.raises(ValueError, match="at least one token"):
         TextCondition(emb, torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="takes 256"):
+        generate(model, None, TextCondition(emb[..., :100], mask), sched, run, noise)
 
 
 # ---------------------------------------------------------------- T5 front end
