@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
-from .config import ConfigError
+from .config import GUIDANCE_MAX, TEMPERATURE_RANGE, ConfigError
 
 # ---------------------------------------------------------------- scale schedules
 # The official templates: for each aspect ratio h/w, the (h, w) token grid of each of the 13
@@ -227,7 +227,6 @@ class InfinityRunConfig:
     top_p: float = 0.97
 
     def __post_init__(self):
-        from .config import GUIDANCE_MAX, TEMPERATURE_RANGE
         if len(self.cfg) != len(self.tau):
             raise ConfigError(f"cfg and tau need one value per scale: got {len(self.cfg)} and {len(self.tau)}")
         for w in self.cfg:

@@ -124,7 +124,3 @@ def vae_codes(bits_Bnd: torch.Tensor, hw, bits: int, patchify: bool) -> torch.Te
     grid = bits_to_grid(bits_Bnd, hw, patchify)
     return (grid.float() * 2 - 1) / (bits ** 0.5)
 
-
-def image_to_uint8(img_B3HW: torch.Tensor) -> torch.Tensor:
-    """The official conversion: (x + 1)/2 · 255, truncated to uint8 (B H W 3, RGB)."""
-    return ((img_B3HW + 1) / 2).permute(0, 2, 3, 1).mul(255).to(torch.uint8)

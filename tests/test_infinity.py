@@ -334,8 +334,9 @@ def test_bit_sampler_semantics():
     probability is <= 1 - top_p; otherwise bit 1 is drawn on a share sigmoid(δ/τ) of [0, 1)."""
     delta = torch.tensor([2.0, -1.0, 0.3, -3.5])             # l1 - l0
     lg = torch.stack((torch.zeros(4), delta), -1).reshape(1, 1, 8)     # one position, 4 bits
-    u = torch.linspace(0, 1, 2001)[:-1]
-    ones = torch.stack([bitwise.sample_bits(lg, ui.expand(1, 1, 4), 0.8, 2, 2.0)[0, 0] for ui in u]).float().mean(0)
+    u = torch.linspace(0, 1, 2001)[:-1]                        # one row per u
+    ones = bitwise.sample_bits(lg.expand(2000, 1, 8), u.reshape(-1, 1, 1).expand(2000, 1, 4), 0.8, 2, 2.0)
+    ones = ones[:, 0].float().mean(0)
     assert torch.allclose(ones, torch.sigmoid(delta / 0.8), atol=1e-3)
     greedy = bitwise.sample_bits(lg, torch.full((1, 1, 4), 0.999), 1.0, 1, 2.0)
     assert greedy.flatten().tolist() == [1, 0, 1, 0]
