@@ -15,7 +15,7 @@ from graphs.dse import dse_matrix
 from graphs.infinity_config import (ASPECT_TEMPLATES, INFINITY_PRESETS, PIXEL_CLASSES, InfinityRunConfig,
                                     get_infinity_preset, nearest_template, parse_aspect_ratio)
 from graphs.infinity_generate import TextCondition, generate
-from graphs.infinity_weights import (CheckpointError, load_infinity, load_state_dicts, random_infinity,
+from graphs.infinity_weights import (CheckpointError, load_infinity, load_state_dicts, meta_models, random_infinity,
                                      random_state_dicts)
 
 TINY = "infinity-tiny"
@@ -50,6 +50,9 @@ def test_presets_official_dims_and_exact_names():
     c8 = get_infinity_preset("infinity-8b")
     assert (c8.depth, c8.width, c8.num_heads, c8.head_dim) == (40, 3584, 28, 128)
     assert (c8.vae.bits, c8.d_vae, c8.V, c8.vae.patch_size, c8.spatial_patchify) == (14, 56, 112, 8, True)
+    # the official 8B notebook prints "model size: 8.38B" (parameters of the transformer)
+    m8, _ = meta_models(c8)
+    assert round(sum(p.numel() for p in m8.parameters()) / 1e9, 2) == 8.38
     for c in (c2, c8):
         s = c.schedule(1.0)
         assert s.num_scales == 13 and s.hw[-1] == (64, 64) and c.image_size(s) == (1024, 1024)
