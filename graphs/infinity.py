@@ -138,7 +138,9 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(C))
         self.proj = nn.Linear(C, C)
 
-    def forward(self, x_BnC, rope, past: Optional[Tuple[torch.Tensor, torch.Tensor]]):
+    def forward(self, x_BnC, rope, past: Optional[Tuple[torch.Tensor, torch.Tensor]], attn_bias=None):
+        """attn_bias: None (a cached scale: everything visible) or an additive n x n mask (the
+        teacher-forced whole sequence)."""
         B, n, C = x_BnC.shape
         qkv = F.linear(x_BnC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
         q, k, v = qkv.view(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -148,7 +150,7 @@ class SelfAttention(nn.Module):
         new = (k, v)
         if past is not None:
             k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
-        o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0)
         return self.proj(o.transpose(1, 2).reshape(B, n, C)), new
 
 
@@ -177,10 +179,10 @@ class CrossAttnBlock(nn.Module):
     def _ada(self, x, scale, shift):
         return F.layer_norm(x.float(), (self.C,), eps=self.eps) * (scale + 1) + shift
 
-    def forward(self, x_BnC, gss_B16C, text_kv, mask_BL, rope, past=None):
+    def forward(self, x_BnC, gss_B16C, text_kv, mask_BL, rope, past=None, attn_bias=None):
         """-> (x, (k, v) of this scale: B H n c each)."""
         g1, g2, s1, s2, b1, b2 = (self.ada_gss + gss_B16C).unbind(2)                  # B 1 C each
-        a, new = self.sa(self._ada(x_BnC, s1, b1), rope, past)
+        a, new = self.sa(self._ada(x_BnC, s1, b1), rope, past, attn_bias)
         x = x_BnC + a * g1
         x = x + self.ca(self.ca_norm(x), text_kv, mask_BL)
         x = x + self.ffn(self._ada(x, s2, b2)) * g2
@@ -264,6 +266,20 @@ class Infinity(nn.Module):
             x, new = blk(x, gss, text_kvs[i], mask_BL, rope, None if past is None else past[i])
             news.append(new)
         return x, news
+
+    def forward_teacher(self, x_BLC_wo_prefix, sched: ScaleSchedule, cond_BD, gss, text_kvs, mask_BL):
+        """The whole sequence at once (the official training forward): the start token, then
+        word_embed of every later scale's input (B, L − 1, d_vae); block-causal attention (a
+        token sees its own and earlier scales), RoPE and level embedding by position. -> B L V."""
+        x = torch.cat((self.first_tokens(cond_BD), self.next_tokens(x_BLC_wo_prefix)), 1)
+        lvl = torch.cat([torch.full((h * w,), k) for k, (h, w) in enumerate(sched.hw)])
+        tabs = [rope_tables(self.cfg, sched, k) for k in range(sched.num_scales)]
+        rope = torch.cat([t[0] for t in tabs]), torch.cat([t[1] for t in tabs])
+        bias = torch.zeros(len(lvl), len(lvl)).masked_fill(lvl[:, None] < lvl[None, :], -torch.inf)
+        x = x + self.lvl_embed(lvl)
+        for i, blk in enumerate(self.blocks):
+            x, _ = blk(x, gss, text_kvs[i], mask_BL, rope, None, bias)
+        return self.logits(x, cond_BD)
 
     def logits(self, x_BnC, cond_BD):
         """-> B n V: channel 2j+v is the logit of value v of token channel j."""

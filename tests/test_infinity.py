@@ -289,6 +289,33 @@ def test_planted_bugs_are_caught(tiny, monkeypatch):
     assert differs()
 
 
+def test_kv_cache_matches_teacher_forcing(tiny):
+    """The cached loop's CFG logits at every scale equal one block-causal forward over the whole
+    sequence built from the loop's own bits (the official training forward)."""
+    from graphs.bitwise import cfg_combine, grid_to_tokens, resize_codes
+    from graphs.infinity_generate import _pair_text, vae_codes
+    cfg, model, vae = tiny
+    sched = cfg.schedule(0.75)
+    emb, mask = _text(cfg)
+    run = InfinityRunConfig(cfg=tuple(1.5 + k for k in range(sched.num_scales)), tau=(1.0,) * sched.num_scales)
+    tc = TextCondition(emb, mask)
+    out = generate(model, None, tc, sched, run, _noise(cfg, sched, 2, seed=9), keep_logits=True)
+    final = sched.hw[-1]
+    summed, xs = torch.zeros(2, cfg.vae.bits, *final), []
+    for k in range(sched.num_scales - 1):
+        summed = summed + resize_codes(vae_codes(out.bits[k], sched.hw[k], cfg.vae.bits, False), final)
+        xs.append(grid_to_tokens(resize_codes(summed, sched.hw[k + 1]), False))
+    with torch.no_grad():
+        t2, m2 = _pair_text(model, tc)
+        cond, gss, ca_kv = model.encode_text(t2, m2)
+        full = model.forward_teacher(torch.cat(xs, 1).repeat(2, 1, 1), sched, cond, gss, model.text_kvs(ca_kv), m2)
+    b = 0
+    for k, (h, w) in enumerate(sched.hw):
+        got = cfg_combine(full[:, b:b + h * w], run.cfg[k])
+        assert (got - out.logits_cfg[k]).abs().max() <= 1e-5 * out.logits_cfg[k].abs().max(), k
+        b += h * w
+
+
 # ---------------------------------------------------------------- SSG on bit logits
 def test_beta0_is_no_ssg_and_beta_follows_formula(tiny):
     cfg, model, vae = tiny
