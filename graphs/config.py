@@ -147,6 +147,15 @@ def get_preset(name: str) -> VARConfig:
     return VARConfig(depth=depth, vae=vae, shared_aln=px512, name=name)
 
 
+def get_model_preset(name: str):
+    """Any family's preset by exact name: `infinity-*` from graphs.infinity_config (text-to-image,
+    DESIGN.md "Infinity (text-to-image)"), everything else `get_preset` (VAR)."""
+    if isinstance(name, str) and name.startswith("infinity-"):
+        from .infinity_config import get_infinity_preset       # imports this module: resolved lazily
+        return get_infinity_preset(name)
+    return get_preset(name)
+
+
 @dataclass(frozen=True)
 class SSGConfig:
     """Scaled Spatial Guidance. `betas[k-1]` is the strength at scale k (k = 1..K-1)."""
