@@ -186,6 +186,14 @@ def test_engine_builds_under_real_bindings(version, artifacts, tmp_path):
 
 @real_bindings
 @pytest.mark.parametrize("version", VERSIONS)
+def test_int8_engine_builds_under_real_bindings(version, artifacts, tmp_path):
+    """The int8 QDQ step graph builds as a strongly typed network with no precision flag."""
+    r = run_under_real_trt(version, SCEN + "build_int8", artifacts(precision="int8"), str(tmp_path))
+    assert r["builds"] == 2 and r["step"] == "step_all.plan" and r["version"].startswith(version)
+
+
+@real_bindings
+@pytest.mark.parametrize("version", VERSIONS)
 def test_backend_pipeline_under_real_bindings(version, artifacts, tmp_path):
     """export --target trt on up-to-date graphs builds only the engines; TrtBackend loads them
     (version/GPU, I/O per profile), and three full runs (plain, CUDA-graph capture, replay) with

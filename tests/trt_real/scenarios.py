@@ -243,3 +243,18 @@ def strict_fake_refuses():
         except (TypeError, AttributeError, StrictError) as e:
             out[name] = f"{type(e).__name__}: {e}"
     return out
+
+
+def build_int8(onnx_dir: str, work: str):
+    """export.trt_build on int8 (QDQ) artifacts: a strongly typed network takes its precision from
+    the graph's QuantizeLinear/DequantizeLinear, so no precision flag is set (TensorRT 11 has none;
+    10's INT8 flag is for weakly typed networks); the step engine keeps one profile per scale."""
+    from contract.manifest import load_manifest
+    from export.trt_build import build_engines
+    man = load_manifest(onnx_dir).data
+    assert man["precision"] == "int8"
+    engines, _ = build_engines(onnx_dir, man, out_dir=work)
+    step, dec = MACHINE.builds[-2:]
+    assert step["flags"] == [] and dec["flags"] == [] and step["strongly_typed"] and dec["strongly_typed"], step
+    assert len(step["profiles"]) == len(man["graphs"]["step"]["profiles"])
+    return dict(version=MACHINE.version, builds=len(MACHINE.builds), step=engines["step"]["file"])
