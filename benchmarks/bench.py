@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from export.ensure import ModelSource, ensure_artifacts
-from graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, ConfigError, SamplerConfig, make_ssg
+from graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, SamplerConfig, make_ssg
+from common.errors import ConfigError
 
 from .roofline import FloorChoice, choose_floor
 

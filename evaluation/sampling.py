@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence,
 import numpy as np
 
 from common.files import atomic_path, check_outputs, write_json
-from graphs.config import ConfigError
+from common.errors import ConfigError
 from runtime.opener import PipelineSource, open_sources
 
 from .run import Job, JobRequest, PipelineView, check_job, run_batches

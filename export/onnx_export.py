@@ -29,10 +29,12 @@ import numpy as np
 import torch
 
 from contract import stamp
-from contract.manifest import (MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, PRECISION_DTYPES, build_manifest, check_manifest,
-                               config_to_json, dtype_name, load_manifest, torch_dtype, write_manifest)
+from contract.dtypes import PRECISION_DTYPES, dtype_name, torch_dtype
+from contract.manifest import (MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, build_manifest, check_manifest,
+                               config_to_json, load_manifest, write_manifest)
 from graphs.components import DecoderComponent, StepComponent
-from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, ConfigError, VARConfig, topk_bake
+from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, VARConfig, topk_bake
+from common.errors import ConfigError
 from graphs.step import StepSpec
 from graphs.var import VAR
 from graphs.vqvae import VQVAE

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
-from graphs.config import ConfigError, get_preset, topk_bake
+from graphs.config import get_preset, topk_bake
+from common.errors import ConfigError
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline

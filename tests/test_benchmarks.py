@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from graphs.config import ConfigError, get_preset
+from graphs.config import get_preset
+from common.errors import ConfigError
 from tests.conftest import ROOT, TINY
 
 from benchmarks.gpu_plan import (TRT_BUILD_S_PER_GPARAM, Env, Estimates, GpuCheckConfig,

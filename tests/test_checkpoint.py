@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from graphs.config import ConfigError, get_preset
+from graphs.config import get_preset
+from common.errors import ConfigError
 from graphs.weights import CheckpointError, check_state_dict, load_models, random_state_dicts
 from graphs.var import VAR
 

@@ -10,7 +10,7 @@ import torch
 from evaluation import metrics as M
 from evaluation import spectrum as sp
 from evaluation.samples import NpzBatch, parse_classes, read_timing
-from graphs.config import ConfigError
+from common.errors import ConfigError
 from tests.conftest import ROOT, run_cli
 
 TINY = ["--model", "var-d2-tiny", "--random-init", "0"]

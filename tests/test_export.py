@@ -222,7 +222,7 @@ def test_reexport_is_cached(artifacts, tiny):
     export_artifacts(var, vae, WeightSource(kind="random", seed=0), d, ExportConfig(top_k=64))
     assert os.path.getmtime(os.path.join(d, "manifest.json")) == before
     # a different seed is a different cache key: refused without --force
-    from graphs.config import ConfigError
+    from common.errors import ConfigError
     with pytest.raises(ConfigError, match="holds other artifacts"):
         export_artifacts(var, vae, WeightSource(kind="random", seed=1), d, ExportConfig(top_k=64))
     # so is a different export option

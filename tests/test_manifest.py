@@ -4,7 +4,8 @@ import copy
 
 import pytest
 
-from contract.manifest import ManifestError, build_manifest, check_manifest, dtype_name_of
+from contract.dtypes import dtype_name_of
+from contract.manifest import ManifestError, build_manifest, check_manifest
 from graphs.components import DecoderComponent, StepComponent
 from graphs.config import get_preset, topk_bake
 from graphs.step import StepSpec

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphs.config import ConfigError, SamplerConfig, make_ssg, parse_ssg_beta
+from graphs.config import SamplerConfig, make_ssg, parse_ssg_beta
+from common.errors import ConfigError
 from runtime.backends.eager import EagerBackend
 from runtime.pipeline import Pipeline
 

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from contract.manifest import FORMAT, FORMAT_VERSION, ManifestError, load_manifest, write_manifest
-from graphs.config import ConfigError, SamplerConfig, SSGConfig, check_guidance, check_seed, get_preset
+from graphs.config import SamplerConfig, SSGConfig, check_guidance, check_seed, get_preset
+from common.errors import ConfigError
 from tests.conftest import ROOT, TINY, run_cli, run_script
 
 MODEL = ["--model", TINY, "--random-init", "0"]

@@ -5,7 +5,8 @@ import importlib
 import pytest
 import torch
 
-from graphs.config import ConfigError, get_preset
+from graphs.config import get_preset
+from common.errors import ConfigError
 from tests.conftest import TINY
 from tools.cli import run_main
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from graphs.config import ConfigError, SamplerConfig, make_ssg
+from graphs.config import SamplerConfig, make_ssg
+from common.errors import ConfigError
 from runtime.backends import open_backend
 from contract.manifest import load_manifest, write_manifest
 from runtime.pipeline import Pipeline

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     request = request_from_args(a)
     request.check(betas=(a.compare_beta,))
 
-    from graphs.config import ConfigError
+    from common.errors import ConfigError
     ref = None
     if a.ref:
         from evaluation.samples import NpzBatch
