@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     p = parser("Generate images with VAR + SSG.")
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--backend", choices=BACKENDS, default="eager")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="default: onnxruntime with --artifacts, eager with --model (as sample, serve and the opener)")
     p.add_argument("--artifacts", help="artifacts directory (scripts/export.py); required for onnxruntime/tensorrt")
     p.add_argument("--device", default="cpu", help="eager/onnxruntime device: cpu or cuda")
     p.add_argument("--out", default="out.png", help="PNG file (a grid for several classes)")
@@ -37,21 +38,23 @@ def main(argv=None) -> int:
     sampler = SamplerConfig(top_k=a.top_k, top_p=a.top_p, temperature=a.temperature)
 
     from runtime.opener import PipelineSource, open_pipelines
-    (pipe,), source = open_pipelines(PipelineSource(
+    src = PipelineSource(
         artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt,
         random_init=a.random_init, transforms=(a.dse,) if a.dse else (), top_k=a.top_k, device=a.device,
-        verify=a.verify, session_cache=a.session_cache))
+        verify=a.verify, session_cache=a.session_cache)
+    backend = src.backend_name          # the opener's default, named in the progress bar and the note
+    (pipe,), source = open_pipelines(src)
     from runtime.images import png_note, save_grid
     cfg = pipe.info.cfg
     ssg = make_ssg(a.ssg_beta, a.dse or pipe.info.transform, cfg.num_scales)
 
     started = process_age_s()
     t0 = time.perf_counter()
-    with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{a.backend}]", unit="scale", file=sys.stderr) as bar:
+    with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{backend}]", unit="scale", file=sys.stderr) as bar:
         res = pipe.run(a.classes, a.seed, a.guidance, sampler, ssg, progress=lambda k: bar.update(1),
                        more_smooth=a.more_smooth)
     run_s = time.perf_counter() - t0
-    note = png_note(cfg.name, a.backend, a.classes, a.seed, guidance=a.guidance, ssg=ssg.spec, top_k=a.top_k,
+    note = png_note(cfg.name, backend, a.classes, a.seed, guidance=a.guidance, ssg=ssg.spec, top_k=a.top_k,
                     top_p=a.top_p, temperature=a.temperature, transform=ssg.transform, more_smooth=a.more_smooth,
                     source=source)
     write_outputs([(a.out, lambda path: save_grid(res.images, path, note)),      # both or neither
