@@ -24,7 +24,7 @@ import shutil
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from common.files import atomic_path, check_outputs, write_json
 from common.errors import ConfigError
 from runtime.opener import PipelineSource, open_sources
 
-from .run import Job, JobRequest, PipelineView, check_job, run_batches
+from .run import Executor, Job, JobRequest, PipelineView, Work, check_job, run_batches
 from .samples import NpzBatch, diff_settings, settings_array, timing_path, write_npz_stream
 
 log = logging.getLogger(__name__)
@@ -255,19 +255,6 @@ def _write_pngs(folder: str, first: int, images: np.ndarray, job: Job) -> None:
 
 
 # ---------------------------------------------------------------- who runs the batches
-
-@dataclass(frozen=True)
-class Work:
-    """Batches of one job for whoever runs them: `key` says which output they belong to."""
-    key: int
-    job: Job
-    batches: Tuple[int, ...]
-
-
-class Executor(Protocol):
-    def run(self, work: Sequence[Work]) -> Iterator[Tuple[int, int, np.ndarray, float]]:
-        """Yield (key, batch index, images, seconds) for every batch of `work`, in any order."""
-
 
 class LocalExecutor:
     """This process, one pipeline per DSE transform (what sample.py always did)."""

@@ -21,7 +21,6 @@ import platform
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional
 
@@ -41,6 +40,7 @@ from graphs.vqvae import VQVAE
 from graphs.weights import WeightSource
 
 from .decoder_job import DecoderJob, DecoderSpec
+from .dynamo import export_one
 from .lint import lint_files
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
@@ -95,19 +95,6 @@ def weights_id(src: WeightSource) -> str:
     if src.random:
         return f"random:{src.seed}"
     return f"ckpt:{src.ckpt_sha256}:{src.vae_sha256}"
-
-
-def export_one(module: torch.nn.Module, feeds: Dict[str, torch.Tensor], in_names, out_names, opset: int,
-                dynamic_shapes=None):
-    """The dynamo export, then torch's ONNX optimisation without its one costly rule that never
-    fires here, then the input/output names, in torch's order (export.optimize; DESIGN.md,
-    "Export cost"): the same graph in half the time."""
-    from .optimize import name_io, optimize
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, (), kwargs=feeds, dynamo=True, opset_version=opset, optimize=False,
-                                 verbose=False, dynamic_shapes=dynamic_shapes)
-    return name_io(optimize(prog.model), in_names, out_names)
 
 
 def _versions() -> Dict[str, str]:

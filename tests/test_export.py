@@ -149,7 +149,7 @@ def test_bisection_sampler_exports_for_v4096():
     TopK, and ONNX Runtime agrees with torch."""
     import onnxruntime as ort
     from graphs.sampling import sample_with_support
-    from export.onnx_export import export_one
+    from export.dynamo import export_one
     import onnx_ir as ir
 
     class S(torch.nn.Module):
@@ -305,7 +305,7 @@ def test_decoder_job_imports_this_checkout_wherever_it_is_started(tiny, tmp_path
     export's, byte for byte."""
     import onnx_ir as ir
     from export.decoder_job import DecoderJob, DecoderSpec
-    from export.onnx_export import export_one
+    from export.dynamo import export_one
     from graphs.components import DecoderComponent
     cfg, _, vae = tiny
     here, scratch = tmp_path / "here", tmp_path / "scratch"

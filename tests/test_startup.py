@@ -155,7 +155,7 @@ def test_generate_refuses_a_bad_verify_mode(capsys):
 def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
     """export.optimize skips one rewrite rule for speed; the step graph must stay torch's own."""
     import onnx_ir as ir
-    from export.onnx_export import export_one
+    from export.dynamo import export_one
     from graphs.components import StepComponent
     from graphs.step import StepSpec
     cfg, var, vae = tiny

@@ -18,7 +18,8 @@ import sys
 from typing import Callable, List, Optional
 
 from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
-                           DSE_TRANSFORMS, GUIDANCE_MAX, SEED_MAX, ConfigError)
+                           DSE_TRANSFORMS, GUIDANCE_MAX, SEED_MAX)
+from common.errors import ConfigError
 
 
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
