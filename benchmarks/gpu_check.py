@@ -365,9 +365,3 @@ class GpuCheck:
             self.done.weights.discard(self.model.cfg.name)
             self.done.reference.discard(self.model.cfg.name)
         self._empty_cache()
-
-
-def run_gpu_check(config: GpuCheckConfig, env: Optional[Env] = None, budget: Optional[Budget] = None,
-                  on_row: Callable[[RowResult], None] = lambda row: None) -> GpuCheckResult:
-    """Probe (unless `env` is given), plan, and measure every row that fits."""
-    return GpuCheck(config, env or probe(config.device), budget, on_row).run()

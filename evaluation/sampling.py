@@ -335,15 +335,6 @@ def sample(source: PipelineSource, request: JobRequest, out: str, resume: bool =
         return SampleResult(complete, job, note, list(getattr(ex, "stats", [])))
 
 
-def sample_to_npz(pipe, job: Job, source: str, out: str, resume: bool = False, png_dir: Optional[str] = None,
-                  max_batches: Optional[int] = None,
-                  progress: Optional[Callable[[int, int], None]] = None) -> bool:
-    """Sample `job` into `out` in this process. Returns True when `out` is complete, False when
-    stopped early by `max_batches` (new batches this call; the partial state stays for --resume).
-    `progress(done_images, total_images)` is called after each batch."""
-    return _sample_one(LocalExecutor([pipe]), pipe, job, source, out, resume, png_dir, max_batches, progress)
-
-
 def _sample_one(ex, pipe, job: Job, source: str, out: str, resume: bool, png_dir: Optional[str],
                 max_batches: Optional[int], progress) -> bool:
     """One job into `out` on executor `ex`: True when `out` is complete."""

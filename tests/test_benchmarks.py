@@ -337,10 +337,10 @@ def test_a_stop_keeps_the_rows_measured_so_far():
 
 
 def test_gpu_check_budget_bounds_each_row_and_exports_nothing_unneeded(tmp_path):
-    from benchmarks.gpu_check import run_gpu_check
+    from benchmarks.gpu_check import GpuCheck, probe
     root = tmp_path / "gc"
     config = GpuCheckConfig(models=(TINY,), exported=(TINY,), device="cpu", budget_s=0.01, artifacts_root=str(root))
-    res = run_gpu_check(config)
+    res = GpuCheck(config, probe(config.device)).run()         # as scripts/gpu_check.py runs it
     assert res.rows[0].note == "tensorrt is not installed" or _have_trt()
     assert all(r.status == "skipped" and r.note.startswith("budget: needs ~") for r in res.rows[1:])
     assert not root.exists()                               # no export started
@@ -351,12 +351,12 @@ def test_gpu_check_rows_on_cpu(artifacts, tmp_path):
     """The GPU check end to end on the CPU with the tiny model (the GPU run uses the same code):
     the exported rows first (TensorRT skipped, ONNX Runtime measured against an eager fp32
     reference), then eager fp32 and bf16 with parity."""
-    from benchmarks.gpu_check import artifacts_dir, run_gpu_check
+    from benchmarks.gpu_check import GpuCheck, artifacts_dir, probe
     from runtime.parity import BOUNDS
     config = GpuCheckConfig(models=(TINY,), exported=(TINY,), device="cpu", precisions=("fp32", "bf16"), batches=(1,),
                             top_k=64, repeats=1, artifacts_root=str(tmp_path / "gc"))
     shutil.copytree(artifacts(), artifacts_dir(config, TINY))        # reused by cache key, no export
-    res = run_gpu_check(config)
+    res = GpuCheck(config, probe(config.device)).run()         # as scripts/gpu_check.py runs it
     rows = {(r.key.backend, r.key.precision): r for r in res.rows}
     assert list(rows) == [("tensorrt", "fp32"), ("onnxruntime", "fp32"), ("eager", "fp32"), ("eager", "bf16")]
     assert rows["tensorrt", "fp32"].note == "tensorrt is not installed" or _have_trt()
