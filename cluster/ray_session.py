@@ -1,14 +1,15 @@
-"""cluster.ray_session: the one Ray lifecycle (RaySession): start a local Ray instance (or join a cluster), stop it, leave nothing
-behind. Used by the server (serving/), the serving benchmark and distributed evaluation, which
-add their own work on top (Serve applications, actors). The only module besides serving/ and
-evaluation's cluster runner that imports Ray.
+"""cluster.ray_session: the one Ray lifecycle (RaySession): start a local Ray instance (or join a
+cluster), stop it, leave nothing behind. Used by the server (serving/), the serving benchmark and
+distributed evaluation, which add their own work on top (Serve applications, actors). The only
+module besides serving/ and evaluation's cluster runner that imports Ray.
 
 A local instance binds what Ray lets us bind to the asked host: with a loopback host
 (127.0.0.1, localhost, ::1) the node's address is the loopback one (Ray's single-machine mode,
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), so GCS, raylet, workers, the dashboard agent, the
 runtime-env agent and the metrics export listen on 127.0.0.1 only; any other host keeps Ray's
 defaults (every interface). A start-up that fails (a timeout on a loaded machine, a port taken)
-is one ConfigError line, with every process it started stopped (DESIGN.md "Serving").
+is one ConfigError line, with every process it started stopped (DESIGN.md "Serving: bounded,
+bound, stoppable").
 """
 from __future__ import annotations
 

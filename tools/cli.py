@@ -34,7 +34,7 @@ def add_session_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-cache", action="store_true",
                    help="onnxruntime on the CPU: keep ONNX Runtime's optimised step graph with its pre-packed "
                         "weights in the user's cache (about 2x the weights on disk, once per artifacts "
-                        "directory) so later starts load it instead of building it (DESIGN.md, start-up)")
+                        'directory) so later starts load it instead of building it (DESIGN.md "Start-up")')
 
 
 def finite_float(s: str) -> float:
@@ -133,7 +133,7 @@ def run_main(main: Callable[[], int], own_process: bool = False) -> None:
 
 def _leave() -> None:
     """Exit 0 now, without the interpreter's teardown: unloading torch and ONNX Runtime's
-    sessions costs ~0.9 s after the image is written (DESIGN.md, start-up). Only for commands
+    sessions costs ~0.9 s after the image is written (DESIGN.md "Start-up"). Only for commands
     in ONE_SHOT, whose outputs are written and renamed before main returns and which start no
     Ray; the streams and the logs are flushed first."""
     logging.shutdown()

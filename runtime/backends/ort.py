@@ -142,7 +142,7 @@ class OrtSessions:
 
     def _session(self, name: str, so, path: str, keep: list):
         try:
-            if name == "step" and self._cache is not None:      # opt-in: DESIGN.md, "the session cache"
+            if name == "step" and self._cache is not None:      # opt-in: DESIGN.md "Start-up: the session cache"
                 sess = self._cache.load(self.providers) or self._cache.save(so, path, self.providers)
             else:
                 sess = self.ort.InferenceSession(path, sess_options=so, providers=self.providers)

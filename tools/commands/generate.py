@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-tokens", metavar="FILE.json", help="also write the per-scale token ids")
     p.add_argument("--verify", choices=VERIFY_MODES, default="stamp",
                    help="artifacts check at start: stamp (default) re-hashes only files changed since they were "
-                        "last verified; full re-hashes every file (DESIGN.md, start-up)")
+                        'last verified; full re-hashes every file (DESIGN.md "Start-up")')
     add_session_cache_arg(p)
     a = p.parse_args(argv)
 
