@@ -399,6 +399,7 @@ def test_gpu_check_command_stops_on_sigterm_with_its_summary(monkeypatch, capsys
     assert lines[-1].startswith("summary: 1 measured, 0 skipped, 0 failed; stopped by SIGTERM")
 
 
+@pytest.mark.slow          # runs a script (the fast lane runs none)
 def test_gpu_check_sh_without_a_gpu_skips_every_row_with_its_reason(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

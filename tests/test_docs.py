@@ -153,3 +153,19 @@ def test_every_cross_referenced_section_exists():
 def test_sections_are_cited_in_quotes():
     bad = [f"{f}: {m.group(0)}" for f in reference_sources() for m in UNQUOTED_REF.finditer(_read(f))]
     assert not bad, "quote the section title:\n" + "\n".join(bad)
+
+
+def test_the_package_version_follows_the_changelog():
+    """pyproject's version is past the CHANGELOG's last release, and a development version while
+    the CHANGELOG has an Unreleased section (it once said 0.1.0 after 0.3 was released)."""
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)(\.dev\d+)?", version)
+    assert m, f"version {version!r} is not MAJOR.MINOR.PATCH[.devN]"
+    heads = re.findall(r"^## (.+)$", _read("CHANGELOG.md"), flags=re.M)
+    released = [tuple(int(x) for x in h.split(".")) for h in heads if re.fullmatch(r"\d+(\.\d+)*", h)]
+    last = max(released)
+    ours = tuple(int(x) for x in m.groups()[:3])
+    assert ours > last + (0,) * (3 - len(last)), f"version {version} is not after the CHANGELOG's {last}"
+    assert ("Unreleased" in heads) == bool(m.group(4)), "an Unreleased section goes with a .devN version"
