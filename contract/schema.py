@@ -5,6 +5,7 @@ imply (graphs.io, plain data: no torch here), every file a plain name listed wit
 sha256. Errors are one line that names the manifest and the field."""
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Any, Dict
 
@@ -152,7 +153,10 @@ def validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     c.get(data, "tools", dict)
     if not SHA256.fullmatch(c.get(data, "cache_key", str)):
         c.fail("cache_key", "is not a sha256 hex digest")
-    c.get(data, "created", str)
+    try:
+        datetime.datetime.fromisoformat(c.get(data, "created", str))
+    except ValueError:
+        c.fail("created", "is not an ISO 8601 time")
     c.get(data, "export", dict)         # the options as given (recorded; the cache key covers them)
     graphs = c.get(data, "graphs", dict)
     c.only(graphs, ("step", "decoder"), "graphs")
@@ -172,6 +176,10 @@ def validate(path: str, data: Any, listed: bool = True) -> VARConfig:
         for n, dt in list(ins.items()) + list(outs.items()):
             if dt != comp.dtype(n):
                 c.fail(f"graphs.{name}", f"declares {n} as {dt}, the graph's {n} is {comp.dtype(n)}")
+    _declared_shapes(c, graphs["step"], [step.profile(k) for k in range(cfg.num_scales)],
+                     [step.output_shapes(k) for k in range(cfg.num_scales)], "graphs.step")
+    _declared_shapes(c, graphs["decoder"], [dict(f_hat=dec.f_hat_shape())], [dict(image=dec.image_shape())],
+                     "graphs.decoder")
     s, d = graphs["step"], graphs["decoder"]
     c.choice(d, "precision", ("fp32",), "graphs.decoder.precision")
     c.file(s, "consts", "graphs.step.consts")
@@ -184,8 +192,6 @@ def validate(path: str, data: Any, listed: bool = True) -> VARConfig:
         c.fail("graphs.step.output_shapes", f"are not the per-scale shapes of {preset} at batch {B}")
     if c.get(s, "dynamic_inputs", list, "graphs.step.dynamic_inputs") != step.dynamic_inputs:
         c.fail("graphs.step.dynamic_inputs", f"should be {step.dynamic_inputs}")
-    if [o["shape"] for o in d["inputs"]] != [dec.f_hat_shape()]:
-        c.fail("graphs.decoder.inputs", "do not match the f_hat shape")
     needed = {s["file"], s["consts"], d["file"], data["external_data"]["file"]}
     needed |= _validate_engines(c, data, step, cfg)
     if not listed:
@@ -194,7 +200,29 @@ def validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     # every file the runtime opens is listed (each is lstat'ed and hashed on load)
     for rel in sorted(needed - set(files)):
         c.fail("files", f"does not list {rel!r} (every file the runtime opens is listed with its size and sha256)")
+    ext = data["external_data"]
+    if files[ext["file"]]["bytes"] != ext["bytes"]:
+        c.fail("external_data.bytes", f"is {ext['bytes']}, {ext['file']} is listed with {files[ext['file']]['bytes']}")
     return cfg
+
+
+def _declared_shapes(c: Check, g: Dict[str, Any], ins: list, outs: list, field: str) -> None:
+    """A graph's declared input/output shapes against the per-scale shapes graphs.io gives: a
+    fixed dimension is the one every scale has; a symbolic one (a name) only where the scales
+    differ."""
+    for kind, per_scale in (("inputs", ins), ("outputs", outs)):
+        for i, t in enumerate(g[kind]):
+            f, dims, want = f"{field}.{kind}[{i}].shape", t["shape"], [s[t["name"]] for s in per_scale]
+            if any(len(w) != len(dims) for w in want):
+                c.fail(f, f"is {dims}, {t['name']} has {len(want[0])} dimensions")
+            for a, d in enumerate(dims):
+                vals = sorted({w[a] for w in want})
+                if isinstance(d, str) and len(vals) == 1:
+                    c.fail(f, f"names dimension {a} ({d!r:.20}), but it is {vals[0]} at every scale")
+                if not isinstance(d, str) and vals != [d]:
+                    c.fail(f, f"is {dims}: dimension {a} of {t['name']} is "
+                              f"{vals[0] if len(vals) == 1 else 'symbolic (it differs between scales)'}")
+
 
 def check_header(path: str, data: Any) -> None:
     """A var-ssg manifest of the format version this runtime reads."""
