@@ -60,22 +60,40 @@ def test_bench_side_by_side_fields(artifacts):
 
 
 @pytest.mark.slow
-def test_bench_command_prints_writes_json_and_plot(artifacts, tmp_path, capsys, monkeypatch):
-    import benchmarks.bench as bb
+def test_bench_command_prints_writes_json_and_plot(artifacts, tmp_path, capsys):
     from tools.commands import bench
-    monkeypatch.setattr(bb, "bench_dse", lambda: dict(folded=1e-3, chain=2e-3, fft=4e-3))   # measured above
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     assert bench.main(["--artifacts", artifacts(), "--backends", "onnxruntime", "--repeats", "1", "--json", str(js),
                        "--plot", str(png), "--peak-tflops", "1", "--bandwidth-gbs", "10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1].startswith("summary: ssg_overhead=") and out[-1].endswith(" dse_speedup=4.0x")
     assert any(line.endswith("x the floor") for line in out) and any(line.startswith("floor ") for line in out)
     data = json.loads(js.read_text())
+    dse = data["dse"]                     # measured by this run; the summary's ratio is the JSON's
+    assert all(dse[k] > 0 for k in ("folded", "chain", "fft"))
+    assert re.fullmatch(r"summary: ssg_overhead=\d+\.\d% dse_speedup=(\d+\.\d)x", out[-1])[1] == \
+        f"{dse['fft'] / dse['folded']:.1f}"
     b = data["runs"][0]["backends"]["onnxruntime"]
     assert data["runs"][0]["batch"] == 1 and len(b["per_scale_s"]) == 10 and b["x_floor"] > 1
     assert set(data["dse"]) == {"folded", "chain", "fft"} and "argv" in data
     from PIL import Image
     assert Image.open(png).size[0] > 100
+
+
+def test_bench_dse_times_three_forms_of_the_same_dse():
+    """bench_dse on a small size: the three forms it times compute the same DSE (it checks them
+    against torch.fft first), each timed."""
+    from benchmarks.bench import bench_dse
+    t = bench_dse(repeats=2, V=64, src=5, dst=8)
+    assert sorted(t) == ["chain", "fft", "folded"] and all(v > 0 for v in t.values())
+
+
+def test_bench_dse_refuses_forms_that_disagree(monkeypatch):
+    import graphs.dse as dse
+    from benchmarks.bench import bench_dse
+    real = dse.dse_chain_matrices
+    monkeypatch.setattr(dse, "dse_chain_matrices", lambda *a: {**real(*a), "coarse_re": 0 * real(*a)["coarse_re"]})
+    with pytest.raises(RuntimeError, match=r"the chain form differs from torch.fft"):
+        bench_dse(repeats=1, V=64, src=5, dst=8)
 
 
 def test_bench_config_refuses_bad_input(tmp_path):
