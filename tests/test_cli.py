@@ -65,10 +65,10 @@ def test_scripts_run_after_either_install(how, request, tmp_path):
 
 def test_console_entry_point_dispatches(capsys):
     from tools.cli import console
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="^0$") as e:
         console(["export", "--help"])
     assert e.value.code == 0 and "--model" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="^2$") as e:
         console(["no-such-command"])
     assert e.value.code == 2 and "usage: var-ssg" in capsys.readouterr().err
 

@@ -155,8 +155,9 @@ def test_bisection_sampler_exports_for_v4096():
     class S(torch.nn.Module):
         def forward(self, logits, u, temperature, top_p):
             return sample_with_support(logits, u, temperature, None, top_p, 0)[0]
-    lg = torch.randn(1, 16, 4096) * 3
-    u = torch.rand(1, 16)
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(1, 16, 4096, generator=g) * 3
+    u = torch.rand(1, 16, generator=g)
     t, p = torch.tensor([1.0]), torch.tensor([0.9])
     model = export_one(S(), dict(logits=lg, u=u, temperature=t, top_p=p), ["logits", "u", "temperature", "top_p"], ["tokens"], 18)
     proto = ir.serde.serialize_model(model)

@@ -253,7 +253,7 @@ BAD = [
 def test_bad_request_is_400_with_what_to_fix(body, msg):
     from serving.requests import RequestError, parse_request
     pipe, _ = tiny_checker()
-    with pytest.raises(RequestError) as e:
+    with pytest.raises(RequestError, match=re.escape(msg)) as e:
         parse_request(body if isinstance(body, bytes) else json.dumps(body).encode(), pipe)
     assert e.value.status == 400 and msg in str(e.value), str(e.value)
 
@@ -266,7 +266,7 @@ def test_good_requests_become_rows():
     assert (row.class_id, row.seed, row.guidance, row.ssg_beta, row.top_k, row.more_smooth) == \
         (-1, 2 ** 63 - 1, 3.0, (0.1,) * 9, 8, True)
     assert parse_request(b'{"class": 3, "seed": 0, "ssg_beta": 0.2}', pipe).ssg_beta == "0.2"
-    with pytest.raises(RequestError) as e:
+    with pytest.raises(RequestError, match="over 65536 bytes") as e:
         parse_request(b" " * (MAX_BODY + 1), pipe)
     assert e.value.status == 413 and "over 65536 bytes" in str(e.value)
 
@@ -300,7 +300,7 @@ def test_options_refused_before_ray_starts(capsys):
                        (["--port", "70000"], "--port must be in 1..65535"),
                        (["--drain-s", "-1"], "--drain-s must be a number > 0"),
                        (["--replicas", "0"], "--replicas must be >= 1, got 0")):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(SystemExit, match="^2$") as e:
             run_main(lambda: serve.main(["--artifacts", "/nonexistent", *flags]))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
@@ -388,7 +388,7 @@ def test_cli_refuses_artifacts_that_fail_verification(artifacts, tmp_path, ray_h
     for main, argv in ((generate.main, ["--backend", "onnxruntime", "--artifacts", str(bad), "--class", "1",
                                         "--out", str(tmp_path / "x.png")]),
                        (serve.main, ["--artifacts", str(bad), "--port", str(free_port())])):
-        with pytest.raises(ConfigError) as e:
+        with pytest.raises(ConfigError, match="sha256 does not match") as e:
             main(argv)
         errs.append(str(e.value))
     assert errs[0] == errs[1] and "sha256 does not match" in errs[0], errs

@@ -146,7 +146,7 @@ def test_stage_display_names_each_stage_and_sums_up():
 
 def test_generate_refuses_a_bad_verify_mode(capsys):
     from tools.commands import generate
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="^2$") as e:
         generate.main(["--backend", "onnxruntime", "--artifacts", "x", "--verify", "quick"])
     assert e.value.code == 2 and "--verify" in capsys.readouterr().err
 
