@@ -169,3 +169,15 @@ def test_the_package_version_follows_the_changelog():
     ours = tuple(int(x) for x in m.groups()[:3])
     assert ours > last + (0,) * (3 - len(last)), f"version {version} is not after the CHANGELOG's {last}"
     assert ("Unreleased" in heads) == bool(m.group(4)), "an Unreleased section goes with a .devN version"
+
+
+def test_every_cited_project_file_exists():
+    """A path into the project's own folders (`tests/…py`, `scripts/…`, `graphs/…py`, …) named in
+    the documents or in the code is a file of this checkout (a part in capitals, like
+    scripts/NAME.py, is a placeholder, not a path)."""
+    folders = "|".join(("tests", "scripts", "docs") + PACKAGES)
+    path = re.compile(rf"(?<![\w./-])(?:{folders})/[\w/.-]*\w\.(?:py|sh|png|md)\b")
+    missing = sorted({f"{f}: {m.group(0)}" for f in reference_sources() for m in path.finditer(_read(f))
+                      if not os.path.exists(os.path.join(ROOT, m.group(0)))
+                      and not re.search(r"/[A-Z_]+(?:\.|/)", m.group(0))})
+    assert not missing, "files that do not exist:\n" + "\n".join(missing)
