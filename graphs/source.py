@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+RANDOM_PREFIX = "RANDOM WEIGHTS"                          # how describe() starts for random weights
+RANDOM_HINT = "RANDOM weights, not a trained model"       # the commands' one-line reminder
+
+
+def is_random_note(note: str) -> bool:
+    """Whether a weights note (WeightSource.describe, Manifest.source_note) is random weights'."""
+    return note.startswith(RANDOM_PREFIX)
+
 
 @dataclass(frozen=True)
 class WeightSource:
@@ -21,7 +29,7 @@ class WeightSource:
 
     def describe(self) -> str:
         if self.random:
-            return f"RANDOM WEIGHTS (seed {self.seed}) - not a trained model"
+            return f"{RANDOM_PREFIX} (seed {self.seed}) - not a trained model"
         return f"checkpoint {self.ckpt} + {self.vae_ckpt}"
 
     def to_json(self) -> Dict:

@@ -72,3 +72,13 @@ def test_console_entry_point_dispatches(capsys):
         console(["no-such-command"])
     assert e.value.code == 2 and "usage: var-ssg" in capsys.readouterr().err
 
+
+
+def test_the_random_weights_reminder_follows_the_weights_note(capsys):
+    """One wording (graphs.source) for the note and the reminder: a random source gets the line,
+    a checkpoint's does not."""
+    from graphs.source import WeightSource
+    from tools.cli import note_random_weights
+    note_random_weights(WeightSource(kind="random", seed=4).describe())
+    note_random_weights(WeightSource(kind="checkpoint", ckpt="a.pth", vae_ckpt="v.pth").describe())
+    assert capsys.readouterr().err == "note: made with RANDOM weights, not a trained model\n"

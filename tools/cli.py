@@ -30,6 +30,14 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> 
     g.add_argument("--random-init", type=seed_int, metavar="SEED", help="seeded random weights (no checkpoint)")
 
 
+def note_random_weights(source: str, doing: str = "made with", file=None) -> None:
+    """The reminder after a command whose outputs come from random weights (source: the weights
+    note; graphs.source words both)."""
+    from graphs.source import RANDOM_HINT, is_random_note
+    if is_random_note(source):
+        print(f"note: {doing} {RANDOM_HINT}", file=file or sys.stderr, flush=True)
+
+
 def add_session_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-cache", action="store_true",
                    help="onnxruntime on the CPU: keep ONNX Runtime's optimised step graph with its pre-packed "

@@ -9,7 +9,7 @@ import sys
 import time
 
 from common.proc import process_age_s
-from tools.cli import add_model_args, add_sampling_args, add_session_cache_arg, parser
+from tools.cli import add_model_args, add_sampling_args, add_session_cache_arg, note_random_weights, parser
 from common.files import check_outputs, json_writer, write_outputs
 from contract.stamp import VERIFY_MODES
 from graphs.config import BACKENDS, SamplerConfig, make_ssg
@@ -62,7 +62,6 @@ def main(argv=None) -> int:
     print(f"wrote {a.out} ({note})")
     print(f"start-up {'?' if started is None else f'{started:.2f}'} s (process start to the first scale), "
           f"pipeline {run_s:.2f} s", file=sys.stderr)
-    if "RANDOM" in source:
-        print("note: made with RANDOM weights, not a trained model", file=sys.stderr)
+    note_random_weights(source)
     return 0
 
