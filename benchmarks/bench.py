@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from export.ensure import ModelSource, ensure_artifacts
-from graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, ConfigError, SamplerConfig, make_ssg
+from graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, SamplerConfig, make_ssg
+from common.errors import ConfigError
 
 from .roofline import FloorChoice, choose_floor
 
@@ -155,13 +156,14 @@ def ssg_cost(man, backend, repeats: int = 20) -> Optional[float]:
     return total
 
 
-def bench_dse(repeats: int = 50) -> Dict[str, float]:
-    """One DSE call (13x13 -> 16x16 over V = 4096, batch 1) three ways: the folded matrix, the
-    unfolded chain, torch.fft. Median seconds each."""
+def bench_dse(repeats: int = 50, V: int = 4096, src: int = 13, dst: int = 16) -> Dict[str, float]:
+    """One DSE call (src x src -> dst x dst over V channels, batch 1; by default 13x13 -> 16x16,
+    V = 4096) three ways: the folded matrix, the unfolded chain, torch.fft. Median seconds each.
+    The three results are compared first: timing forms that compute different things is refused."""
     import torch
     from graphs.dse import dse_chain_matrices, dse_fft, dse_matrix
-    V, h, H = 4096, 13, 16
-    l = torch.randn(1, h * h, V)
+    h, H = src, dst
+    l = torch.randn(1, h * h, V, generator=torch.Generator().manual_seed(0))
     M = torch.tensor(dse_matrix((h, h), (H, H), "dct"), dtype=torch.float32)
     c = {k: torch.tensor(v, dtype=torch.float32) for k, v in dse_chain_matrices((h, h), (H, H), "dct").items()}
 
@@ -175,7 +177,13 @@ def bench_dse(repeats: int = 50) -> Dict[str, float]:
         return c["inv_re"] @ Sr - c["inv_im"] @ Si
 
     def fft():
-        return dse_fft(l.transpose(1, 2).reshape(1, V, h, h), (H, H), "dct")
+        return dse_fft(l.transpose(1, 2).reshape(1, V, h, h), (H, H), "dct").reshape(1, V, H * H).transpose(1, 2)
+    ref = fft()
+    for name, fn in (("folded", folded), ("chain", chain)):
+        got = fn()
+        err = float((got - ref).abs().max() / ref.abs().max())
+        if tuple(got.shape) != tuple(ref.shape) or not err < 1e-4:
+            raise RuntimeError(f"bench_dse: the {name} form differs from torch.fft (max rel {err:.2e})")
     return {name: median_time(fn, repeats) for name, fn in (("folded", folded), ("chain", chain), ("fft", fft))}
 
 

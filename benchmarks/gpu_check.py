@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TOP_P, ConfigError, SamplerConfig, get_preset,
+from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TOP_P, SamplerConfig, get_preset,
                            make_ssg, topk_bake)
+from common.errors import ConfigError
 
 from .gpu_plan import (CLASSES, EXPORTED, Env, Estimates, GpuCheckConfig, OnDisk, PlannedRow, Progress, RowKey,
                        budget_reason, choose_exported, model_gparams, plan, row_stages)
@@ -364,9 +365,3 @@ class GpuCheck:
             self.done.weights.discard(self.model.cfg.name)
             self.done.reference.discard(self.model.cfg.name)
         self._empty_cache()
-
-
-def run_gpu_check(config: GpuCheckConfig, env: Optional[Env] = None, budget: Optional[Budget] = None,
-                  on_row: Callable[[RowResult], None] = lambda row: None) -> GpuCheckResult:
-    """Probe (unless `env` is given), plan, and measure every row that fits."""
-    return GpuCheck(config, env or probe(config.device), budget, on_row).run()

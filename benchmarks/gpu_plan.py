@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from graphs.config import DEFAULT_TOP_K, EAGER_PRECISIONS, ConfigError
+from graphs.config import DEFAULT_TOP_K, EAGER_PRECISIONS
+from common.errors import ConfigError
 
 CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)        # batch b uses the first b
 EXPORTED = ("tensorrt", "onnxruntime")                   # their order in the table

@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from export.ensure import ModelSource, ensure_artifacts
 from export.onnx_export import ExportConfig
-from graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, ConfigError, make_ssg
+from common.errors import ConfigError
+from graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, make_ssg
 
 from .bench import timed_run
 

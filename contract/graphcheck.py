@@ -19,12 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .dtypes import FLOAT_NAMES, name_of_onnx, onnx_type
 from .manifest import Manifest, ManifestError
-
-# manifest dtype names -> ONNX element types
-ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
-              "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64,
-              "int32": onnx.TensorProto.INT32, "bool": onnx.TensorProto.BOOL}
 
 
 def _fail(path: str, what: str) -> ManifestError:
@@ -33,7 +29,7 @@ def _fail(path: str, what: str) -> ManifestError:
 
 def check_values(path: str, what: str, a: np.ndarray) -> None:
     """NaN never; +-inf only in a one-element fill value (the exported -inf of a mask)."""
-    if a.dtype.kind != "f":
+    if a.dtype.name not in FLOAT_NAMES:        # bfloat16 and float8 arrays are ml_dtypes'
         return
     bad = np.isnan(a).any() if a.size == 1 else not np.isfinite(a).all()
     if bad:
@@ -67,7 +63,7 @@ def _io(path: str, kind: str, values, declared: List[dict]) -> None:
         raise _fail(path, f"{kind} {got} are not the manifest's {want} (the wrong graph for this entry)")
     for v, d in zip(values, declared):
         t = v.type.tensor_type
-        if t.elem_type != ONNX_TYPES[d["dtype"]]:
+        if t.elem_type != onnx_type(d["dtype"]):
             raise _fail(path, f"{kind[:-1]} {v.name} has element type "
                               f"{onnx.TensorProto.DataType.Name(t.elem_type)}, the manifest says {d['dtype']}")
         dims = [x.dim_value if x.HasField("dim_value") else None for x in t.shape.dim]
@@ -100,7 +96,7 @@ def check_graph(man: Manifest, name: str, model: onnx.ModelProto, path: str) -> 
             if not top or loc != weights:
                 raise _fail(path, f"{label} reads {loc!r}, not the artifacts' {weights} (only initializers "
                                   f"in the listed weights file are read)")
-        elif t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        elif name_of_onnx(t.data_type) in FLOAT_NAMES:
             check_values(path, label, numpy_helper.to_array(t))
     if name == "step":
         ks = []

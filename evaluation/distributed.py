@@ -28,7 +28,7 @@ from cluster import RayConfig, session
 from common.errors import ConfigError
 from runtime.opener import PipelineSource
 
-from .sampling import Work
+from .run import Work
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
 from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, PATCH_NUMS_256,
-                           ConfigError, SamplerConfig, SSGConfig, check_guidance, make_ssg)
+                           SamplerConfig, SSGConfig, check_guidance, make_ssg)
+from common.errors import ConfigError
 from runtime.images import to_uint8
 from runtime.noise import VERSION as NOISE
 from runtime.pipeline import Pipeline, Row
@@ -165,3 +166,17 @@ def run_batches(pipe: Pipeline, job: Job, todo: Sequence[int], keep_fhat: bool =
         dt = time.perf_counter() - t0
         f_hats = [f[:n] for f in res.f_hats] if keep_fhat else None
         yield b, to_uint8(res.images[:n]), f_hats, dt
+
+
+@dataclass(frozen=True)
+class Work:
+    """Batches of one job for whoever runs them (evaluation.sampling's LocalExecutor,
+    evaluation.distributed's pool): `key` says which output they belong to."""
+    key: int
+    job: Job
+    batches: Tuple[int, ...]
+
+
+class Executor(Protocol):
+    def run(self, work: Sequence[Work]) -> Iterator[Tuple[int, int, np.ndarray, float]]:
+        """Yield (key, batch index, images, seconds) for every batch of `work`, in any order."""

@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from graphs.config import ConfigError
+from common.errors import ConfigError
 from common.files import atomic_path
 
 

@@ -24,15 +24,15 @@ import shutil
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from common.files import atomic_path, check_outputs, write_json
-from graphs.config import ConfigError
+from common.errors import ConfigError
 from runtime.opener import PipelineSource, open_sources
 
-from .run import Job, JobRequest, PipelineView, check_job, run_batches
+from .run import Executor, Job, JobRequest, PipelineView, Work, check_job, run_batches
 from .samples import NpzBatch, diff_settings, settings_array, timing_path, write_npz_stream
 
 log = logging.getLogger(__name__)
@@ -256,19 +256,6 @@ def _write_pngs(folder: str, first: int, images: np.ndarray, job: Job) -> None:
 
 # ---------------------------------------------------------------- who runs the batches
 
-@dataclass(frozen=True)
-class Work:
-    """Batches of one job for whoever runs them: `key` says which output they belong to."""
-    key: int
-    job: Job
-    batches: Tuple[int, ...]
-
-
-class Executor(Protocol):
-    def run(self, work: Sequence[Work]) -> Iterator[Tuple[int, int, np.ndarray, float]]:
-        """Yield (key, batch index, images, seconds) for every batch of `work`, in any order."""
-
-
 class LocalExecutor:
     """This process, one pipeline per DSE transform (what sample.py always did)."""
 
@@ -346,15 +333,6 @@ def sample(source: PipelineSource, request: JobRequest, out: str, resume: bool =
         job = request.job(pipe)
         complete = _sample_one(ex, pipe, job, note, out, resume, png_dir, max_batches, progress)
         return SampleResult(complete, job, note, list(getattr(ex, "stats", [])))
-
-
-def sample_to_npz(pipe, job: Job, source: str, out: str, resume: bool = False, png_dir: Optional[str] = None,
-                  max_batches: Optional[int] = None,
-                  progress: Optional[Callable[[int, int], None]] = None) -> bool:
-    """Sample `job` into `out` in this process. Returns True when `out` is complete, False when
-    stopped early by `max_batches` (new batches this call; the partial state stays for --resume).
-    `progress(done_images, total_images)` is called after each batch."""
-    return _sample_one(LocalExecutor([pipe]), pipe, job, source, out, resume, png_dir, max_batches, progress)
 
 
 def _sample_one(ex, pipe, job: Job, source: str, out: str, resume: bool, png_dir: Optional[str],

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 from .metrics import PR_K, GaussianStats, frechet_distance, inception_score, precision_recall
 from common.files import atomic_path

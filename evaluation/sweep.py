@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from common.files import atomic_path, check_outputs, write_json
-from graphs.config import DSE_TRANSFORMS, ConfigError
+from graphs.config import DSE_TRANSFORMS
+from common.errors import ConfigError
 from runtime.opener import PipelineSource
 
 from .run import JobRequest, check_job

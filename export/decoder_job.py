@@ -108,7 +108,7 @@ def _run(scratch: str) -> None:
     import onnx_ir as ir
     from graphs.components import DecoderComponent
     from graphs.vqvae import VQVAE
-    from .onnx_export import export_one
+    from .dynamo import export_one
     with open(os.path.join(scratch, JOB), "rb") as f:
         spec: DecoderSpec = pickle.load(f)      # written by the parent, in a folder only it made
     torch.set_num_threads(1)                    # the other core is the step export's

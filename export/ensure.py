@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 from .onnx_export import ExportConfig, OutTaken, export_artifacts
 

@@ -21,7 +21,6 @@ import platform
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional
 
@@ -29,16 +28,19 @@ import numpy as np
 import torch
 
 from contract import stamp
-from contract.manifest import (MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, PRECISION_DTYPES, build_manifest, check_manifest,
-                               config_to_json, dtype_name, load_manifest, torch_dtype, write_manifest)
+from contract.dtypes import PRECISION_DTYPES, dtype_name, torch_dtype
+from contract.manifest import (MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, build_manifest, check_manifest,
+                               config_to_json, load_manifest, write_manifest)
 from graphs.components import DecoderComponent, StepComponent
-from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, ConfigError, VARConfig, topk_bake
+from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, VARConfig, topk_bake
+from common.errors import ConfigError
 from graphs.step import StepSpec
 from graphs.var import VAR
 from graphs.vqvae import VQVAE
 from graphs.weights import WeightSource
 
 from .decoder_job import DecoderJob, DecoderSpec
+from .dynamo import export_one
 from .lint import lint_files
 from .quantize import MIN_OPSET as MIN_QUANT_OPSET, SCHEMES, CalibrationConfig
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
@@ -104,19 +106,6 @@ def weights_id(src: WeightSource) -> str:
     if src.random:
         return f"random:{src.seed}"
     return f"ckpt:{src.ckpt_sha256}:{src.vae_sha256}"
-
-
-def export_one(module: torch.nn.Module, feeds: Dict[str, torch.Tensor], in_names, out_names, opset: int,
-                dynamic_shapes=None):
-    """The dynamo export, then torch's ONNX optimisation without its one costly rule that never
-    fires here, then the input/output names, in torch's order (export.optimize; DESIGN.md,
-    "Export cost"): the same graph in half the time."""
-    from .optimize import name_io, optimize
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, (), kwargs=feeds, dynamo=True, opset_version=opset, optimize=False,
-                                 verbose=False, dynamic_shapes=dynamic_shapes)
-    return name_io(optimize(prog.model), in_names, out_names)
 
 
 def _versions() -> Dict[str, str]:

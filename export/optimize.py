@@ -6,7 +6,7 @@ most of the export and never fires on these graphs (DESIGN.md, "Export cost").
 matches it by pairing Slice nodes, which on the var-d24 step graph took 54 of the optimiser's
 67 s and matched nothing (the graphs never halve a last axis with two Slices). Every other pass
 and rule runs as torch runs them, in the same order, so the graph is the same file byte for
-byte (tests/test_export_speed.py compares it with torch's own path).
+byte (tests/test_startup.py compares it with torch's own path).
 """
 from __future__ import annotations
 

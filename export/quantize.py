@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 from common.files import atomic_path
 from contract.tensorrt import engine_cache_key, import_tensorrt, profile_scales, version_tuple
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 TIMING_CACHE = "timing.cache"

@@ -2,3 +2,12 @@
 
 `graphs.config` imports no torch (argument parsing and the presets stay quick); the DSE
 matrices live in `graphs.dse`."""
+
+
+def __getattr__(name):
+    """`from graphs import dse_matrix` (DESIGN.md's name for it), imported on first use so that
+    `import graphs.config` stays free of numpy and torch."""
+    if name == "dse_matrix":
+        from .dse import dse_matrix
+        return dse_matrix
+    raise AttributeError(f"module 'graphs' has no attribute {name!r}")

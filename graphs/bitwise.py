@@ -1,4 +1,4 @@
-"""Bitwise tokens (DESIGN.md, "Infinity (text-to-image)"): CFG, SSG with a DSE prior, per-bit
+"""Bitwise tokens (DESIGN.md, "Infinity"): CFG, SSG with a DSE prior, per-bit
 sampling from supplied uniforms, bits -> VAE codes.
 
 The head gives V = 2·d logits per position: channel 2j + v is value v of bit j. Each of these

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
-from common.errors import ConfigError  # noqa: F401  (re-exported: graphs.config.ConfigError)
+from common.errors import ConfigError
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)   # official `--pn 512` (utils/arg_util.py)
@@ -145,15 +145,6 @@ def get_preset(name: str) -> VARConfig:
     px512 = bool(m.group(2)) or depth == 36
     vae = replace(TINY_VAE if m.group(3) else VQVAEConfig(), patch_nums=PATCH_NUMS_512 if px512 else PATCH_NUMS_256)
     return VARConfig(depth=depth, vae=vae, shared_aln=px512, name=name)
-
-
-def get_model_preset(name: str):
-    """Any family's preset by exact name: `infinity-*` from graphs.infinity_config (text-to-image,
-    DESIGN.md "Infinity (text-to-image)"), everything else `get_preset` (VAR)."""
-    if isinstance(name, str) and name.startswith("infinity-"):
-        from .infinity_config import get_infinity_preset       # imports this module: resolved lazily
-        return get_infinity_preset(name)
-    return get_preset(name)
 
 
 @dataclass(frozen=True)

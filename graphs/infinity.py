@@ -1,5 +1,5 @@
 """The Infinity transformer as plain modules with the official state-dict names (DESIGN.md,
-"Infinity (text-to-image)").
+"Infinity").
 
     text (B Lt Ct5), mask ──text_norm──┬─ text_proj_for_sos (attentive pool) ─► cond_BD (= sos)
                                        └─ text_proj_for_ca (MLP) ─────────────► ca_kv (B Lt D)

@@ -1,5 +1,5 @@
 """Infinity (text-to-image, bitwise tokens): config dataclasses, presets and scale schedules
-(DESIGN.md, "Infinity (text-to-image)").
+(DESIGN.md, "Infinity").
 
 One dataclass per thing: `BSQVAEConfig` (the multi-scale BSQ tokenizer), `InfinityConfig` (the
 transformer), `InfinityRunConfig` (per-scale guidance and temperature, bit sampling). Presets
@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
-from .config import GUIDANCE_MAX, TEMPERATURE_RANGE, ConfigError
+from common.errors import ConfigError
+
+from .config import GUIDANCE_MAX, TEMPERATURE_RANGE
 
 # ---------------------------------------------------------------- scale schedules
 # The official templates: for each aspect ratio h/w, the (h, w) token grid of each of the 13
@@ -186,7 +188,7 @@ OFFICIAL_INFINITY_CKPTS = {"infinity-2b": ("infinity_2b_reg.pth", "infinity_vae_
 T5_XL = "google/flan-t5-xl"
 
 _PRESETS = {
-    # tools/run_infinity.py `infinity_2b` + scripts/infer.sh: vae_type 32, no patchify, Flan-T5-XL
+    # the official run_infinity tool (`infinity_2b`) and infer script: vae_type 32, no patchify, Flan-T5-XL
     "infinity-2b": lambda: InfinityConfig(name="infinity-2b", depth=32, width=2048, num_heads=16, text_dim=2048,
                                           vae=BSQVAEConfig(bits=32), t5=T5_XL),
     # `infinity_8b` + its notebook: vae_type 14 with spatial patchify (patch 8, ch_mult 1,2,4,4)

@@ -1,4 +1,4 @@
-"""The eager reference generation loop of Infinity (DESIGN.md, "Infinity (text-to-image)").
+"""The eager reference generation loop of Infinity (DESIGN.md, "Infinity").
 
 Text conditioning comes in as precomputed encoder states and a mask (`TextCondition`, the
 `prompt_embeds` form), so the loop needs no T5; `graphs.infinity_text` turns prompts into one.

@@ -1,4 +1,4 @@
-"""Prompts -> T5 encoder states for Infinity (DESIGN.md, "Infinity (text-to-image)").
+"""Prompts -> T5 encoder states for Infinity (DESIGN.md, "Infinity").
 
 The official inference tokenizes with padding to 512 and truncation, runs the Flan-T5-XL encoder
 with the attention mask and keeps each prompt's own tokens (the padded form plus the mask is the
@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .config import ConfigError
+from common.errors import ConfigError
 from .infinity_generate import TextCondition
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The multi-scale BSQ VAE of Infinity, with the official state-dict names (DESIGN.md,
-"Infinity (text-to-image)").
+"Infinity").
 
 Generation needs only the decoder: bits -> codes (2·bit − 1)/sqrt(d) per channel, the codes of
 every scale upsampled (bilinear = the official trilinear over a time axis of 1) and summed at

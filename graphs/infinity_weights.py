@@ -1,5 +1,5 @@
 """Infinity + BSQ VAE weights: strict loading of official-format state dicts, and seeded random
-weights in the same format (DESIGN.md, "Infinity (text-to-image)" and "Random weights").
+weights in the same format (DESIGN.md, "Infinity" and "Random weights").
 
 Strict: every parameter of the official modules must be in the file with its shape, and no
 other key. Two kinds of names are the loader's own business, as in the official loader:
@@ -15,7 +15,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import ConfigError, check_seed
+from common.errors import ConfigError
+
+from .config import check_seed
 from .infinity import Infinity
 from .infinity_config import InfinityConfig
 from .infinity_vae import BSQVAE

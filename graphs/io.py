@@ -114,3 +114,8 @@ class DecoderIO:
     def f_hat_shape(self) -> List[int]:
         P = self.cfg.patch_nums[-1]
         return [self.batch, self.cfg.Cvae, P, P]
+
+    def image_shape(self) -> List[int]:
+        """The decoded image: the VQVAE upsamples by 2 per level after the first."""
+        side = self.cfg.patch_nums[-1] * 2 ** (len(self.cfg.vae.ch_mult) - 1)
+        return [self.batch, 3, side, side]

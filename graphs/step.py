@@ -83,6 +83,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, 1, 1)                      # per-row values (B,) -> B 1 1
 
 
+def smooth_tau(ratio):
+    """The official more_smooth Gumbel-softmax temperature at scale ratio r = k/(K-1):
+    max(0.27 (1 - 0.95 r), 0.005), sharper at finer scales. A tensor ratio gives a tensor (as the
+    exported graph computes it, fp32), a number a float (the parity bound's arithmetic)."""
+    if isinstance(ratio, torch.Tensor):
+        return torch.clamp(0.27 * (1 - 0.95 * ratio), min=0.005)
+    return max(0.27 * (1 - 0.95 * ratio), 0.005)
+
+
 def step_tail(lg_2BnV: torch.Tensor, ratio, guidance, beta, prior_BnV: Optional[torch.Tensor],
               noise, temperature, top_k, top_p, k_max: int, codebook_VC: torch.Tensor,
               forced, force, smooth, gumbel) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,7 +106,7 @@ def step_tail(lg_2BnV: torch.Tensor, ratio, guidance, beta, prior_BnV: Optional[
     tokens, keep = sample_with_support(logits, noise, T, _rows(top_k), _rows(top_p), k_max)
     used = torch.where(force.reshape(-1, 1) > 0.5, forced, tokens)
     # official more_smooth: Gumbel-softmax over the kept logits, sharper at finer scales
-    tau = torch.clamp(0.27 * (1 - 0.95 * torch.as_tensor(ratio, dtype=torch.float32)), min=0.005)
+    tau = smooth_tau(torch.as_tensor(ratio, dtype=torch.float32))
     soft = ((torch.where(keep, logits / T, -torch.inf) * (1 + ratio) + gumbel) / tau).softmax(dim=-1)
     h = torch.where(_rows(smooth) > 0.5, soft @ codebook_VC, codebook_VC[used])
     return tokens, logits, logits_cfg, h

@@ -12,14 +12,15 @@ import pickle
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from common.files import open_regular, sha256_file
-from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, VARConfig, check_seed, get_preset
+from .source import WeightSource  # noqa: F401  (graphs.weights.WeightSource)
+from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, check_seed, get_preset
+from common.errors import ConfigError
 from .var import VAR, block_causal_buffers
 from .vqvae import VQVAE
 
@@ -29,29 +30,6 @@ HF_REPO = "FoundationVision/var"
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used (unreadable, wrong keys or shapes, wrong preset)."""
-
-
-@dataclass(frozen=True)
-class WeightSource:
-    """Where the weights came from; recorded in every artifact and output."""
-    kind: str                        # "checkpoint" | "random"
-    seed: Optional[int] = None
-    ckpt: Optional[str] = None
-    vae_ckpt: Optional[str] = None
-    ckpt_sha256: Optional[str] = None
-    vae_sha256: Optional[str] = None
-
-    @property
-    def random(self) -> bool:
-        return self.kind == "random"
-
-    def describe(self) -> str:
-        if self.random:
-            return f"RANDOM WEIGHTS (seed {self.seed}) - not a trained model"
-        return f"checkpoint {self.ckpt} + {self.vae_ckpt}"
-
-    def to_json(self) -> Dict:
-        return {k: v for k, v in self.__dict__.items()}
 
 
 # --------------------------------------------------------------------------- reading files

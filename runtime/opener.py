@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
-from graphs.config import ConfigError, get_preset, topk_bake
+from graphs.config import get_preset, topk_bake
+from common.errors import ConfigError
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -34,7 +35,7 @@ class PipelineSource:
     device: str = "cpu"
     threads: int = 0                         # CPU threads for this pipeline (0: the library's default)
     verify: str = "stamp"                    # artifacts: "stamp" (hash only what the verified stamp does
-                                             # not vouch for) or "full" (DESIGN.md, start-up)
+                                             # not vouch for) or "full" (DESIGN.md "Start-up")
     session_cache: bool = False              # onnxruntime on the CPU: the saved optimised step session
 
     @property

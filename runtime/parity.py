@@ -1,4 +1,4 @@
-"""Parity of a backend against the eager reference, scale by scale (DESIGN.md "Parity").
+"""Parity of a backend against the eager reference, scale by scale (DESIGN.md "Parity bounds").
 
 Teacher-forced (the default): the reference runs freely; the backend under test runs the same
 rows with its f_hat driven by the reference's tokens (`force_tokens`; more_smooth rows, whose
@@ -36,7 +36,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from graphs.config import DEFAULT_TOP_K, DEFAULT_TOP_P, ConfigError, parse_ssg_beta
+from common.errors import ConfigError
+from graphs.config import DEFAULT_TOP_K, DEFAULT_TOP_P, parse_ssg_beta
+from graphs.sampling import BISECT_STEPS
+from graphs.step import smooth_tau
 
 from .pipeline import RunResult, Row
 
@@ -54,7 +57,6 @@ SMOOTH_FHAT_GAIN = 1.0   # more_smooth rows: f_hat bound + this * expm1(2 * gain
 IMAGE_BOUND = 1e-4       # the decoder is fp32 in every artifact set
 ROUND_EPS = 2e-6         # fp32 rounding of a CDF edge or of the top-p mass (K <= 4096 terms)
 P_FLIP = 1e-6            # flip-rate test: a count this unlikely under the expected rate fails
-BISECT_STEPS = 24
 
 
 # ------------------------------------------------------------------ the float64 reference sampler
@@ -308,8 +310,7 @@ def compare(ref: RunResult, got: RunResult, backend: str, precision: str, k_max:
                 # the Gumbel-softmax multiplies logits by (1 + r) / (T tau): its weights move by up
                 # to expm1(2 gain d) for a logit difference d (DESIGN.md "Parity bounds")
                 r = k / (K - 1)
-                tau = max(0.27 * (1 - 0.95 * r), 0.005)
-                gain = (1 + r) / (tau * float(info.T[smooth].min()))
+                gain = (1 + r) / (smooth_tau(r) * float(info.T[smooth].min()))
                 d = float((ref.logits[k][smooth].double() - got.logits[k][smooth].double()).abs().max())
                 row["f_hat_smooth_rel"] = _rel(ref.f_hats[k][smooth], got.f_hats[k][smooth])
                 row["f_hat_smooth_bound"] = FHAT_BOUND + SMOOTH_FHAT_GAIN * math.expm1(min(2 * gain * d, 50.0))

@@ -27,8 +27,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
-                           SEED_MAX, ConfigError, SamplerConfig, SSGConfig,
+                           SEED_MAX, SamplerConfig, SSGConfig,
                            check_guidance, check_seed, parse_ssg_beta)
+from common.errors import ConfigError
 from graphs.io import prev_rows
 
 from .backends.base import Backend, BackendInfo

@@ -8,7 +8,7 @@ from typing import List
 import numpy as np
 
 from contract.manifest import Manifest
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 
 def polygraphy_check(man: Manifest, scales=(0, 1, 5)) -> List[str]:

@@ -57,7 +57,7 @@ class Generator:
             if stage == "manifest" and opts.backend != "onnxruntime":    # a torch backend (ONNX Runtime on
                 import torch                                                 # the CPU needs no torch)
                 torch.set_num_threads(opts.threads or os.cpu_count() or 1)   # Ray sets OMP_NUM_THREADS to the reserved CPUs
-        # verify="stamp", and ONNX Runtime's sessions built while the rest is checked: DESIGN.md, start-up
+        # verify="stamp", and ONNX Runtime's sessions built while the rest is checked: DESIGN.md "Start-up"
         man, self.backend = open_artifacts(opts.artifacts, opts.backend, device=opts.device, threads=opts.threads,
                                            session_cache=opts.session_cache,
                                            verify="stamp", clock=clock)

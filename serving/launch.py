@@ -93,9 +93,9 @@ def running(opts: ServeOptions, launch: LaunchConfig, app: str = APP,
     requests in flight are drained and everything started here is stopped. `man`: what
     check_all returned, if the caller ran it already."""
     man = man if man is not None else check_all(opts, launch)
-    up = False
+    up, ray_up = False, cluster.RaySession(launch.ray(opts))
     try:
-        cluster.start(launch.ray(opts))
+        ray_up.start()
         if on_ray_up:
             on_ray_up()
         import ray
@@ -123,7 +123,7 @@ def running(opts: ServeOptions, launch: LaunchConfig, app: str = APP,
                 _drain(app, opts.drain_s)
                 _remove(app, launch)
         finally:
-            cluster.stop()
+            ray_up.stop()
 
 
 def _drain(app: str, timeout_s: float) -> None:

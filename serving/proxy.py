@@ -6,7 +6,7 @@ whatever the deployment reads, so the bound has to sit in the proxy itself: Ray 
 for the Ray instance it starts). A declared Content-Length over MAX_BODY is 413 before a body
 byte is read; a body that grows past it is 413 as soon as it does (uvicorn stops reading the
 socket while nobody reads its buffer); a body not complete within the body timeout is 408.
-Each closes the connection. DESIGN.md "Serving" has the whole picture.
+Each closes the connection. DESIGN.md "Serving: bounded, bound, stoppable" has the whole picture.
 """
 from __future__ import annotations
 

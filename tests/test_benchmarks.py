@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from graphs.config import ConfigError, get_preset
+from graphs.config import get_preset
+from common.errors import ConfigError
 from tests.conftest import ROOT, TINY
 
 from benchmarks.gpu_plan import (TRT_BUILD_S_PER_GPARAM, Env, Estimates, GpuCheckConfig,
@@ -59,22 +60,40 @@ def test_bench_side_by_side_fields(artifacts):
 
 
 @pytest.mark.slow
-def test_bench_command_prints_writes_json_and_plot(artifacts, tmp_path, capsys, monkeypatch):
-    import benchmarks.bench as bb
+def test_bench_command_prints_writes_json_and_plot(artifacts, tmp_path, capsys):
     from tools.commands import bench
-    monkeypatch.setattr(bb, "bench_dse", lambda: dict(folded=1e-3, chain=2e-3, fft=4e-3))   # measured above
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     assert bench.main(["--artifacts", artifacts(), "--backends", "onnxruntime", "--repeats", "1", "--json", str(js),
                        "--plot", str(png), "--peak-tflops", "1", "--bandwidth-gbs", "10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1].startswith("summary: ssg_overhead=") and out[-1].endswith(" dse_speedup=4.0x")
     assert any(line.endswith("x the floor") for line in out) and any(line.startswith("floor ") for line in out)
     data = json.loads(js.read_text())
+    dse = data["dse"]                     # measured by this run; the summary's ratio is the JSON's
+    assert all(dse[k] > 0 for k in ("folded", "chain", "fft"))
+    assert re.fullmatch(r"summary: ssg_overhead=\d+\.\d% dse_speedup=(\d+\.\d)x", out[-1])[1] == \
+        f"{dse['fft'] / dse['folded']:.1f}"
     b = data["runs"][0]["backends"]["onnxruntime"]
     assert data["runs"][0]["batch"] == 1 and len(b["per_scale_s"]) == 10 and b["x_floor"] > 1
     assert set(data["dse"]) == {"folded", "chain", "fft"} and "argv" in data
     from PIL import Image
     assert Image.open(png).size[0] > 100
+
+
+def test_bench_dse_times_three_forms_of_the_same_dse():
+    """bench_dse on a small size: the three forms it times compute the same DSE (it checks them
+    against torch.fft first), each timed."""
+    from benchmarks.bench import bench_dse
+    t = bench_dse(repeats=2, V=64, src=5, dst=8)
+    assert sorted(t) == ["chain", "fft", "folded"] and all(v > 0 for v in t.values())
+
+
+def test_bench_dse_refuses_forms_that_disagree(monkeypatch):
+    import graphs.dse as dse
+    from benchmarks.bench import bench_dse
+    real = dse.dse_chain_matrices
+    monkeypatch.setattr(dse, "dse_chain_matrices", lambda *a: {**real(*a), "coarse_re": 0 * real(*a)["coarse_re"]})
+    with pytest.raises(RuntimeError, match=r"the chain form differs from torch.fft"):
+        bench_dse(repeats=1, V=64, src=5, dst=8)
 
 
 def test_bench_config_refuses_bad_input(tmp_path):
@@ -336,10 +355,10 @@ def test_a_stop_keeps_the_rows_measured_so_far():
 
 
 def test_gpu_check_budget_bounds_each_row_and_exports_nothing_unneeded(tmp_path):
-    from benchmarks.gpu_check import run_gpu_check
+    from benchmarks.gpu_check import GpuCheck, probe
     root = tmp_path / "gc"
     config = GpuCheckConfig(models=(TINY,), exported=(TINY,), device="cpu", budget_s=0.01, artifacts_root=str(root))
-    res = run_gpu_check(config)
+    res = GpuCheck(config, probe(config.device)).run()         # as scripts/gpu_check.py runs it
     assert res.rows[0].note == "tensorrt is not installed" or _have_trt()
     assert all(r.status == "skipped" and r.note.startswith("budget: needs ~") for r in res.rows[1:])
     assert not root.exists()                               # no export started
@@ -350,12 +369,12 @@ def test_gpu_check_rows_on_cpu(artifacts, tmp_path):
     """The GPU check end to end on the CPU with the tiny model (the GPU run uses the same code):
     the exported rows first (TensorRT skipped, ONNX Runtime measured against an eager fp32
     reference), then eager fp32 and bf16 with parity."""
-    from benchmarks.gpu_check import artifacts_dir, run_gpu_check
+    from benchmarks.gpu_check import GpuCheck, artifacts_dir, probe
     from runtime.parity import BOUNDS
     config = GpuCheckConfig(models=(TINY,), exported=(TINY,), device="cpu", precisions=("fp32", "bf16"), batches=(1,),
                             top_k=64, repeats=1, artifacts_root=str(tmp_path / "gc"))
     shutil.copytree(artifacts(), artifacts_dir(config, TINY))        # reused by cache key, no export
-    res = run_gpu_check(config)
+    res = GpuCheck(config, probe(config.device)).run()         # as scripts/gpu_check.py runs it
     rows = {(r.key.backend, r.key.precision): r for r in res.rows}
     assert list(rows) == [("tensorrt", "fp32"), ("onnxruntime", "fp32"), ("eager", "fp32"), ("eager", "bf16")]
     assert rows["tensorrt", "fp32"].note == "tensorrt is not installed" or _have_trt()
@@ -398,6 +417,7 @@ def test_gpu_check_command_stops_on_sigterm_with_its_summary(monkeypatch, capsys
     assert lines[-1].startswith("summary: 1 measured, 0 skipped, 0 failed; stopped by SIGTERM")
 
 
+@pytest.mark.slow          # runs a script (the fast lane runs none)
 def test_gpu_check_sh_without_a_gpu_skips_every_row_with_its_reason(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

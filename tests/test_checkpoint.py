@@ -1,9 +1,11 @@
 """Strict loading of official-format state dicts, and clear errors for bad ones."""
 
+import re
 import pytest
 import torch
 
-from graphs.config import ConfigError, get_preset
+from graphs.config import get_preset
+from common.errors import ConfigError
 from graphs.weights import CheckpointError, check_state_dict, load_models, random_state_dicts
 from graphs.var import VAR
 
@@ -129,7 +131,7 @@ def test_missing_file_and_mixed_flags(saved):
 def test_offline_download_names_both_ways_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(CheckpointError, match=re.escape("--ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth")) as e:
         load_models(get_preset("var-d16"))
     assert "--ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth" in str(e.value)
     assert "--random-init SEED" in str(e.value)
@@ -184,14 +186,14 @@ def test_a_stray_high_block_index_suggests_no_preset():
         m = VAR(get_preset("var-d2"))
         sd = dict(m.state_dict())
     sd["blocks.999.attn.proj.bias"] = sd["blocks.1.attn.proj.bias"]
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(CheckpointError, match=re.escape("unexpected key 'blocks.999.attn.proj.bias'")) as e:
         check_state_dict(m, sd, "x.pth", "VAR", "var-d2")
     assert "unexpected key 'blocks.999.attn.proj.bias'" in str(e.value) and "--model" not in str(e.value)
     del sd["blocks.999.attn.proj.bias"]
     for i in range(2, 120):       # a real var-d120 does not exist: no preset to suggest
         for k in [k for k in list(sd) if k.startswith("blocks.1.")]:
             sd[k.replace("blocks.1.", f"blocks.{i}.")] = sd[k]
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(CheckpointError, match="the file looks like var-d120 but the preset is var-d2$") as e:
         check_state_dict(m, sd, "x.pth", "VAR", "var-d2")
     assert "--model" not in str(e.value)
 

@@ -65,10 +65,20 @@ def test_scripts_run_after_either_install(how, request, tmp_path):
 
 def test_console_entry_point_dispatches(capsys):
     from tools.cli import console
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="^0$") as e:
         console(["export", "--help"])
     assert e.value.code == 0 and "--model" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="^2$") as e:
         console(["no-such-command"])
     assert e.value.code == 2 and "usage: var-ssg" in capsys.readouterr().err
 
+
+
+def test_the_random_weights_reminder_follows_the_weights_note(capsys):
+    """One wording (graphs.source) for the note and the reminder: a random source gets the line,
+    a checkpoint's does not."""
+    from graphs.source import WeightSource
+    from tools.cli import note_random_weights
+    note_random_weights(WeightSource(kind="random", seed=4).describe())
+    note_random_weights(WeightSource(kind="checkpoint", ckpt="a.pth", vae_ckpt="v.pth").describe())
+    assert capsys.readouterr().err == "note: made with RANDOM weights, not a trained model\n"

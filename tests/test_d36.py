@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphs.config import PATCH_NUMS_512, ConfigError, SamplerConfig, get_preset, make_ssg
+from graphs.config import PATCH_NUMS_512, SamplerConfig, get_preset, make_ssg
+from common.errors import ConfigError
 from graphs.var import VAR
 from graphs.vqvae import VQVAE
 from graphs.weights import CheckpointError, check_state_dict, load_models, official_files, random_state_dicts

@@ -10,7 +10,7 @@ import torch
 from evaluation import metrics as M
 from evaluation import spectrum as sp
 from evaluation.samples import NpzBatch, parse_classes, read_timing
-from graphs.config import ConfigError
+from common.errors import ConfigError
 from tests.conftest import ROOT, run_cli
 
 TINY = ["--model", "var-d2-tiny", "--random-init", "0"]
@@ -176,8 +176,9 @@ def test_radial_spectrum_peaks_at_grating_frequency():
 
 def test_parse_classes():
     assert parse_classes("0-3,7,2") == [0, 1, 2, 3, 7]
-    for bad in ("5-2", "a", "1000", "1,,2"):
-        with pytest.raises(ConfigError):
+    for bad, msg in (("5-2", "range 5-2 runs backwards"), ("a", "use ids and ranges like"),
+                     ("1000", "class id 1000 is outside 0..999"), ("1,,2", "use ids and ranges like")):
+        with pytest.raises(ConfigError, match=f"--classes '{bad}': {msg}"):
             parse_classes(bad)
 
 
@@ -250,9 +251,12 @@ def test_sample_interrupted_and_resumed_equals_uninterrupted(tmp_path, samples, 
 
 
 def test_sample_bad_input_one_line_nothing_written(tmp_path):
-    for extra in (["--classes", "9-2"], ["--ssg-beta", "linear:1"], ["--per-class", "0"], ["--top-p", "2"],
-                  ["--workers", "2"]):                             # --workers without --address
-        with pytest.raises(ConfigError):
+    for extra, msg in ((["--classes", "9-2"], "range 9-2 runs backwards"),
+                       (["--ssg-beta", "linear:1"], "linear needs START,END"),
+                       (["--per-class", "0"], "--per-class must be >= 1, got 0"),
+                       (["--top-p", "2"], r"--top-p must be in \[0, 1\] \(0 = off\), got 2.0"),
+                       (["--workers", "2"], "--workers and --chunk need --address")):    # --workers without --address
+        with pytest.raises(ConfigError, match=msg):
             _sample(*extra, "--out", tmp_path / "x.npz")
     assert os.listdir(tmp_path) == []
 

@@ -16,7 +16,7 @@ from cluster import RayConfig
 from evaluation.distributed import PoolConfig, pool_session
 from evaluation.run import JobRequest
 from evaluation.sampling import PartialRun, sample, sample_runs
-from graphs.config import ConfigError
+from common.errors import ConfigError
 from runtime.opener import PipelineSource
 from tests.conftest import ROOT
 

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 import graphs.bitwise as bitwise
 import graphs.infinity as infinity_mod
-from graphs.config import ConfigError, get_model_preset, make_ssg
+from common.errors import ConfigError
+from graphs.config import make_ssg
+from graphs.presets import get_model_preset
 from graphs.dse import dse_matrix
 from graphs.infinity_config import (ASPECT_TEMPLATES, INFINITY_PRESETS, PIXEL_CLASSES, InfinityRunConfig,
                                     get_infinity_preset, nearest_template, parse_aspect_ratio)

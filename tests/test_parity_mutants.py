@@ -12,7 +12,7 @@ import onnx
 import onnx.helper as oh
 import pytest
 
-from graphs.config import ConfigError
+from common.errors import ConfigError
 from onnx import numpy_helper
 
 from contract.manifest import load_manifest, write_manifest

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphs.config import ConfigError, SamplerConfig, make_ssg, parse_ssg_beta
+from graphs.config import SamplerConfig, make_ssg, parse_ssg_beta
+from common.errors import ConfigError
 from runtime.backends.eager import EagerBackend
 from runtime.pipeline import Pipeline
 
@@ -239,3 +240,12 @@ def test_row_noise_is_torchs_stream_below_2_32_and_its_own_above():
     assert not np.array_equal(base[:1], u[0])                   # not the token stream
     want = (-np.log(-np.log(np.clip(base.astype(np.float64), 1e-20, 1.0)))).astype(np.float32)
     assert gum[0].shape == (1, 64) and gum[0].dtype == np.float32 and np.array_equal(gum[0][0], want)
+
+
+def test_smooth_tau_is_the_official_temperature_in_both_forms():
+    """graphs.step.smooth_tau, used by the exported step (tensor) and by the parity bound (float):
+    both forms are max(0.27 (1 - 0.95 r), 0.005)."""
+    from graphs.step import smooth_tau
+    for r, want in ((0.0, 0.27), (0.5, 0.27 * 0.525), (1.0, 0.0135), (1.2, 0.005)):
+        assert smooth_tau(r) == pytest.approx(want, rel=1e-12)
+        assert float(smooth_tau(torch.tensor(r, dtype=torch.float64))) == pytest.approx(want, rel=1e-12)

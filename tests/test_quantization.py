@@ -14,7 +14,7 @@ from onnx import helper as oh, numpy_helper
 
 from contract.manifest import ManifestError, load_manifest, write_manifest
 from contract.quantization import requantize
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 
 # ------------------------------------------------------------------ the scheme against the tool (fast)

@@ -6,6 +6,7 @@ Scripts run in-process (`cli`: runpy with sys.argv, SystemExit caught): any othe
 escapes as a failing test, which is exactly a traceback a user would have seen. Each case also
 checks that no user file changed and nothing half-written is left.
 """
+import re
 import errno
 import json
 import os
@@ -21,7 +22,8 @@ import pytest
 import torch
 
 from contract.manifest import FORMAT, FORMAT_VERSION, ManifestError, load_manifest, write_manifest
-from graphs.config import ConfigError, SamplerConfig, SSGConfig, check_guidance, check_seed, get_preset
+from graphs.config import SamplerConfig, SSGConfig, check_guidance, check_seed, get_preset
+from common.errors import ConfigError
 from tests.conftest import ROOT, TINY, run_cli, run_script
 
 MODEL = ["--model", TINY, "--random-init", "0"]
@@ -436,7 +438,7 @@ def _corrupt(base, tmp_path, case, mutate):
 def test_malformed_artifacts(cli, base, tmp_path, no_hang, case, mutate, msg):
     d = _corrupt(base, tmp_path, case, mutate)
     if (case, mutate, msg) in MANIFEST_CASES:
-        with pytest.raises(ManifestError, match=None) as e:
+        with pytest.raises(ManifestError, match=re.escape(msg)) as e:
             load_manifest(str(d))
         assert msg in str(e.value) and len(str(e.value).splitlines()) == 1
     before = snapshot(tmp_path)
@@ -550,7 +552,7 @@ def test_out_of_memory_is_one_line_and_a_bug_is_a_traceback(cli, tmp_path, monke
         monkeypatch.setattr(runtime.pipeline.Pipeline, "run", run)
         one_line_error(cli("generate.py", *MODEL, "--out", tmp_path / "x.png"), "out of memory")
     monkeypatch.setattr(runtime.pipeline.Pipeline, "run", lambda *a, **k: {}["a bug"])
-    with pytest.raises(KeyError):             # a real bug is not dressed up as a user error
+    with pytest.raises(KeyError, match="a bug"):      # a real bug is not dressed up as a user error
         cli("generate.py", *MODEL, "--out", tmp_path / "x.png")
     assert os.listdir(tmp_path) == []
 

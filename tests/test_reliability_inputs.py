@@ -5,7 +5,8 @@ import importlib
 import pytest
 import torch
 
-from graphs.config import ConfigError, get_preset
+from graphs.config import get_preset
+from common.errors import ConfigError
 from tests.conftest import TINY
 from tools.cli import run_main
 
@@ -16,7 +17,7 @@ def cli(capsys, name, *args):
     """tools.commands.NAME.main under the CLI's error policy, in this process: (exit code, stderr)."""
     cmd = importlib.import_module(f"tools.commands.{name}")
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match=r"^\d*$") as e:        # run_main always exits, with its code
         run_main(lambda: cmd.main([str(a) for a in args]))
     return e.value.code or 0, capsys.readouterr().err
 
@@ -60,7 +61,7 @@ def test_a_preset_name_with_a_newline_is_refused(capsys, tmp_path):
     one_line_error(cli(capsys, "export", "--model", TINY + "\n", "--random-init", "0", "--out", tmp_path / "a"),
                    "unknown preset 'var-d2-tiny\\n'")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown preset 'var-d16 '; valid presets: var-d16, "):
         get_preset("var-d16 ")
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from graphs.config import ConfigError, SamplerConfig, make_ssg
+from graphs.config import SamplerConfig, make_ssg
+from common.errors import ConfigError
 from runtime.backends import open_backend
 from contract.manifest import load_manifest, write_manifest
 from runtime.pipeline import Pipeline
@@ -121,13 +122,15 @@ def test_parity_script_good_and_perturbed(artifacts, tmp_path):
 def test_generate_cli_eager_and_ort(artifacts, tmp_path):
     d = artifacts()
     out = tmp_path / "ort.png"
-    r = run_cli("generate.py", "--backend", "onnxruntime", "--artifacts", d, "--class", "9", "--seed", "4",
+    # no --backend: onnxruntime with --artifacts, as sample, serve and the opener default
+    r = run_cli("generate.py", "--artifacts", d, "--class", "9", "--seed", "4",
                    "--top-k", "30", "--out", out, "--save-tokens", tmp_path / "t.json")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "RANDOM" in r.stdout
+    assert "RANDOM" in r.stdout and "[onnxruntime]" in r.stderr
     from PIL import Image
     im = Image.open(out)
     assert im.size == (256, 256) and "RANDOM WEIGHTS" in im.info["var-ssg"]
+    assert im.info["var-ssg"].startswith("var-d2-tiny backend=onnxruntime class=9 seed=4 ")
     toks = json.load(open(tmp_path / "t.json"))["tokens"]
     assert [len(t[0]) for t in toks] == [p * p for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
     # the same run on eager from the same artifacts gives the same tokens

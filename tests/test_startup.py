@@ -14,7 +14,7 @@ import torch
 from common.files import sha256_file
 from contract import stamp
 from contract.manifest import ManifestError, load_manifest
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 EXPORT_STAGES = ["step_export", "write", "decoder", "flush", "check", "manifest"]
 
@@ -35,7 +35,7 @@ def exported(artifacts):
 
 
 def _count_hashes(monkeypatch):
-    import contract.manifest as m
+    import contract.filecheck as m          # load_manifest hashes through contract.filecheck
     hashed = []
     real = m.sha256_file
 
@@ -146,7 +146,7 @@ def test_stage_display_names_each_stage_and_sums_up():
 
 def test_generate_refuses_a_bad_verify_mode(capsys):
     from tools.commands import generate
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="^2$") as e:
         generate.main(["--backend", "onnxruntime", "--artifacts", "x", "--verify", "quick"])
     assert e.value.code == 2 and "--verify" in capsys.readouterr().err
 
@@ -155,7 +155,7 @@ def test_generate_refuses_a_bad_verify_mode(capsys):
 def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
     """export.optimize skips one rewrite rule for speed; the step graph must stay torch's own."""
     import onnx_ir as ir
-    from export.onnx_export import export_one
+    from export.dynamo import export_one
     from graphs.components import StepComponent
     from graphs.step import StepSpec
     cfg, var, vae = tiny
@@ -175,11 +175,11 @@ def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
 def test_onnxruntime_sessions_build_while_the_schema_is_checked(exported, tmp_path, monkeypatch):
     """open_artifacts: the files are verified, the sessions start, and only then the schema check
     runs; the backend uses the sessions started early."""
-    import contract.manifest as m
+    import contract.schema as m
     import runtime.backends.ort as ort_mod
     from runtime.opener import open_artifacts
     order = []
-    real_validate, real_init = m._validate, ort_mod.OrtSessions.__init__
+    real_validate, real_init = m.validate, ort_mod.OrtSessions.__init__
 
     def validate(*a, **kw):
         order.append("schema")
@@ -188,7 +188,7 @@ def test_onnxruntime_sessions_build_while_the_schema_is_checked(exported, tmp_pa
     def init(self, *a, **kw):
         order.append("sessions")
         real_init(self, *a, **kw)
-    monkeypatch.setattr(m, "_validate", validate)
+    monkeypatch.setattr(m, "validate", validate)
     monkeypatch.setattr(ort_mod.OrtSessions, "__init__", init)
     man, b = open_artifacts(exported[0], "onnxruntime", clock=order.append)
     assert order == ["files", "sessions", "schema", "manifest"]      # one session build, before the schema

@@ -19,7 +19,8 @@ import torch
 
 from contract.tensorrt import check_compat, engine_cache_key, import_tensorrt, version_ok, version_tuple
 from export.trt_build import engines_stale, plan
-from graphs.config import ConfigError, get_preset
+from graphs.config import get_preset
+from common.errors import ConfigError
 from tests.conftest import ROOT, TINY, run_cli, run_script
 from tests.trt_real import VERSIONS, run_under_real_trt, skip_reason
 

@@ -18,7 +18,8 @@ import sys
 from typing import Callable, List, Optional
 
 from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
-                           DSE_TRANSFORMS, GUIDANCE_MAX, SEED_MAX, ConfigError)
+                           DSE_TRANSFORMS, GUIDANCE_MAX, SEED_MAX)
+from common.errors import ConfigError
 
 
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
@@ -29,11 +30,19 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> 
     g.add_argument("--random-init", type=seed_int, metavar="SEED", help="seeded random weights (no checkpoint)")
 
 
+def note_random_weights(source: str, doing: str = "made with", file=None) -> None:
+    """The reminder after a command whose outputs come from random weights (source: the weights
+    note; graphs.source words both)."""
+    from graphs.source import RANDOM_HINT, is_random_note
+    if is_random_note(source):
+        print(f"note: {doing} {RANDOM_HINT}", file=file or sys.stderr, flush=True)
+
+
 def add_session_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-cache", action="store_true",
                    help="onnxruntime on the CPU: keep ONNX Runtime's optimised step graph with its pre-packed "
                         "weights in the user's cache (about 2x the weights on disk, once per artifacts "
-                        "directory) so later starts load it instead of building it (DESIGN.md, start-up)")
+                        'directory) so later starts load it instead of building it (DESIGN.md "Start-up")')
 
 
 def finite_float(s: str) -> float:
@@ -132,7 +141,7 @@ def run_main(main: Callable[[], int], own_process: bool = False) -> None:
 
 def _leave() -> None:
     """Exit 0 now, without the interpreter's teardown: unloading torch and ONNX Runtime's
-    sessions costs ~0.9 s after the image is written (DESIGN.md, start-up). Only for commands
+    sessions costs ~0.9 s after the image is written (DESIGN.md "Start-up"). Only for commands
     in ONE_SHOT, whose outputs are written and renamed before main returns and which start no
     Ray; the streams and the logs are flushed first."""
     logging.shutdown()

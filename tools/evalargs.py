@@ -54,7 +54,7 @@ def request_from_args(a: argparse.Namespace):
 
 def pool_from_args(a: argparse.Namespace):
     """None without --address (one process, as always); else the pool's config."""
-    from graphs.config import ConfigError
+    from common.errors import ConfigError
     if a.address is None:
         if a.workers is not None or a.chunk is not None:
             raise ConfigError("--workers and --chunk need --address (local, auto or HOST:PORT)")

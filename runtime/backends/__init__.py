@@ -2,7 +2,8 @@
 matters when that backend is asked for."""
 from __future__ import annotations
 
-from graphs.config import BACKENDS, ConfigError
+from graphs.config import BACKENDS
+from common.errors import ConfigError
 
 
 def open_backend(name: str, artifacts=None, **kw):

@@ -21,7 +21,7 @@ class BackendInfo:
     cfg: VARConfig
     k_max: int                 # TopK K the backend's sampler bakes in (0 = bisection)
     transform: str             # DSE transform
-    kv_dtype: str              # the KV cache's dtype name (contract.manifest.DTYPE_NAMES)
+    kv_dtype: str              # the KV cache's dtype name (contract.dtypes.DTYPE_NAMES)
     batch: Optional[int]       # None = any (eager); artifacts: the exported batch (static shapes)
     device: str = "cpu"        # where the backend keeps the KV cache and f_hat
 

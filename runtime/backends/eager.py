@@ -8,8 +8,9 @@ import re
 
 import torch
 
-from contract.manifest import dtype_name_of
-from graphs.config import DEFAULT_TOP_K, ConfigError, VARConfig
+from contract.dtypes import dtype_name_of
+from graphs.config import DEFAULT_TOP_K, VARConfig
+from common.errors import ConfigError
 from graphs.step import StepSpec, build_steps
 from graphs.var import VAR
 from graphs.vqvae import VQVAE

@@ -26,16 +26,13 @@ import numpy as np
 import onnx
 
 from contract.graphcheck import check_graph, check_values
-from contract.manifest import Manifest, ManifestError, dtype_name_of, torch_dtype
-from graphs.config import ConfigError
+from contract.dtypes import dtype_name_of, name_of_onnx, numpy_dtype, torch_dtype
+from contract.manifest import Manifest, ManifestError
+from common.errors import ConfigError
 
 from .base import BackendInfo, to_torch, torch_host
 
 log = logging.getLogger(__name__)
-_ONNX_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-            onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
-            onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BOOL: np.bool_,
-            onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8}
 GRAPHS = ("step", "decoder")
 
 
@@ -145,7 +142,7 @@ class OrtSessions:
 
     def _session(self, name: str, so, path: str, keep: list):
         try:
-            if name == "step" and self._cache is not None:      # opt-in: DESIGN.md, "the session cache"
+            if name == "step" and self._cache is not None:      # opt-in: DESIGN.md "Start-up: the session cache"
                 sess = self._cache.load(self.providers) or self._cache.save(so, path, self.providers)
             else:
                 sess = self.ort.InferenceSession(path, sess_options=so, providers=self.providers)
@@ -185,14 +182,11 @@ class OrtSessions:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             ext = {e.key: e.value for e in t.external_data}
-            if t.data_type not in _ONNX_NP:
-                raise ManifestError(f"{path}: initializer {t.name} has element type "
-                                    f"{onnx.TensorProto.DataType.Name(t.data_type)}, which this runtime does not map; "
-                                    f"re-export with --force")
-            if ext.get("location") != self._weights or self._mm is None:
+            dtype = name_of_onnx(t.data_type)
+            if ext.get("location") != self._weights or dtype is None or self._mm is None:
                 raise ManifestError(f"{path}: initializer {t.name} reads {ext.get('location')!r}, not the artifacts' "
                                     f"{self._weights}; re-export with --force")
-            dt = np.dtype(_ONNX_NP[t.data_type])
+            dt = numpy_dtype(dtype)
             off, length = int(ext.get("offset", 0)), int(ext["length"])
             if off + length > len(self._mm) or length != dt.itemsize * int(np.prod(t.dims, dtype=np.int64)):
                 raise ManifestError(f"{path}: initializer {t.name} lies outside {self._weights}; re-export with --force")

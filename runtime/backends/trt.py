@@ -34,17 +34,15 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from contract.manifest import Manifest, torch_dtype
+from contract.dtypes import name_of_trt, torch_dtype
+from contract.manifest import Manifest
 from contract.tensorrt import check_compat, check_profile_scales, import_tensorrt
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 from .base import BackendInfo, to_torch, torch_host
 
 log = logging.getLogger(__name__)
 
-# TensorRT DataType member names -> the manifest's dtype names (contract.manifest.DTYPES)
-TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
-              "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
 
 
 def _enum_name(v) -> str:
@@ -87,8 +85,9 @@ def check_engine_io(engine, path: str, inputs: List[Dict], outputs: List[Dict],
         got_mode, got_dt = _enum_name(engine.get_tensor_mode(name)), _enum_name(engine.get_tensor_dtype(name))
         if got_mode != mode:
             fail(f"{name} is an {got_mode.lower()} of the engine, an {mode.lower()} in the manifest")
-        if TRT_DTYPES.get(got_dt, got_dt) != t["dtype"]:
-            fail(f"{name} is {TRT_DTYPES.get(got_dt, got_dt)} in the engine, {t['dtype']} in the manifest")
+        got_dt = name_of_trt(got_dt) or got_dt          # the one dtype table (contract.dtypes.DTYPES)
+        if got_dt != t["dtype"]:
+            fail(f"{name} is {got_dt} in the engine, {t['dtype']} in the manifest")
         static = list(engine.get_tensor_shape(name))           # -1 = dynamic
         for k in range(len(profiles)):
             expect = list((profiles if mode == "INPUT" else output_shapes)[k][name])

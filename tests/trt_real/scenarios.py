@@ -94,7 +94,8 @@ def pipeline_runs(art_dir: str, work: str):
     from contract.manifest import load_manifest
     from export import onnx_export
     from export.onnx_export import ExportConfig, export_artifacts
-    from graphs.config import ConfigError, SamplerConfig, get_preset, make_ssg
+    from graphs.config import SamplerConfig, get_preset, make_ssg
+    from common.errors import ConfigError
     from graphs.weights import WeightSource, random_models
     from runtime.backends import open_backend
     from runtime.backends.trt import check_engine_io
@@ -183,7 +184,7 @@ def refusals(work: str):
     compute capability, and a TensorRT older than 10.8."""
     import tensorrt
     from contract.tensorrt import check_compat, import_tensorrt
-    from graphs.config import ConfigError
+    from common.errors import ConfigError
     sec = dict(version=tensorrt.__version__, gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0",
                hardware_compatible=False, version_compatible=False)
     out = []

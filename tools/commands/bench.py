@@ -18,7 +18,7 @@ import sys
 
 from tools.cli import add_model_args, finite_float, parser
 from common.files import check_outputs, write_json, write_outputs
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 
 def positive_float(s: str) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from tools.cli import add_model_args, parser
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from common.files import check_outputs       # output paths checked before any work
     check_outputs(("--json", a.json, ".json"))
 
-    from graphs.config import ConfigError
+    from common.errors import ConfigError
     if bool(a.features) == bool(a.files):
         raise ConfigError("give SAMPLES.npz REF.npz, or --features SAMPLES.npy REF.npy")
     if a.files and len(a.files) != 2:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
 def _from_features(samples_path: str, ref_path: str):
     import numpy as np
-    from graphs.config import ConfigError
+    from common.errors import ConfigError
     from evaluation.metrics import metrics_from_features
     arrs = []
     for path in (samples_path, ref_path):

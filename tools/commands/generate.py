@@ -9,7 +9,7 @@ import sys
 import time
 
 from common.proc import process_age_s
-from tools.cli import add_model_args, add_sampling_args, add_session_cache_arg, parser
+from tools.cli import add_model_args, add_sampling_args, add_session_cache_arg, note_random_weights, parser
 from common.files import check_outputs, json_writer, write_outputs
 from contract.stamp import VERIFY_MODES
 from graphs.config import BACKENDS, SamplerConfig, make_ssg
@@ -19,14 +19,15 @@ def main(argv=None) -> int:
     p = parser("Generate images with VAR + SSG.")
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--backend", choices=BACKENDS, default="eager")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="default: onnxruntime with --artifacts, eager with --model (as sample, serve and the opener)")
     p.add_argument("--artifacts", help="artifacts directory (scripts/export.py); required for onnxruntime/tensorrt")
     p.add_argument("--device", default="cpu", help="eager/onnxruntime device: cpu or cuda")
     p.add_argument("--out", default="out.png", help="PNG file (a grid for several classes)")
     p.add_argument("--save-tokens", metavar="FILE.json", help="also write the per-scale token ids")
     p.add_argument("--verify", choices=VERIFY_MODES, default="stamp",
                    help="artifacts check at start: stamp (default) re-hashes only files changed since they were "
-                        "last verified; full re-hashes every file (DESIGN.md, start-up)")
+                        'last verified; full re-hashes every file (DESIGN.md "Start-up")')
     add_session_cache_arg(p)
     a = p.parse_args(argv)
 
@@ -37,21 +38,23 @@ def main(argv=None) -> int:
     sampler = SamplerConfig(top_k=a.top_k, top_p=a.top_p, temperature=a.temperature)
 
     from runtime.opener import PipelineSource, open_pipelines
-    (pipe,), source = open_pipelines(PipelineSource(
+    src = PipelineSource(
         artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt,
         random_init=a.random_init, transforms=(a.dse,) if a.dse else (), top_k=a.top_k, device=a.device,
-        verify=a.verify, session_cache=a.session_cache))
+        verify=a.verify, session_cache=a.session_cache)
+    backend = src.backend_name          # the opener's default, named in the progress bar and the note
+    (pipe,), source = open_pipelines(src)
     from runtime.images import png_note, save_grid
     cfg = pipe.info.cfg
     ssg = make_ssg(a.ssg_beta, a.dse or pipe.info.transform, cfg.num_scales)
 
     started = process_age_s()
     t0 = time.perf_counter()
-    with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{a.backend}]", unit="scale", file=sys.stderr) as bar:
+    with tqdm(total=cfg.num_scales, desc=f"{cfg.name} [{backend}]", unit="scale", file=sys.stderr) as bar:
         res = pipe.run(a.classes, a.seed, a.guidance, sampler, ssg, progress=lambda k: bar.update(1),
                        more_smooth=a.more_smooth)
     run_s = time.perf_counter() - t0
-    note = png_note(cfg.name, a.backend, a.classes, a.seed, guidance=a.guidance, ssg=ssg.spec, top_k=a.top_k,
+    note = png_note(cfg.name, backend, a.classes, a.seed, guidance=a.guidance, ssg=ssg.spec, top_k=a.top_k,
                     top_p=a.top_p, temperature=a.temperature, transform=ssg.transform, more_smooth=a.more_smooth,
                     source=source)
     write_outputs([(a.out, lambda path: save_grid(res.images, path, note)),      # both or neither
@@ -59,7 +62,6 @@ def main(argv=None) -> int:
     print(f"wrote {a.out} ({note})")
     print(f"start-up {'?' if started is None else f'{started:.2f}'} s (process start to the first scale), "
           f"pipeline {run_s:.2f} s", file=sys.stderr)
-    if "RANDOM" in source:
-        print("note: made with RANDOM weights, not a trained model", file=sys.stderr)
+    note_random_weights(source)
     return 0
 

@@ -26,7 +26,8 @@ import logging
 import signal
 
 from tools.cli import parser
-from graphs.config import DEFAULT_TOP_K, ConfigError
+from graphs.config import DEFAULT_TOP_K
+from common.errors import ConfigError
 
 
 def _names(s: str) -> tuple:

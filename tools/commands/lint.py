@@ -8,7 +8,7 @@ import glob
 import os
 
 from tools.cli import parser
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 
 MAX_GRAPH_BYTES = 2 << 30      # protobuf's limit: larger files are not ONNX graphs (weights live in external data)

@@ -14,7 +14,7 @@ import sys
 
 from tools.cli import add_sampling_args, parser
 from common.files import check_outputs, write_json
-from graphs.config import ConfigError
+from common.errors import ConfigError
 
 
 def parse_seeds(spec: str):

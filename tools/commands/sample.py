@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from tools.cli import add_model_args, add_sampling_args, parser
+from tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
 from tools.evalargs import (add_cluster_args, add_job_args, add_source_args, pool_from_args, print_workers,
                             request_from_args, source_from_args)
 
@@ -58,7 +58,6 @@ def main(argv=None) -> int:
     job = res.job
     print(f"wrote {a.out}: {job.num_images} images, {len(job.classes)} classes x {job.per_class}, "
           f"ssg={job.ssg.spec} dse={job.ssg.transform}; {res.source}")
-    if "RANDOM" in res.source:
-        print("note: made with RANDOM weights, not a trained model", file=sys.stderr)
+    note_random_weights(res.source)
     return 0
 

@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
-from tools.cli import add_session_cache_arg, parser
+import sys
+
+from tools.cli import add_session_cache_arg, note_random_weights, parser
 
 
 def main(argv=None) -> int:
@@ -50,8 +52,7 @@ def main(argv=None) -> int:
         o = srv.opts
         print(f"serving {srv.man.cfg.name} (batch {srv.man.batch}, {o.replicas} x {o.backend}/{o.device}) on "
               f"{srv.url}: POST /v1/generate, GET /healthz, GET /v1/model; Ctrl-C stops", flush=True)
-        if srv.man.weights["kind"] == "random":
-            print("note: serving RANDOM weights, not a trained model", flush=True)
+        note_random_weights(srv.man.source_note, "serving", sys.stdout)
 
     serve_forever(opts, launch, announce)   # bad options or artifacts: one line, exit 2, before Ray starts
     print("stopped", flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from tools.cli import add_model_args, add_sampling_args, parser
+from tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
 from tools.evalargs import add_job_args, add_source_args, request_from_args, source_from_args
 
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     request = request_from_args(a)
     request.check(betas=(a.compare_beta,))
 
-    from graphs.config import ConfigError
+    from common.errors import ConfigError
     ref = None
     if a.ref:
         from evaluation.samples import NpzBatch
@@ -82,7 +82,6 @@ def main(argv=None) -> int:
                "latent_delta_logmag": {k: v.tolist() for k, v in deltas.items()}, "nyquist": nyq}
         write_json(a.json, out, indent=1)
     print(f"wrote {a.out}" + (f" and {a.json}" if a.json else ""))
-    if "RANDOM" in source:
-        print("note: made with RANDOM weights, not a trained model", file=sys.stderr)
+    note_random_weights(source)
     return 0
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from tools.cli import add_model_args, add_sampling_args, parser
+from tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
 from tools.evalargs import (add_cluster_args, add_job_args, add_source_args, pool_from_args, print_workers,
                             request_from_args, source_from_args)
 
@@ -57,8 +57,7 @@ def main(argv=None) -> int:
     print_workers(res.workers)
     _print_table(res.rows)
     print(f"wrote {res.json_path} and {res.plot_path}")
-    if "RANDOM" in res.source:
-        print("note: made with RANDOM weights, not a trained model", file=sys.stderr)
+    note_random_weights(res.source)
     return 0
 
 
