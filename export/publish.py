@@ -1,8 +1,8 @@
 """Publish a directory atomically under a lock: the export transaction (nothing ONNX in it).
 
     check_out(out)               before any work: may `out` be replaced? Only an empty directory
-                                 or one holding nothing but its manifest's files (plain names,
-                                 sizes and sha256 checked: contract.manifest.artifacts_dir_problem)
+                                 or one holding nothing but the names an export writes, each
+                                 listed in its manifest with the file's sha256 (export.owned)
     with Transaction(out) as t:  missing parents created, exclusive lock .OUT.lock (a file this
                                  module made, never a user's), a killed export's .OUT.tmp-* and
                                  .OUT.old-* removed
@@ -27,7 +27,7 @@ import tempfile
 from typing import List, Optional, Tuple
 
 from common.errors import ConfigError
-from contract.manifest import artifacts_dir_problem
+from .owned import replace_problem
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,15 @@ def split_out(out: str) -> Tuple[str, str, str]:
 
 def check_out(out: str) -> None:
     """Refuse an --out that export may not replace, before any work: --force replaces only an
-    artifacts directory holding nothing but its listed files, or an empty one; never user files."""
+    artifacts directory holding nothing but the names an export writes, each listed with its
+    sha256 (export.owned), or an empty one; never user files."""
     out, parent, name = split_out(out)
     if os.path.islink(out):
         raise ExportError(f"--out {out} is a symbolic link; give the directory it points to, or another --out")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out):
-        why = artifacts_dir_problem(out)
+        why = replace_problem(out)
         if why:
             raise ExportError(f"--out {out} {why}; refusing to replace it (even with --force): choose another --out")
     p = parent

@@ -266,10 +266,15 @@ def test_up_to_date_is_verified_and_said(cli, base, tiny, tmp_path, monkeypatch,
     with open(art / "weights.bin", "r+b") as f:       # corrupted after the export
         f.seek(1000)
         f.write(b"\xff\xff")
+    before = snapshot(tmp_path)         # never "up to date", and never deleted: a file of an artifact's
+    line = one_line_error(cli("export.py", *MODEL, "--top-k", "64", "--out", art, "--force"),
+                          "'weights.bin', whose sha256")    # name and size may be someone's
+    assert "delete it yourself" in line and snapshot(tmp_path) == before and not calls
+    (art / "weights.bin").unlink()      # removed by the user: the same artifacts are built again
     with caplog.at_level("WARNING"):
         res = _export(tiny, art)
-    assert not res.reused and len(calls) == 1           # exported again, not "up to date"
-    assert any("sha256 does not match" in r.getMessage() and "exporting these artifacts again" in r.getMessage()
+    assert not res.reused and len(calls) == 1
+    assert any("weights.bin is missing" in r.getMessage() and "exporting these artifacts again" in r.getMessage()
                for r in caplog.records)
 
 
