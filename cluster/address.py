@@ -14,17 +14,12 @@ import socket
 from typing import Optional, Tuple
 
 from common.errors import ConfigError
+from common.text import shown
 
 CONNECT_TIMEOUT_S = 30.0
 FORMS = "local, auto, HOST:PORT or ray://HOST:PORT (IPv6 in brackets: [::1]:6379)"
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|[A-Za-z0-9]")
 _IPV6 = re.compile(r"\[(?P<host>[0-9A-Fa-f:.]{2,45})\]")
-
-
-def shown(text: str, limit: int = 80) -> str:
-    """`text` as a message may carry it: control characters escaped, cut at `limit` characters."""
-    r = repr(text)
-    return r if len(r) <= limit else r[:limit] + f"... ({len(text)} characters)"
 
 
 def endpoint(address: Optional[str]) -> Optional[Tuple[str, int]]:

@@ -29,6 +29,7 @@ import tempfile
 from typing import List, Optional, Tuple
 
 from common.errors import ConfigError
+from common.text import has_control, shown
 from .owned import replace_problem
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ def split_out(out: str) -> Tuple[str, str, str]:
     """(absolute out, parent, name)."""
     if not str(out).strip():
         raise ExportError("--out is empty")
+    if has_control(str(out)):
+        raise ExportError(f"--out {shown(str(out))} holds a control character (a newline, tab, escape...): "
+                          f"give a name without one")
     out = os.path.abspath(out)
     parent, name = os.path.split(out)
     if not name:
