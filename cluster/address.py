@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 from typing import Optional, Tuple
 
 from common.errors import ConfigError
@@ -63,13 +64,21 @@ def reach(address: Optional[str], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     ep = endpoint(address)
     if ep is None:
         return
-    try:
-        socket.create_connection(ep, timeout=timeout_s).close()
-    except socket.timeout:
-        why = f"no answer within {timeout_s:g} s"
-    except OSError as e:
-        why = e.strerror or type(e).__name__
-    else:
+    done: list = []
+
+    def connect():                      # name resolution has no timeout of its own: a thread bounds it
+        try:
+            socket.create_connection(ep, timeout=timeout_s).close()
+            done.append(None)
+        except socket.timeout:
+            done.append(f"no answer within {timeout_s:g} s")
+        except OSError as e:
+            done.append(e.strerror or type(e).__name__)
+    t = threading.Thread(target=connect, name="ray-address-probe", daemon=True)
+    t.start()
+    t.join(timeout_s + 1)
+    why = done[0] if done else f"no answer within {timeout_s:g} s"
+    if why is None:
         return
     raise ConfigError(f"no Ray cluster answers at --address {shown(address)} ({why}): start one there "
                       f"(ray start --head) or give the right address")
