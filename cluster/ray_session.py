@@ -21,6 +21,8 @@ from typing import Any, Dict, Iterator, Optional
 
 from common.errors import ConfigError
 
+from .address import check_address, reach
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -52,6 +54,7 @@ class RayConfig:
             raise ConfigError(f"--metrics-export-port must be in 1..65535, got {p}")
         if not self.host or not isinstance(self.host, str):
             raise ConfigError(f"--host must be an address, got {self.host!r}")
+        check_address(self.address)
 
 
 class RaySession:
@@ -107,6 +110,7 @@ class RaySession:
                     kw["_node_ip_address"] = cfg.host
                 ray.init(include_dashboard=False, log_to_driver=False, num_cpus=cfg.num_cpus, **kw)
             else:
+                reach(cfg.address)              # bounded: Ray itself retries for minutes
                 ray.init(address=cfg.address, log_to_driver=False)
         except (KeyboardInterrupt, SystemExit):
             self.stop()

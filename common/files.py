@@ -22,6 +22,7 @@ import threading
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 from .errors import ConfigError
+from .text import has_control, shown
 
 Writer = Callable[[str], None]          # writes the file at the path it is given
 
@@ -72,6 +73,9 @@ def check_outputs(*outputs: Tuple[str, Optional[str], Optional[str]],
             continue
         if not path.strip():
             raise ConfigError(f"{flag} is empty")
+        if has_control(path):
+            raise ConfigError(f"{flag} {shown(path)} holds a control character (a newline, tab, escape...): "
+                              f"give a name without one")
         if suffix and not path.lower().endswith(suffix):
             raise ConfigError(f"{flag} must be a {suffix} file, got {path!r}")
         real = os.path.realpath(path)                 # what collides: the file a link points to

@@ -1,13 +1,15 @@
 """Resumable sampling into an ADM-format .npz, in one process or over a pool of workers.
 
     OUT.partial/settings.json      the run's settings (written first; --resume must match them)
-    OUT.partial/batch_000012.npz   one finished batch: images (real rows only), seconds
+    OUT.partial/batch_000012.npz   one finished batch: images (real rows only), seconds, and the
+                                   sha256 of both written with them (batch_digest)
     OUT.partial/.lock              held (flock) by the one sampler writing this run
     OUT.timing.json, OUT           written from the batch files (temp names, then renamed);
                                    the .partial folder is removed only after that
 Every file appears under its final name only when complete (write, then rename), so an
 interrupted run loses at most the batches in flight and a resumed run redoes nothing finished.
-On resume a damaged batch file (truncated, wrong shape) is redone, not trusted; a damaged
+On resume a damaged batch file (truncated, wrong shape, content that does not match its sha256,
+or no sha256) is redone, not trusted; a damaged
 settings file with no batch beside it is rewritten. Only the driver writes (workers return
 images), and the lock keeps a second sampler out of the same run: two writers never own a batch.
 
@@ -17,6 +19,7 @@ same bytes whatever ran them (DESIGN.md "Evaluation at scale").
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -200,7 +203,7 @@ class PartialRun:
         if self.png_dir:                         # before the batch file: a done batch has its PNGs
             _write_pngs(self.png_dir, b * self.job.batch, images, self.job)
         with atomic_path(_batch_file(self.out, b)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=images, seconds=np.float64(seconds))
+            np.savez(f, images=images, seconds=np.float64(seconds), sha256=np.array(batch_digest(images, seconds)))
 
     def complete(self) -> bool:
         return self.state == "done" or all(os.path.exists(_batch_file(self.out, b))
@@ -229,8 +232,32 @@ class PartialRun:
         self.state = "done"
 
 
+def batch_digest(images: np.ndarray, seconds: float) -> str:
+    """sha256 of a batch's images (shape and bytes) and its seconds, written with them."""
+    h = hashlib.sha256(repr(tuple(images.shape)).encode())
+    h.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    h.update(np.float64(seconds).tobytes())
+    return h.hexdigest()
+
+
 def _batch_ok(path: str, n: int, hw: Tuple[int, int]) -> bool:
-    """A batch file whose structure is whole: both members, `images` uint8 n H W 3 and all its bytes."""
+    """A batch file whose structure is whole (both members, `images` uint8 n H W 3 and all its
+    bytes) and whose content matches the sha256 written with it."""
+    return _batch_whole(path, n, hw) and _batch_sums(path)
+
+
+def _batch_sums(path: str) -> bool:
+    try:
+        with np.load(path) as z:
+            stored = z["sha256"]
+            if stored.dtype.kind != "U" or stored.shape != ():
+                return False
+            return str(stored) == batch_digest(z["images"], float(z["seconds"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return False
+
+
+def _batch_whole(path: str, n: int, hw: Tuple[int, int]) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             info = zf.getinfo("images.npy")

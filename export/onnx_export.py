@@ -2,7 +2,7 @@
 external-data file and manifest.json (contract.manifest). The directory is published by
 export.publish (lock, temporary directory, swap, the --force rules).
 
-    .OUT.tmp-XXXXXXXX/                 (written first, swapped in at --out at the very end)
+    .OUT.tmp-XXXXXXXX/out/             (written first, swapped in at --out at the very end)
       step_all.onnx                    graphs.components.StepComponent: every scale, dynamic
                                        token axes; per-scale constants in scale_consts.npz
       decoder.onnx                     graphs.components.DecoderComponent: f_hat -> image

@@ -1,15 +1,17 @@
 """Publish a directory atomically under a lock: the export transaction (nothing ONNX in it).
 
     check_out(out)               before any work: may `out` be replaced? Only an empty directory
-                                 or one holding nothing but its manifest's files (plain names,
-                                 sizes and sha256 checked: contract.manifest.artifacts_dir_problem)
+                                 or one holding nothing but the names an export writes, each
+                                 listed in its manifest with the file's sha256 (export.owned)
     with Transaction(out) as t:  missing parents created, exclusive lock .OUT.lock (a file this
                                  module made, never a user's), a killed export's .OUT.tmp-* and
-                                 .OUT.old-* removed
-        tmp = t.tmp_dir()        .OUT.tmp-XXXXXXXX beside `out` (same file system: renames are atomic)
+                                 .OUT.old-* removed: only those holding this module's mark
+                                 (TEMP_MARK, written when it made them), never by name alone
+        tmp = t.tmp_dir()        .OUT.tmp-XXXXXXXX/out beside `out` (same file system: renames are
+                                 atomic); the mark sits in .OUT.tmp-XXXXXXXX, outside the artifacts
         t.commit(tmp)            `out` checked again, then swapped in; the old directory goes to
-                                 .OUT.old-XXXXXXXX and comes back if the swap fails; the mode of
-                                 the replaced directory is kept
+                                 .OUT.old-XXXXXXXX/old (marked too) and comes back if the swap
+                                 fails; the mode of the replaced directory is kept
     On leaving: temporaries removed, the lock released; parents created for a failed export removed.
 See DESIGN.md "Never delete what the user owns".
 """
@@ -27,12 +29,17 @@ import tempfile
 from typing import List, Optional, Tuple
 
 from common.errors import ConfigError
-from contract.manifest import artifacts_dir_problem
+from common.text import has_control, shown
+from .owned import replace_problem
 
 log = logging.getLogger(__name__)
 
 # What an export's lock file holds: a file at .OUT.lock with anything else is someone's own file.
 LOCK_MARK = b"var-ssg export lock: removed when the export ends\n"
+# What marks a temporary directory an export made (the file TEMP_MARK_NAME inside it): the only
+# kind of .OUT.tmp-*/.OUT.old-* folder a later export removes.
+TEMP_MARK_NAME = ".var-ssg-export-temporary"
+TEMP_MARK = b"var-ssg export temporary: removed when the export ends, or by the next export of this --out\n"
 
 
 class ExportError(ConfigError):
@@ -51,6 +58,9 @@ def split_out(out: str) -> Tuple[str, str, str]:
     """(absolute out, parent, name)."""
     if not str(out).strip():
         raise ExportError("--out is empty")
+    if has_control(str(out)):
+        raise ExportError(f"--out {shown(str(out))} holds a control character (a newline, tab, escape...): "
+                          f"give a name without one")
     out = os.path.abspath(out)
     parent, name = os.path.split(out)
     if not name:
@@ -60,14 +70,15 @@ def split_out(out: str) -> Tuple[str, str, str]:
 
 def check_out(out: str) -> None:
     """Refuse an --out that export may not replace, before any work: --force replaces only an
-    artifacts directory holding nothing but its listed files, or an empty one; never user files."""
+    artifacts directory holding nothing but the names an export writes, each listed with its
+    sha256 (export.owned), or an empty one; never user files."""
     out, parent, name = split_out(out)
     if os.path.islink(out):
         raise ExportError(f"--out {out} is a symbolic link; give the directory it points to, or another --out")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out):
-        why = artifacts_dir_problem(out)
+        why = replace_problem(out)
         if why:
             raise ExportError(f"--out {out} {why}; refusing to replace it (even with --force): choose another --out")
     p = parent
@@ -164,6 +175,33 @@ _STALE = re.compile(r"\.(?P<name>.+)\.(tmp|old)-[a-z0-9_]{8}")
 _STALE_LOCK = re.compile(r"\.(?P<name>.+)\.lock\.[0-9a-f]{8}")
 
 
+def make_temp(parent: str, prefix: str) -> str:
+    """A new directory `prefix`XXXXXXXX in `parent` carrying TEMP_MARK (made before anything else
+    goes in it, so a killed export leaves it marked)."""
+    d = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    fd = os.open(os.path.join(d, TEMP_MARK_NAME), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        os.write(fd, TEMP_MARK)
+    finally:
+        os.close(fd)
+    return d
+
+
+def _is_marked_temp(path: str) -> bool:
+    """`path` (not followed) is a directory holding a regular file TEMP_MARK_NAME with TEMP_MARK."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        fd = os.open(os.path.join(path, TEMP_MARK_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, len(TEMP_MARK) + 1, 0) == TEMP_MARK
+    finally:
+        os.close(fd)
+
+
 def _is_lock_leftover(path: str) -> bool:
     try:
         st = os.lstat(path)
@@ -178,9 +216,9 @@ def _is_lock_leftover(path: str) -> bool:
 def remove_stale(parent: str, name: str) -> None:
     """Temporary directories (and lock files being made) of an export of the same --out that was
     killed (kill -9, power loss) are never cleaned by their own process; under the lock, no live
-    export owns them."""
-    stale = [e.path for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)
-             and (m := _STALE.fullmatch(e.name)) and m.group("name") == name]
+    export owns them. A folder is one only if it carries TEMP_MARK: a name alone is never enough."""
+    stale = [e.path for e in os.scandir(parent) if (m := _STALE.fullmatch(e.name)) and m.group("name") == name
+             and _is_marked_temp(e.path)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     for e in os.scandir(parent):
@@ -233,7 +271,7 @@ def swap(tmp: str, out: str, parent: str, name: str) -> None:
     if not (os.path.isdir(out) and os.listdir(out)):
         os.replace(tmp, out)                # nothing there, or an empty directory: one rename
         return
-    trash = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+    trash = make_temp(parent, f".{name}.old-")
     os.replace(out, os.path.join(trash, "old"))
     try:
         os.replace(tmp, out)
@@ -273,8 +311,11 @@ class Transaction:
         return self
 
     def tmp_dir(self) -> str:
-        tmp = tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.parent)
-        self._tmps.append(tmp)
+        """An empty directory beside `out` to export into (inside a marked one: make_temp)."""
+        box = make_temp(self.parent, f".{self.name}.tmp-")
+        self._tmps.append(box)
+        tmp = os.path.join(box, "out")
+        os.mkdir(tmp)
         return tmp
 
     def commit(self, tmp: str) -> None:

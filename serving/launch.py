@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -115,7 +116,7 @@ def running(opts: ServeOptions, launch: LaunchConfig, app: str = APP,
         except (ConfigError, KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - Ray reports start-up failures with many types
-            raise ConfigError(f"the server did not start: {cluster.one_line(e)}") from None
+            raise ConfigError(_replica_error(app) or f"the server did not start: {cluster.one_line(e)}") from None
         yield Running(url=f"http://{launch.host}:{launch.port}", man=man, opts=opts, app=app)
     finally:
         try:
@@ -124,6 +125,32 @@ def running(opts: ServeOptions, launch: LaunchConfig, app: str = APP,
                 _remove(app, launch)
         finally:
             ray_up.stop()
+
+
+_USER_ERROR = re.compile(r"(?:^|[\s.])(?:ManifestError|ConfigError|CheckpointError|ExportError): (?P<msg>.+)$")
+
+
+def user_error_line(text: str) -> Optional[str]:
+    """The message of the last user error (ManifestError, ConfigError, ...) in a replica's
+    start-up traceback as Ray reports it, or None."""
+    found = [m.group("msg").strip() for m in map(_USER_ERROR.search, str(text).splitlines()) if m]
+    return found[-1] if found else None
+
+
+def _replica_error(app: str) -> Optional[str]:
+    """Why a replica of `app` failed to start, as generate.py would say it (one line), from Serve's
+    status; None if it does not say."""
+    try:
+        from ray import serve
+        st = serve.status().applications[app]
+        texts = [d.message for d in st.deployments.values()] + [st.message]
+    except Exception:  # noqa: BLE001 - no status to read: the caller's own message stands
+        return None
+    for text in texts:
+        line = user_error_line(text or "")
+        if line:
+            return line
+    return None
 
 
 def _drain(app: str, timeout_s: float) -> None:

@@ -1,4 +1,5 @@
-"""The body bound at the HTTP proxy, before any byte reaches a deployment (no Ray import).
+"""The body bound at the HTTP proxy, before any byte reaches a deployment (no Ray import); the
+header bound is serving.headers, put in place by the same callback.
 
 Ray Serve's proxy copies a request's whole body into memory as fast as the client sends it,
 whatever the deployment reads, so the bound has to sit in the proxy itself: Ray Serve calls
@@ -66,6 +67,11 @@ class BodyLimit:
 
 
 def middlewares():
-    """Ray Serve's proxy callback: the middlewares it wraps its HTTP app in."""
+    """Ray Serve's proxy callback: the middlewares it wraps its HTTP app in. Called in the proxy
+    process before it builds its HTTP server, so the header bound (serving.headers) is put in
+    place here too."""
     from starlette.middleware import Middleware
+
+    from serving.headers import install
+    install()
     return [Middleware(BodyLimit)]

@@ -232,10 +232,13 @@ def model_summary(man, opts: ServeOptions) -> Dict[str, Any]:
 
 def preflight(opts: ServeOptions):
     """What the driver checks before starting anything: the options, the artifacts (fully
-    verified: the same one-line error as generate.py) and that the backend's packages exist."""
+    verified, graphs, weights' values and constants included: the same one-line error as
+    generate.py) and that the backend's packages exist."""
     opts.check()
+    from contract.artifacts_check import check_artifacts
     from contract.manifest import load_manifest
     man = load_manifest(opts.artifacts, verify="stamp")
+    check_artifacts(man)            # what a replica checks when it opens them: generate's one line, now
     if opts.backend == "tensorrt":
         from contract.tensorrt import import_tensorrt
         import_tensorrt()

@@ -186,20 +186,40 @@ def _export(tiny, out, force=False, **kw):
 
 
 def test_stale_temporaries_of_a_killed_export_are_removed(tiny, tmp_path, monkeypatch, caplog):
+    from export.publish import TEMP_MARK, TEMP_MARK_NAME
     _fake_export(monkeypatch)
-    stale = [tmp_path / ".art.tmp-abcd1234", tmp_path / ".art.old-0k_9zz12" / "old"]
-    for s in stale:
+    stale = [tmp_path / ".art.tmp-abcd1234" / "out", tmp_path / ".art.old-0k_9zz12" / "old"]
+    for s in stale:                     # as a killed export leaves them: marked
         s.mkdir(parents=True)
         (s / "weights.bin").write_bytes(b"\0" * 1000)
+        (s.parent / TEMP_MARK_NAME).write_bytes(TEMP_MARK)
     keep = [tmp_path / ".other.tmp-abcd1234", tmp_path / ".art.tmp-mine", tmp_path / "art.tmp-abcd1234"]
     for k in keep:                      # another --out's temporaries, and names that are not ours
         k.mkdir()
+        (k / TEMP_MARK_NAME).write_bytes(TEMP_MARK)
     with caplog.at_level("WARNING"):
         res = _export(tiny, tmp_path / "art")
     assert not res.reused and (tmp_path / "art" / "manifest.json").is_file()
     assert sorted(os.listdir(tmp_path)) == sorted(["art"] + [k.name for k in keep])
     [rec] = [r for r in caplog.records if "interrupted export" in r.getMessage()]
     assert "removed 2 temporary directories left by an interrupted export of" in rec.getMessage()
+
+
+@pytest.mark.parametrize("name", [".art.tmp-mythesis", ".art.old-backup_1"])
+def test_the_sweep_never_deletes_a_users_folder_by_its_name(tiny, tmp_path, monkeypatch, name):
+    """A folder of the user's whose name looks like an export's temporary (the issue's probe) is
+    not the export's: it carries no mark, and it stays with its contents."""
+    _fake_export(monkeypatch)
+    mine = tmp_path / name
+    (mine / "sub").mkdir(parents=True)
+    (mine / "chapter1.txt").write_bytes(b"four years of work\n")
+    (mine / "sub" / "data.csv").write_bytes(b"a,b\n")
+    (mine / ".var-ssg-export-temporary").symlink_to(tmp_path / "elsewhere")    # a link is not the mark
+    before = snapshot(mine)
+    res = _export(tiny, tmp_path / "art")
+    assert not res.reused and sorted(os.listdir(tmp_path)) == sorted(["art", name])
+    assert snapshot(mine) == before
+    assert sorted(os.listdir(tmp_path / "art")) == ["manifest.json", "step_all.onnx"]      # the mark stays outside
 
 
 def test_concurrent_export_to_one_out_is_refused(tiny, tmp_path, monkeypatch):
@@ -268,10 +288,15 @@ def test_up_to_date_is_verified_and_said(cli, base, tiny, tmp_path, monkeypatch,
     with open(art / "weights.bin", "r+b") as f:       # corrupted after the export
         f.seek(1000)
         f.write(b"\xff\xff")
+    before = snapshot(tmp_path)         # never "up to date", and never deleted: a file of an artifact's
+    line = one_line_error(cli("export.py", *MODEL, "--top-k", "64", "--out", art, "--force"),
+                          "'weights.bin', whose sha256")    # name and size may be someone's
+    assert "delete it yourself" in line and snapshot(tmp_path) == before and not calls
+    (art / "weights.bin").unlink()      # removed by the user: the same artifacts are built again
     with caplog.at_level("WARNING"):
         res = _export(tiny, art)
-    assert not res.reused and len(calls) == 1           # exported again, not "up to date"
-    assert any("sha256 does not match" in r.getMessage() and "exporting these artifacts again" in r.getMessage()
+    assert not res.reused and len(calls) == 1
+    assert any("weights.bin is missing" in r.getMessage() and "exporting these artifacts again" in r.getMessage()
                for r in caplog.records)
 
 

@@ -204,3 +204,32 @@ def test_a_huge_dtype_is_refused_before_reading(base, tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 50 << 20, peak
+
+
+@pytest.mark.parametrize("case,files,manifest,msg", CASES, ids=[c[0] for c in CASES])
+def test_serve_refuses_them_before_ray_starts(capsys, base, tmp_path, monkeypatch, case, files, manifest, msg):
+    """serve.py ran only the file hashes before Ray: bad artifacts started Ray and ended ~17 s
+    later in "Deploying application var-ssg failed". Now generate's line, and Ray never starts."""
+    import cluster
+
+    def no_ray(*a, **kw):
+        raise AssertionError("Ray was started for artifacts the driver could have refused")
+    monkeypatch.setattr(cluster, "start", no_ray)
+    d = _make(base, tmp_path, case, files, manifest)
+    one_line_error(cli(capsys, "serve", "--artifacts", d, "--port", "8"), msg)
+
+
+def test_a_replicas_start_up_error_is_its_own_line():
+    """What Serve's status says of a replica that raised in its constructor, cut to the line
+    generate.py prints."""
+    from serving.launch import user_error_line
+    ray_text = ("The deployment failed to start 3 times in a row. This may be due to a problem with its "
+                "constructor or initial health check failing. See controller logs for details. Error:\n"
+                "ray::ServeReplica:var-ssg:Model.initialize_and_get_metadata() (pid=123, ip=127.0.0.1)\n"
+                "  File \"/x/runtime/backends/ort.py\", line 181, in _share\n"
+                "    check_graph(self.man, name, m, path)\n"
+                "contract.manifest.ManifestError: /a/step_all.onnx: sampler keeps top-k [8] (TopK K), the "
+                "manifest's sampler.k_max is 64; re-export with --force")
+    assert user_error_line(ray_text) == ("/a/step_all.onnx: sampler keeps top-k [8] (TopK K), the manifest's "
+                                         "sampler.k_max is 64; re-export with --force")
+    assert user_error_line("RuntimeError: Deploying application var-ssg failed") is None

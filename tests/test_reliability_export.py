@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -103,3 +104,48 @@ def test_a_killed_exports_lock_is_taken_and_removed(capsys, tmp_path, fake_expor
     rc, err = cli(capsys, "export", *MODEL, "--out", tmp_path / "art")
     assert rc == 0, err
     assert sorted(os.listdir(tmp_path)) == ["art"]
+
+
+# ------------------------------------------------------------------------------ --force: only names an export writes
+@pytest.fixture
+def exported(artifacts):
+    """A real var-d2-tiny export (made before fake_export replaces the graph export: list this
+    fixture first)."""
+    return pathlib.Path(artifacts())
+
+
+def test_force_never_deletes_a_users_file_a_hand_made_manifest_lists_rightly(capsys, tmp_path, fake_export):
+    """A minimal manifest listing the user's file with its right size and sha256 does not make it
+    an artifact: no export writes that name."""
+    d = hand_made(tmp_path / "art", {"thesis.txt": THESIS}, {"thesis.txt": dict(bytes=len(THESIS), sha256=_sha(THESIS))})
+    before = snapshot(tmp_path)
+    line = one_line_error(cli(capsys, "export", *MODEL, "--out", d, "--force"), "'thesis.txt', which no export writes")
+    assert "refusing to replace it" in line
+    assert snapshot(tmp_path) == before and not fake_export
+
+
+def test_force_never_deletes_a_file_added_to_a_copied_complete_manifest(exported, capsys, tmp_path, fake_export):
+    """The issue's probe: a real export's manifest copied beside the user's notes, which it lists
+    with their size and a made-up sha256."""
+    d = tmp_path / "art"
+    d.mkdir()
+    notes = b"my notes, not an artifact\n"
+    (d / "notes.txt").write_bytes(notes)
+    m = json.loads((exported / "manifest.json").read_text())
+    m["files"]["notes.txt"] = dict(bytes=len(notes), sha256="0" * 64)
+    (d / "manifest.json").write_text(json.dumps(m))
+    before = snapshot(tmp_path)
+    one_line_error(cli(capsys, "export", *MODEL, "--out", d, "--force"), "'notes.txt', which no export writes")
+    assert snapshot(tmp_path) == before and not fake_export
+
+
+def test_force_verifies_the_sha256_of_a_real_artifacts_files(exported, capsys, tmp_path, fake_export):
+    """Under a complete manifest a file of an artifact's name and size whose content differs is
+    not deleted (it may be someone's): one line, nothing touched."""
+    d = tmp_path / "art"
+    shutil.copytree(exported, d)
+    body = (d / "scale_consts.npz").read_bytes()
+    (d / "scale_consts.npz").write_bytes(b"\0" * len(body))
+    before = snapshot(tmp_path)
+    one_line_error(cli(capsys, "export", *MODEL, "--out", d, "--force"), "'scale_consts.npz', whose sha256")
+    assert snapshot(tmp_path) == before and not fake_export

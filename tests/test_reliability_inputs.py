@@ -1,6 +1,7 @@
 """Bad flags and checkpoints at the CLI: one `error:` line and exit 2, with the message that names
 the real problem (not argparse's "expected one argument", not "no CUDA device", not a download)."""
 import importlib
+import os
 
 import pytest
 import torch
@@ -100,3 +101,55 @@ def test_bad_checkpoint_contents_are_one_line(capsys, tmp_path, case, msg):
     one_line_error(cli(capsys, "generate", "--model", TINY, "--ckpt", tmp_path / "var.pth", "--vae-ckpt",
                        tmp_path / "vae.pth", "--out", tmp_path / "x.png"), msg)
     assert not (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------------------ control characters, long values
+def _only_line(rc_err, msg):
+    """One error line and nothing else on stderr (no forged second line), containing msg."""
+    rc, err = rc_err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "error: " in lines[0] and msg in lines[0], (rc, err[-1500:])
+    return lines[0]
+
+
+@pytest.mark.parametrize("cmd,flag,name", [
+    ("generate", "--out", "x\ny.png"),
+    ("generate", "--out", "x\ry.png"),
+    ("generate", "--out", "x\x1b[2Jy.png"),
+    ("generate", "--save-tokens", "t\n.npz"),
+    ("export", "--out", "art\nfacts"),
+])
+def test_an_output_name_with_a_control_character_is_refused(capsys, tmp_path, cmd, flag, name):
+    """The issue's probe: --out $'x\\ny.png' wrote such a name and exited 0."""
+    args = ["--model", "var-d2-tiny", "--random-init", "0", flag, str(tmp_path / name)]
+    line = _only_line(cli(capsys, cmd, *args), "holds a control character")
+    assert repr(name)[1:-1] in line                     # shown escaped
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_control_character_in_a_value_never_forges_a_line(capsys, tmp_path):
+    """--artifacts $'a\\nERROR: fake': the message names the path escaped, on one line."""
+    line = _only_line(cli(capsys, "generate", "--artifacts", str(tmp_path / "a\nERROR: fake"),
+                          "--backend", "onnxruntime", "--out", tmp_path / "o.png"), "a\\nERROR: fake")
+    assert not (tmp_path / "o.png").exists() and "\x1b" not in line
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--random-init"])
+def test_a_huge_value_is_cut_in_the_message(capsys, tmp_path, flag):
+    """A 10,000-digit --seed was echoed whole (a 10,057-character line)."""
+    args = ["--model", "var-d2-tiny", "--out", tmp_path / "o.png"] + (["--random-init", "0"] if flag == "--seed" else [])
+    line = _only_line(cli(capsys, "generate", *args, flag, "9" * 10_000), f"argument {flag}")
+    assert len(line) < 300 and "(10000 characters)" in line
+
+
+def test_messages_escape_and_cut_whatever_raises_them(capsys):
+    from common.text import one_line
+    from tools.cli import run_main
+
+    def boom():
+        raise ConfigError("bad value " + "7" * 5000 + " in x\ny\u2028z")
+    with pytest.raises(SystemExit):
+        run_main(boom)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 300 and "x\\ny\\u2028z" in err
+    assert one_line("a\tb") == "a\\tb"

@@ -639,6 +639,36 @@ def test_slow_body_is_408_within_the_body_timeout(server):
     assert b"did not arrive within 3 s" in results[0][1] and time.monotonic() - t0 < 30
 
 
+def test_slow_and_oversized_headers_are_408_and_431_in_the_proxy(server):
+    """The issue's probes against Ray Serve's own proxy: connections that send a request line and
+    part of a header block are answered 408 and closed (10 s bound), a 32 MiB header and 20,000
+    headers are 431 after 64 KiB; the server still serves."""
+    import socket as _socket
+    from tests.test_serve_headers import _closed, _send_all, _status
+    conns = []
+    try:
+        t0 = time.monotonic()
+        for _ in range(30):
+            c = _socket.create_connection(("127.0.0.1", server.port))
+            c.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            conns.append(c)
+        got = [_status(c, timeout=max(0.05, t0 + 40 - time.monotonic())) for c in conns]
+        assert got == [408] * 30 and all(_closed(c) for c in conns)
+        with _socket.create_connection(("127.0.0.1", server.port)) as c:
+            _send_all(c, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            for _ in range(512):
+                _send_all(c, b"a" * 65536)
+            assert _status(c) == 431 and _closed(c)
+        with _socket.create_connection(("127.0.0.1", server.port)) as c:
+            _send_all(c, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(20000))
+                      + b"\r\n")
+            assert _status(c) == 431 and _closed(c)
+    finally:
+        for c in conns:
+            c.close()
+    assert server.post({"class": 1, "seed": 1, **TOP})[0] == 200
+
+
 def test_full_queue_is_503_with_retry_after_then_recovers(server):
     """A second application with --max-queue 2: the replica holds 2 batches (8 requests) and the
     ingress lets 2 more wait for it, so a burst of 24 requests cannot all be taken: some get 503

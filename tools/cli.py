@@ -1,6 +1,7 @@
 """The CLI layer's shared pieces: flags every command shares, one error policy (user errors
 (ConfigError) and environment errors (OSError: disk full, permissions, a name too long;
-MemoryError) print one line and exit 2; only a real bug shows a traceback), and the dispatch
+MemoryError) print one line and exit 2, control characters escaped and long values cut
+(common.text.one_line); only a real bug shows a traceback), and the dispatch
 from `scripts/NAME.py` and the `var-ssg NAME` console command to `tools.commands.NAME.main`.
 
 Only this layer (tools/) imports argparse; below it everything takes config dataclasses.
@@ -17,6 +18,7 @@ import re
 import sys
 from typing import Callable, List, Optional
 
+from common.text import one_line, shown
 from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
                            DSE_TRANSFORMS, GUIDANCE_MAX, SEED_MAX)
 from common.errors import ConfigError
@@ -57,10 +59,12 @@ def finite_float(s: str) -> float:
 
 def seed_int(s: str) -> int:
     """A seed: 0..2**63-1, refused here with the flag's name (runtime/noise.py takes 0..2**64-1 and the Gumbel stream adds 2**63)."""
+    if len(s) > 40:                     # int() of 10,000 digits is slow, and no seed is that long
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{SEED_MAX}, got {shown(s, 40)}")
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{shown(s)} is not an integer") from None
     if not 0 <= v <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"must be an integer in 0..{SEED_MAX}, got {s}")
     return v
@@ -106,8 +110,8 @@ class _Parser(argparse.ArgumentParser):
         # with them (argparse alone answers "expected one argument")
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
-    def error(self, message):   # one line, exit 2 (argparse's own code)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):   # one line, exit 2 (argparse's own code); values escaped and cut
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -163,7 +167,7 @@ def describe_os_error(e: OSError) -> str:
 
 
 def _fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {one_line(msg)}", file=sys.stderr)     # a value never forges a second line
     sys.exit(2)
 
 

@@ -61,7 +61,9 @@ def pool_from_args(a: argparse.Namespace):
         return None
     from cluster import RayConfig
     from evaluation.distributed import PoolConfig
-    return PoolConfig(ray=RayConfig(address=a.address), workers=a.workers, chunk=a.chunk, device=a.device)
+    ray = RayConfig(address=a.address)
+    ray.check()                         # --address checked before any work
+    return PoolConfig(ray=ray, workers=a.workers, chunk=a.chunk, device=a.device)
 
 
 def print_workers(workers) -> None:

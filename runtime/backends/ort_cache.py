@@ -15,10 +15,13 @@ its key matches and both files still have the identity (device, inode, size, mti
 ctime_ns) they had when written, the verified stamp's rule; anything else is a miss, and a miss
 with the cache on writes a new entry (a first start then builds the session once while saving
 it). Any problem with the cache (unwritable, too little space, another process writing it) is
-logged and the session is built as without it.
+logged and the session is built as without it. Links are never followed: a cache root or ort/
+that is a symbolic link is refused (one line; the cache is off), the lock and entry files are
+opened with O_NOFOLLOW, and entries and leftovers are lstat'ed before they are read or removed.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -26,6 +29,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import tempfile
 from typing import Any, Optional
 
@@ -61,18 +65,42 @@ def session_key(man: Manifest, ort_version: str, options: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def _no_link(path: str) -> None:
+    """Refuse `path` if it is a symbolic link (the cache would write and delete where it points)."""
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, f"{path!r} is a symbolic link (to {os.readlink(path)!r:.200}); the session cache "
+                                   f"uses only a real folder there: replace the link with a folder or set VAR_SSG_CACHE")
+
+
+def _open_nofollow(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open without following a link at `path`; only a regular file is kept open."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path!r} is not a regular file")
+    return fd
+
+
 class SessionCache:
     def __init__(self, man: Manifest, ort, prepack: bool, threads: int):
         self.ort, self.man, self.threads = ort, man, threads
         self.key = session_key(man, ort.__version__, dict(prepack=prepack))
         self.root = os.path.join(stamp.cache_root(), "ort")
+        self._check_links()
         st = os.lstat(os.path.join(man.root, "manifest.json"))
         self.manifest_id = [st.st_dev, st.st_ino]
         self.dir = os.path.join(self.root, f"{st.st_dev}-{st.st_ino}")
 
+    def _check_links(self) -> None:
+        _no_link(os.path.dirname(self.root))
+        _no_link(self.root)
+
     def load(self, providers) -> Optional[Any]:
         """The cached step session, or None (a miss)."""
         try:
+            self._check_links()
+            if not stat.S_ISDIR(os.lstat(self.dir).st_mode):
+                return None
             entry = _read_entry(self.dir)
             if entry is None or entry.get("key") != self.key:
                 return None
@@ -104,7 +132,13 @@ class SessionCache:
         lock = tmp = None
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
-            lock = open(self.dir + ".lock", "a")
+            self._check_links()
+            try:
+                lock = os.fdopen(_open_nofollow(self.dir + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a")
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.EINVAL, errno.ENXIO, errno.EISDIR):
+                    raise OSError(e.errno, f"{self.dir}.lock is not a regular file (a link?); remove it") from None
+                raise
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # one writer per entry (replicas)
             except BlockingIOError:
@@ -137,7 +171,8 @@ class SessionCache:
                 entry = dict(format=FORMAT, key=self.key, artifacts=os.path.abspath(self.man.root),
                              manifest=self.manifest_id,
                              files={n: list(stamp.file_key(os.lstat(os.path.join(tmp, n)))) for n in (GRAPH, DATA)})
-                with open(os.path.join(tmp, ENTRY), "w") as f:
+                with os.fdopen(_open_nofollow(os.path.join(tmp, ENTRY), os.O_WRONLY | os.O_CREAT | os.O_EXCL),
+                               "w") as f:
                     json.dump(entry, f)
                 os.rename(tmp, self.dir)
             except OSError as e:
@@ -154,11 +189,17 @@ class SessionCache:
         for name in os.listdir(self.root):
             full = os.path.join(self.root, name)
             parts = name.split("-")
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(full).st_mode)    # a link is never followed, never removed
+            except OSError:
+                continue
+            if not is_dir:
+                continue
             if name.startswith(".") and len(parts) >= 3 and parts[0] in (".tmp", ".old") and parts[1].isdigit():
                 if not _alive(int(parts[1])):
                     shutil.rmtree(full, ignore_errors=True)
                 continue
-            if name.startswith(".") or name.endswith(".lock") or full == self.dir:
+            if name.startswith(".") or full == self.dir:
                 continue
             entry = _read_entry(full)
             if entry is None:
