@@ -1,5 +1,5 @@
-"""--address, checked before Ray is imported (DESIGN.md "Serving"): what it may be, and a bounded
-first contact with the cluster it names.
+"""--address, checked before Ray is imported (DESIGN.md "Serving: bounded, bound, stoppable"):
+what it may be, and a bounded first contact with the cluster it names.
 
     check_address(a)   None or "local" (a Ray instance of our own), "auto" (the cluster this
                        machine runs), HOST:PORT or ray://HOST:PORT (host non-empty, IPv6 in

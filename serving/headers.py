@@ -1,6 +1,6 @@
 """The header bound at the HTTP proxy (no Ray import): a request's header block must arrive
 within HEADER_TIMEOUT_S (else 408) and hold at most MAX_HEADER_BYTES (request line and every
-header, else 431); either answer closes the connection. DESIGN.md "Serving".
+header, else 431); either answer closes the connection. DESIGN.md "Serving: bounded, bound, stoppable".
 
 Neither Ray Serve (2.60: its HTTPOptions set only the keep-alive timeout) nor uvicorn's httptools
 protocol (the one Ray Serve's proxy runs) has a setting for either; uvicorn only bounds

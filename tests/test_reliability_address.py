@@ -7,7 +7,7 @@ import time
 import pytest
 
 from cluster.address import endpoint, reach
-from graphs.config import ConfigError
+from common.errors import ConfigError
 from tests.conftest import TINY
 from tests.test_reliability_inputs import cli, one_line_error
 
