@@ -19,6 +19,7 @@ reference's parameters (runtime.weights_check).
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
@@ -40,11 +41,14 @@ MIN_OPSET = {"int8": 13}                       # per-channel QDQ
 class CalibrationConfig:
     """The rows whose runs calibrate the activation ranges: row i is class `classes[i]`, seed
     `seed + i`, guidance `guidance[i % len(guidance)]`, the default SSG schedule; all scales.
-    `keep_fp32`: VAR parameters (prefix match after `var.`, e.g. "head.") whose MatMuls stay fp32."""
+    `keep_fp32`: VAR parameters whose MatMuls stay fp32 (fnmatch patterns on the names after
+    `var.`): the head (it writes the logits the sampler reads) and every AdaLN projection (its
+    input is the request's class condition, shared by all blocks: ONNX Runtime's CPU does not
+    fuse those QDQ MatMuls and would dequantize their weights at every scale)."""
     classes: Tuple[int, ...] = (207, 1, 360, 980, 88, 417)
     seed: int = 0
     guidance: Tuple[float, ...] = (4.0, 1.5, 2.5, 1.0)
-    keep_fp32: Tuple[str, ...] = ("head.",)
+    keep_fp32: Tuple[str, ...] = ("head.*", "*ada_lin.*")
 
     def __post_init__(self):
         if not self.classes:
@@ -161,7 +165,7 @@ def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarr
     del model.graph.value_info[:]
     gemm_to_matmul(model)
     wmap = {w: p for w, p in weight_map(model, params).items()
-            if not any(p[len("var."):].startswith(x) for x in keep_fp32)}
+            if not any(fnmatch.fnmatchcase(p[len("var."):], x) for x in keep_fp32)}
     if not wmap:
         raise ConfigError("the step graph has no MatMul whose weight is a VAR parameter: nothing to quantize")
     nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in wmap]
