@@ -21,7 +21,8 @@ from .config import check_seed
 from .infinity import Infinity
 from .infinity_config import InfinityConfig
 from .infinity_vae import BSQVAE
-from .weights import CheckpointError, WeightSource, _load_into, _random_fill, check_state_dict, read_state_dict
+from .weights import (CheckpointError, WeightSource, _load_into, _random_fill, check_state_dict, random_seed_of,
+                      read_state_dict)
 
 STALE_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 
@@ -85,11 +86,9 @@ def load_infinity(cfg: InfinityConfig, ckpt: Optional[str] = None, vae_ckpt: Opt
                   random_init: Optional[int] = None) -> Tuple[Infinity, BSQVAE, WeightSource]:
     """(model, vae, source) in eval mode, fp32, on the CPU: from files or seeded random weights."""
     if random_init is not None:
-        check_seed(random_init, "--random-init")
-        if ckpt is not None or vae_ckpt is not None:
-            raise ConfigError("use either --ckpt/--vae-ckpt or --random-init, not both")
-        model, vae = random_infinity(cfg, random_init)
-        return model, vae, WeightSource(kind="random", seed=int(random_init))
+        seed = random_seed_of(random_init, ckpt, vae_ckpt)
+        model, vae = random_infinity(cfg, seed)
+        return model, vae, WeightSource(kind="random", seed=seed)
     if not ckpt or not vae_ckpt:
         raise ConfigError("Infinity needs --ckpt and --vae-ckpt (the official files, e.g. infinity_2b_reg.pth and "
                           "infinity_vae_d32_reg.pth), or --random-init SEED")

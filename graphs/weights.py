@@ -196,15 +196,21 @@ def download_official(cfg: VARConfig) -> Tuple[str, str]:
             f"or use --random-init SEED for seeded random weights") from None
 
 
+def random_seed_of(random_init, ckpt, vae_ckpt) -> int:
+    """--random-init's seed, checked, and never together with checkpoint files."""
+    check_seed(random_init, "--random-init")
+    if ckpt is not None or vae_ckpt is not None:
+        raise ConfigError("use either --ckpt/--vae-ckpt or --random-init, not both")
+    return int(random_init)
+
+
 def load_models(cfg: VARConfig, ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None,
                 random_init: Optional[int] = None, hash_files: bool = True) -> Tuple[VAR, VQVAE, WeightSource]:
     """Return (var, vae, source) in eval mode, fp32, on the CPU."""
     if random_init is not None:
-        check_seed(random_init, "--random-init")
-        if ckpt is not None or vae_ckpt is not None:
-            raise ConfigError("use either --ckpt/--vae-ckpt or --random-init, not both")
-        var, vae = random_models(cfg, random_init)
-        return var, vae, WeightSource(kind="random", seed=int(random_init))
+        seed = random_seed_of(random_init, ckpt, vae_ckpt)
+        var, vae = random_models(cfg, seed)
+        return var, vae, WeightSource(kind="random", seed=seed)
     for flag, path in (("--ckpt", ckpt), ("--vae-ckpt", vae_ckpt)):
         if path is not None and not str(path).strip():      # never "absent": that would download
             raise ConfigError(f"{flag} is empty: give a checkpoint file (or leave out both flags for the official files)")

@@ -1,6 +1,8 @@
 import atexit
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -105,3 +107,17 @@ def run_script(name, *args, env=None):
     e["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, e.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *map(str, args)],
                           capture_output=True, text=True, env=e, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def alarm_guard(what: str, seconds: int = 60):
+    """A hang becomes a failure after `seconds` (SIGALRM raises TimeoutError naming `what`)."""
+    def boom(*_):
+        raise TimeoutError(what)
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import stat
 import sys
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 from contract.manifest import FORMAT, FORMAT_VERSION, ManifestError, load_manifest, write_manifest
 from graphs.config import SamplerConfig, SSGConfig, check_guidance, check_seed, get_preset
 from common.errors import ConfigError
-from tests.conftest import ROOT, TINY, run_cli, run_script
+from tests.conftest import ROOT, TINY, alarm_guard, run_cli, run_script
 
 MODEL = ["--model", TINY, "--random-init", "0"]
 
@@ -71,13 +70,8 @@ def snapshot(root) -> dict:
 @pytest.fixture
 def no_hang():
     """A FIFO or device opened by mistake would block forever: turn that into a failure."""
-    def boom(*_):
-        raise TimeoutError("blocked: something opened a FIFO or device")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with alarm_guard("blocked: something opened a FIFO or device"):
+        yield
 
 
 def user_dir(tmp_path):

@@ -1,6 +1,5 @@
 """--address (cluster.address): checked before any work, and a cluster that does not answer is
 one line within a bounded time, never a hang (Ray itself retries for minutes)."""
-import signal
 import socket
 import time
 
@@ -8,7 +7,7 @@ import pytest
 
 from cluster.address import endpoint, reach
 from common.errors import ConfigError
-from tests.conftest import TINY
+from tests.conftest import TINY, alarm_guard
 from tests.test_reliability_inputs import cli, one_line_error
 
 SAMPLE = ["--model", TINY, "--random-init", "0", "--classes", "1", "--per-class", "1"]
@@ -17,13 +16,8 @@ SAMPLE = ["--model", TINY, "--random-init", "0", "--classes", "1", "--per-class"
 @pytest.fixture
 def bounded():
     """A hang turns into a failure after 60 s."""
-    def boom(*_):
-        raise TimeoutError("--address hung")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with alarm_guard("--address hung"):
+        yield
 
 
 @pytest.mark.parametrize("address,msg", [
