@@ -99,7 +99,9 @@ def test_parity_passes_on_v4096_with_explained_flips(d2, tmp_path, capsys):
     js, seeds = tmp_path / "p.json", "0-1"                                     # 2 seeds, 4 images
     rc, out = parity(capsys, "--artifacts", d2, *ARGS, "--seeds", seeds, "--json", js)
     assert rc == 0, out[-3000:]
-    runs = json.loads(js.read_text())
+    rep = json.loads(js.read_text())
+    runs = rep["runs"]
+    assert not rep["failures"] and rep["weights"]["compared"] > 100 and not rep["weights"]["failures"]
     assert len(runs) == len(seeds.split("-")) and all(x["ok"] and x["mode"] == "teacher-forced" and
                                                       len(x["rows"]) == 20 for x in runs)
     from runtime.parity import BOUNDS
@@ -112,6 +114,22 @@ def test_parity_passes_on_v4096_with_explained_flips(d2, tmp_path, capsys):
     assert "exported tensors equal the reference's, bit for bit" in out
     for f in flips[:10]:                                     # the table shows them
         assert f"flip {f['run']} scale {f['scale']} row {f['row']} pos {f['pos']}" in out
+
+
+@slow
+def test_sweep_writes_its_json(d2, tmp_path, capsys, monkeypatch):
+    """--sweep --json stored tuples and called .to_json() on them: it crashed on a failure and
+    wrote [] on success. Two settings keep it short."""
+    import runtime.sweep
+    monkeypatch.setattr(runtime.sweep, "sweep_settings", lambda *a, **k: [("seed 0", dict(seed=0)),
+                                                                           ("T 3.0", dict(temperature=3.0))])
+    js = tmp_path / "s.json"
+    rc, out = parity(capsys, "--artifacts", d2, "--backends", "eager,onnxruntime", "--sweep", "--json", js)
+    assert rc == 0 and "sweep OK" in out, out[-2000:]
+    rep = json.loads(js.read_text())
+    (sw,) = rep["sweeps"]
+    assert sw["backend"] == "onnxruntime" and [s.split(":")[0] for s in sw["settings"]] == ["seed 0", "T 3.0"]
+    assert sw["noise"]["logits_rel"] > 0 and not sw["failures"] and not rep["failures"]
 
 
 @slow

@@ -210,11 +210,11 @@ def test_a_huge_dtype_is_refused_before_reading(base, tmp_path):
 def test_serve_refuses_them_before_ray_starts(capsys, base, tmp_path, monkeypatch, case, files, manifest, msg):
     """serve.py ran only the file hashes before Ray: bad artifacts started Ray and ended ~17 s
     later in "Deploying application var-ssg failed". Now generate's line, and Ray never starts."""
-    import cluster
+    from cluster.ray_session import RaySession
 
     def no_ray(*a, **kw):
         raise AssertionError("Ray was started for artifacts the driver could have refused")
-    monkeypatch.setattr(cluster, "start", no_ray)
+    monkeypatch.setattr(RaySession, "start", no_ray)
     d = _make(base, tmp_path, case, files, manifest)
     one_line_error(cli(capsys, "serve", "--artifacts", d, "--port", "8"), msg)
 

@@ -98,7 +98,7 @@ def test_parity_script_good_and_perturbed(artifacts, tmp_path):
                    "--seed", "1", "--top-k", "50", "--json", tmp_path / "p.json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ssg logits rel" in r.stdout and "parity OK" in r.stdout
-    rep = json.load(open(tmp_path / "p.json"))
+    rep = json.load(open(tmp_path / "p.json"))["runs"]
     assert rep[0]["ok"] and len(rep[0]["rows"]) == 20           # 10 scales of the user's rows + the probe row's
     # perturb one weight (the head's bias of the ONNX graphs only) and refresh the hashes
     bad = tmp_path / "bad"
