@@ -119,9 +119,15 @@ def weight_map(model, params: Dict[str, np.ndarray]) -> Dict[str, str]:
     {initializer name: parameter name}. Only these are quantized."""
     from onnx import numpy_helper
     by_digest: Dict[str, str] = {}
+    dup = set()
     for name, p in params.items():
         if p.ndim == 2:
-            by_digest.setdefault(_digest(p.T), name)
+            d = _digest(p.T)
+            if d in by_digest:
+                dup.add(d)                # two parameters with the same bytes: neither is named by them
+            by_digest.setdefault(d, name)
+    for d in dup:
+        del by_digest[d]
     inits = {t.name: t for t in model.graph.initializer}
     out = {}
     for n in model.graph.node:
@@ -151,7 +157,7 @@ class _Feeds:
 @dataclass
 class Quantized:
     weights: Dict[str, str]      # quantized initializer (as the graph stores it) -> VAR parameter
-    nodes: int                   # MatMuls quantized
+    nodes: int                   # weights quantized (one MatMul each in VAR's graphs)
     feeds: int                   # calibration feeds (scales x runs)
 
 
@@ -189,4 +195,4 @@ def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarr
         if w + "_quantized" not in stored or w + "_scale" not in stored:
             raise ConfigError(f"the quantizer left the weight of {p} unquantized ({w}); it cannot be checked")
         weights[w + "_quantized"] = p
-    return Quantized(weights=weights, nodes=len(nodes), feeds=len(feeds))
+    return Quantized(weights=weights, nodes=len(weights), feeds=len(feeds))

@@ -52,8 +52,12 @@ def _ref_key(name: str):
 
 
 def _np_dtype(data_type: int):
-    import onnx
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+    """The numpy dtype of an ONNX element type, through the one dtype table (bf16: ml_dtypes)."""
+    from contract.dtypes import name_of_onnx, numpy_dtype
+    name = name_of_onnx(data_type)
+    if name is None:
+        raise ValueError(f"ONNX element type {data_type} is not in contract.dtypes")
+    return numpy_dtype(name)
 
 
 def _cast(t, dtype: np.dtype) -> np.ndarray:
@@ -113,6 +117,7 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
             if t.name in quant:
                 rep.compared += _check_quantized(rep, gname, t, inits, quant[t.name], params, reader, man.precision,
                                                  requantize)
+                _check_dequantize(rep, gname, g.graph, t.name, quant[t.name])
                 seen.add(quant[t.name])
                 continue
             if t.name.endswith(("_scale", "_zero_point")) and t.name.rsplit("_", 2 if t.name.endswith("_zero_point") else 1)[0] + "_quantized" in quant:
@@ -140,6 +145,28 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
         rep.failures.append(f"weights: the reference's {name} is in no exported graph as it should be (copied, "
                             f"transposed or re-quantized): a changed or missing weight")
     return rep
+
+
+def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: str) -> None:
+    """The stored values are used as the scheme says: one DequantizeLinear reads the weight with its
+    own scale and zero point along axis 1 (the output channels), and feeds a MatMul's B input."""
+    import onnx
+    base = name[:-len("_quantized")]
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input and n.input[0] == name]
+    why = None
+    if len(dqs) != 1:
+        why = f"{len(dqs)} DequantizeLinear nodes read it (one should)"
+    else:
+        dq = dqs[0]
+        axis = next((onnx.helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1)
+        if list(dq.input[1:3]) != [base + "_scale", base + "_zero_point"]:
+            why = f"its DequantizeLinear reads {list(dq.input[1:3])}, not its own scale and zero point"
+        elif axis != 1:
+            why = f"its DequantizeLinear runs along axis {axis}, the scheme's output channels are axis 1"
+        elif not any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] == dq.output[0] for n in graph.node):
+            why = "its DequantizeLinear does not feed a MatMul's weight input"
+    if why:
+        rep.failures.append(f"weights: {gname} graph's {name} ({param}): {why}")
 
 
 def _check_quantized(rep: WeightsReport, gname: str, t, inits, param: str, params, reader, precision: str,

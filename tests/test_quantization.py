@@ -175,6 +175,14 @@ def _axis_transposed(g, raw, man):
     _write(raw, s, ss)
 
 
+def _dq_axis(g, raw, man):
+    q, _, _ = _quantized(g, man, PARAM)
+    dq = next(n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.name)
+    for a in dq.attribute:
+        if a.name == "axis":
+            a.i = 0                           # the stored values are right; the node reads them per row
+
+
 def _zero_point(g, raw, man):
     _, _, z = _quantized(g, man, PARAM)
     zz = _read(raw, z, np.int8)
@@ -225,9 +233,10 @@ def test_weights_check_passes_clean_int8_and_bf16(int8_tiny, artifacts):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("plant, what", [
-    ("scale", "scales"), ("zero_point", "zero point that is not 0"), ("axis", "stored values|scales")])
+    ("scale", "scales"), ("zero_point", "zero point that is not 0"), ("axis", "stored values|scales"),
+    ("dq_axis", "along axis 0")])
 def test_planted_quantizer_bugs_fail_the_weights_check(int8_tiny, tmp_path, plant, what):
-    edit = {"scale": _scale_off, "zero_point": _zero_point, "axis": _axis_transposed}[plant]
+    edit = {"scale": _scale_off, "zero_point": _zero_point, "axis": _axis_transposed, "dq_axis": _dq_axis}[plant]
     d = _plant(int8_tiny, tmp_path / "m", edit)
     rep = _weights_check(d)
     assert len(rep.failures) == 1 and PARAM in rep.failures[0], rep.failures
