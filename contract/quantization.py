@@ -15,13 +15,14 @@ not 0) makes some stored value differ.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Dict, Tuple
 
 import numpy as np
 
 QUANT_PRECISIONS = ("int8",)
 # precision -> (stored weight dtype name, the symmetric range's bound)
-WEIGHT_TYPES = {"int8": ("int8", 127.0)}
+QMAX = 127.0                    # int8's symmetric range [-127, 127]
 QUANT_KEYS = ("tool", "tool_version", "format", "weight_type", "activation_type", "weight_granularity", "weight_axis",
               "weight_symmetric", "activation_granularity", "activation_symmetric", "calibration_method", "op_types",
               "nodes", "calibration", "weights")
@@ -68,11 +69,16 @@ def validate(c, data: Dict[str, Any], precision: str, num_scales: int) -> None:
     c.int_in(cal, "feeds", 1, 1 << 20, "quantization.calibration.feeds")
 
 
+def tensor_digest(a: np.ndarray) -> str:
+    """sha256 of an array's bytes in C order (how a stored tensor is matched to a parameter)."""
+    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).reshape(-1)).hexdigest()
+
+
 def requantize(w_nk: np.ndarray, precision: str) -> Tuple[np.ndarray, np.ndarray]:
     """A parameter W (N, K), float32 -> (stored weight B (K, N) in the precision's type, scale (N,)
     float32), the manifest's scheme (module docstring)."""
     b = np.ascontiguousarray(np.asarray(w_nk, np.float32).T)
-    dtype, qmax = WEIGHT_TYPES[precision]
+    qmax = QMAX
     absmax = np.abs(b).max(axis=0)
     scale = (absmax / np.float32(qmax)).astype(np.float32)
     scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)

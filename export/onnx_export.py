@@ -42,7 +42,7 @@ from graphs.weights import WeightSource
 from .decoder_job import DecoderJob, DecoderSpec
 from .dynamo import export_one
 from .lint import lint_files
-from .quantize import MIN_OPSET as MIN_QUANT_OPSET, SCHEMES, CalibrationConfig
+from .quantize import SCHEMES, CalibrationConfig
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
 
@@ -80,9 +80,6 @@ class ExportConfig:
             raise ConfigError(f"--target must be onnx or trt, got {self.target!r}")
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0 (0 = no top-k), got {self.top_k}")
-        if self.precision in SCHEMES and self.opset < MIN_QUANT_OPSET[self.precision]:
-            raise ConfigError(f"--precision {self.precision} needs --opset {MIN_QUANT_OPSET[self.precision]} or more "
-                              f"(its QuantizeLinear), got {self.opset}")
         if self.top_k > TRT_TOPK_LIMIT:
             raise ConfigError(f"--top-k {self.top_k} exceeds TensorRT's TopK limit {TRT_TOPK_LIMIT}; use <= {TRT_TOPK_LIMIT} or 0 (no top-k)")
 

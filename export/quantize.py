@@ -20,8 +20,6 @@ reference's parameters (runtime.weights_check).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import logging
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -29,12 +27,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from common.errors import ConfigError
+from contract.quantization import tensor_digest
 
-log = logging.getLogger(__name__)
 
 # precision -> (weight type, activation type) in onnxruntime.quantization's QuantType names
 SCHEMES = {"int8": ("QInt8", "QInt8")}
-MIN_OPSET = {"int8": 13}                       # per-channel QDQ
 
 
 @dataclass(frozen=True)
@@ -110,10 +107,6 @@ def gemm_to_matmul(model) -> int:
     return n_done
 
 
-def _digest(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
-
-
 def weight_map(model, params: Dict[str, np.ndarray]) -> Dict[str, str]:
     """MatMul weights (K, N) that are a VAR parameter (N, K) transposed, bit for bit:
     {initializer name: parameter name}. Only these are quantized."""
@@ -122,7 +115,7 @@ def weight_map(model, params: Dict[str, np.ndarray]) -> Dict[str, str]:
     dup = set()
     for name, p in params.items():
         if p.ndim == 2:
-            d = _digest(p.T)
+            d = tensor_digest(p.T)
             if d in by_digest:
                 dup.add(d)                # two parameters with the same bytes: neither is named by them
             by_digest.setdefault(d, name)
@@ -134,7 +127,7 @@ def weight_map(model, params: Dict[str, np.ndarray]) -> Dict[str, str]:
         if n.op_type == "MatMul" and n.input[1] in inits and n.input[1] not in out:
             w = numpy_helper.to_array(inits[n.input[1]])
             if w.ndim == 2 and w.dtype == np.float32:
-                hit = by_digest.get(_digest(w))
+                hit = by_digest.get(tensor_digest(w))
                 if hit is not None:
                     out[n.input[1]] = hit
     return out

@@ -34,9 +34,9 @@ def kept_dense(l64: torch.Tensor, T, top_k, top_p, k_max: int) -> torch.Tensor:
     return torch.zeros_like(l64).scatter_(-1, order, q)
 
 
-def tv_kl(ref: RunResult, got: RunResult, k: int, k_max: int) -> Dict[str, float]:
-    """Mean TV of the kept distributions and mean KL(ref || got) of the tempered softmax at scale k."""
-    info = run_info(ref, len(ref.tokens))
+def tv_kl(ref: RunResult, got: RunResult, k: int, k_max: int, info) -> Dict[str, float]:
+    """Mean TV of the kept distributions and mean KL(ref || got) of the tempered softmax at scale k
+    (`info`: runtime.parity.run_info of the reference's run)."""
     B, n, V = ref.logits[k].shape
     rep = lambda t: t.repeat_interleave(n, 0)          # noqa: E731 - per row -> per position
     T, tk, tp = rep(info.T), rep(info.top_k), rep(info.top_p)
@@ -99,8 +99,9 @@ def run_quality(ref_pipe, base_pipe, pipe, rows: Sequence[Row], precision: str, 
                 name, rep.parity)
         r_ref, r_got, r_base = ref.as_torch(), got.as_torch(), base.as_torch()
         prow = [r for r in rep.parity.rows if r["run"] == name]
+        info_ref = run_info(r_ref, len(ref.tokens))
         for k in range(len(ref.tokens)):
-            m, mb = tv_kl(r_ref, r_got, k, info.k_max), tv_kl(r_ref, r_base, k, info.k_max)
+            m, mb = tv_kl(r_ref, r_got, k, info.k_max, info_ref), tv_kl(r_ref, r_base, k, info.k_max, info_ref)
             bound = GATE_FACTOR * mb["tv"] + TV_SLACK
             rep.rows.append(dict(run=name, scale=k, tv=m["tv"], kl=m["kl"], tv_base=mb["tv"], kl_base=mb["kl"],
                                  bound=bound, flips=prow[k]["flips"], expected_flips=prow[k]["expected_flips"]))

@@ -16,7 +16,6 @@ whose shape or bytes differ: the check cannot pass without comparing.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -69,10 +68,6 @@ def _cast(t, dtype: np.dtype) -> np.ndarray:
     return t.to(getattr(torch, name)).numpy() if hasattr(torch, name) else t.float().numpy().astype(dtype)
 
 
-def _digest(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).reshape(-1)).hexdigest()
-
-
 class _Reader:
     def __init__(self, man):
         wfile = man.path(man.data["external_data"]["file"])
@@ -91,11 +86,12 @@ class _Reader:
 def weights_check(man, models: Dict[str, object]) -> WeightsReport:
     """`models`: {"var": VAR, "vae": VQVAE}, the eager reference's (fp32)."""
     import onnx
-    from contract.quantization import requantize
+    from contract.quantization import requantize, tensor_digest
     params = {f"{m}.{k}": v.detach().cpu() for m, mod in models.items() for k, v in mod.state_dict().items()}
     required = {k for m, mod in models.items() for k, _ in mod.named_parameters(prefix=m)
                 if not k.startswith(UNUSED) and not k.endswith(DERIVED)}
     quant = (man.data.get("quantization") or {}).get("weights", {})
+    companions = {q[:-len("_quantized")] + s for q in quant for s in ("_scale", "_zero_point")}
     rep, seen = WeightsReport(), set()
     reader = _Reader(man)
     by_digest: Dict[Tuple[str, str], List[str]] = {}      # (dtype, digest) -> parameters with those bytes
@@ -105,9 +101,9 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
         if not any(k[0] == key for k in by_digest):
             for name in sorted(required):
                 a = _cast(params[name], dtype)
-                by_digest.setdefault((key, _digest(a)), []).append(name)
+                by_digest.setdefault((key, tensor_digest(a)), []).append(name)
                 if a.ndim == 2:
-                    by_digest.setdefault((key, _digest(a.T)), []).append(name)
+                    by_digest.setdefault((key, tensor_digest(a.T)), []).append(name)
         return key
 
     for gname in ("step", "decoder"):
@@ -120,7 +116,7 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
                 _check_dequantize(rep, gname, g.graph, t.name, quant[t.name])
                 seen.add(quant[t.name])
                 continue
-            if t.name.endswith(("_scale", "_zero_point")) and t.name.rsplit("_", 2 if t.name.endswith("_zero_point") else 1)[0] + "_quantized" in quant:
+            if t.name in companions:
                 continue                    # compared with their weight
             arr = reader.read(t)
             key = _ref_key(t.name)
@@ -137,7 +133,7 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
                                         f"(max|d| {d:.2e}; it must be the same {arr.dtype.name} values)")
                 continue
             if arr.size >= 16 and (arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"):
-                hits = by_digest.get((digests(arr.dtype), _digest(arr)), [])
+                hits = by_digest.get((digests(arr.dtype), tensor_digest(arr)), [])
                 if hits:
                     rep.compared += 1
                     seen.update(hits)
