@@ -274,3 +274,44 @@ def test_parity_cli_fails_on_a_planted_quantizer_bug(int8_tiny, tmp_path):
     rep = json.loads((tmp_path / "p.json").read_text())
     assert any("zero point" in f for f in rep["failures"]) and rep["runs"][0]["precision"] == "int8"
     assert all(k in rep["runs"][0]["rows"][0] for k in ("tv", "kl", "tv_base", "kl_base", "bound"))
+
+
+# ------------------------------------------------------------------ the gate on V = 4096 (slow)
+@pytest.fixture(scope="module")
+def int8_d2(artifacts):
+    return artifacts(preset="var-d2", precision="int8")
+
+
+def _gate(d, rows):
+    from runtime.backends import open_backend
+    from runtime.backends.eager import EagerBackend
+    from runtime.pipeline import Pipeline
+    from runtime.quality import run_quality
+    man = load_manifest(d)
+    ref = Pipeline(open_backend("eager", man))
+    base = Pipeline(EagerBackend(ref.backend.var, ref.backend.vae, transform=man.transform, k_max=man.k_max,
+                                 autocast=torch.bfloat16))
+    return run_quality(ref, base, Pipeline(open_backend("onnxruntime", man)), rows, "int8", probe=False,
+                       images=False)
+
+
+@pytest.mark.slow
+def test_the_gate_passes_var_d2_and_catches_a_wrong_activation_scale(int8_d2, tmp_path):
+    """var-d2 (V = 4096) int8 passes the gate; one activation dequantized with twice its scale
+    (which the weights check cannot see: it is no weight) fails it."""
+    from runtime.pipeline import Row
+    rows = [Row(207, 0)]
+    clean = _gate(int8_d2, rows)
+    assert clean.ok, clean.failures + clean.parity.failures
+    assert all(r["tv"] <= r["bound"] for r in clean.rows) and len(clean.rows) == 10
+
+    def edit(g, raw, man):                    # the first activation DequantizeLinear reads a scale 2x its Q's
+        inits = {t.name: t for t in g.graph.initializer}
+        q_out = {n.output[0] for n in g.graph.node if n.op_type == "QuantizeLinear"}
+        dq = next(n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_out)
+        s = inits[dq.input[1]]
+        g.graph.initializer.append(numpy_helper.from_array(_read(raw, s, np.float32) * np.float32(2), "planted_scale"))
+        dq.input[1] = "planted_scale"
+    bad = _gate(_plant(int8_d2, tmp_path / "m", edit), rows)
+    assert not bad.ok and any("TV" in f for f in bad.failures), bad.failures
+    assert not _weights_check(str(tmp_path / "m")).failures          # invisible to the weights check
