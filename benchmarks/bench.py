@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from export.ensure import ModelSource, ensure_artifacts
-from graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, SamplerConfig, make_ssg
-from common.errors import ConfigError
+from var_ssg.export.ensure import ModelSource, ensure_artifacts
+from var_ssg.graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, SamplerConfig, make_ssg
+from var_ssg.common.errors import ConfigError
 
 from .roofline import FloorChoice, choose_floor
 
@@ -135,8 +135,8 @@ def ssg_cost(man, backend, repeats: int = 20) -> Optional[float]:
     folded MatMul + fusion in an ONNX Runtime session (benchmarks.ssg_graph). None otherwise."""
     import numpy as np
     import torch
-    from graphs.dse import dse_matrix
-    from runtime.backends.eager import EagerBackend
+    from var_ssg.graphs.dse import dse_matrix
+    from var_ssg.runtime.backends.eager import EagerBackend
     name = backend.info.name
     if not (isinstance(backend, EagerBackend) or name == "onnxruntime"):
         return None
@@ -161,7 +161,7 @@ def bench_dse(repeats: int = 50, V: int = 4096, src: int = 13, dst: int = 16) ->
     V = 4096) three ways: the folded matrix, the unfolded chain, torch.fft. Median seconds each.
     The three results are compared first: timing forms that compute different things is refused."""
     import torch
-    from graphs.dse import dse_chain_matrices, dse_fft, dse_matrix
+    from var_ssg.graphs.dse import dse_chain_matrices, dse_fft, dse_matrix
     h, H = src, dst
     l = torch.randn(1, h * h, V, generator=torch.Generator().manual_seed(0))
     M = torch.tensor(dse_matrix((h, h), (H, H), "dct"), dtype=torch.float32)
@@ -190,9 +190,9 @@ def bench_dse(repeats: int = 50, V: int = 4096, src: int = 13, dst: int = 16) ->
 def bench_batch(art: str, config: BenchConfig) -> BatchResult:
     """Every backend over one artifacts directory: warm-up, then `repeats` alternating rounds."""
     import torch
-    from contract.manifest import load_manifest
-    from runtime.backends import open_backend
-    from runtime.pipeline import Pipeline
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.pipeline import Pipeline
     man = load_manifest(art)
     cfg, names = man.cfg, config.backends
     pipes = {n: Pipeline(open_backend(n, man, device=config.device)) for n in names}

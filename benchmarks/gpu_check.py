@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TOP_P, SamplerConfig, get_preset,
+from var_ssg.graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TOP_P, SamplerConfig, get_preset,
                            make_ssg, topk_bake)
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 from .gpu_plan import (CLASSES, EXPORTED, Env, Estimates, GpuCheckConfig, OnDisk, PlannedRow, Progress, RowKey,
                        budget_reason, choose_exported, model_gparams, plan, row_stages)
@@ -65,7 +65,7 @@ class ParitySummary:
 
 def parity_summary(ref, got, precision: str, k_max: int, transform: str, patch_nums) -> ParitySummary:
     import torch
-    from runtime.parity import BOUNDS, compare
+    from var_ssg.runtime.parity import BOUNDS, compare
     rep = compare(ref, got, "backend", precision, k_max, transform, patch_nums, mode="free-running")
     same = [torch.from_numpy(a == b) for a, b in zip(ref.tokens, got.tokens)]
     live = torch.ones(same[0].shape[0], dtype=torch.bool)
@@ -168,7 +168,7 @@ def artifacts_dir(config: GpuCheckConfig, model: str) -> str:
 
 
 def export_config(config: GpuCheckConfig, target: str = "onnx"):
-    from export.onnx_export import ExportConfig
+    from var_ssg.export.onnx_export import ExportConfig
     return ExportConfig(top_k=config.top_k, target=target)
 
 
@@ -177,9 +177,9 @@ def on_disk(config: GpuCheckConfig, env: Env) -> Dict[str, OnDisk]:
     usable, _ = choose_exported(config.device, env)
     if not usable:                       # nothing to export: not even the exporter is imported
         return {}
-    from contract.manifest import load_manifest
-    from export.onnx_export import cache_key, weights_id
-    from graphs.weights import WeightSource
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.export.onnx_export import cache_key, weights_id
+    from var_ssg.graphs.weights import WeightSource
     disk = {}
     for m in (m for m in config.models if m in config.exported):
         try:
@@ -191,7 +191,7 @@ def on_disk(config: GpuCheckConfig, env: Env) -> Dict[str, OnDisk]:
         engines = False
         if graphs and "tensorrt" in usable:
             try:
-                from export.trt_build import engines_stale, this_machine
+                from var_ssg.export.trt_build import engines_stale, this_machine
                 engines = engines_stale(data, this_machine()) is None
             except (ConfigError, ImportError, RuntimeError):
                 pass
@@ -280,7 +280,7 @@ class GpuCheck:
 
     # ------------------------------------------------------------------ stages
     def _weights(self) -> None:
-        from graphs.weights import random_models
+        from var_ssg.graphs.weights import random_models
         m = self.model
         m.var, m.vae = random_models(m.cfg, 0)
         self.done.weights.add(m.cfg.name)
@@ -288,8 +288,8 @@ class GpuCheck:
     def _export(self, backend: str) -> str:
         """Export the artifacts `backend`'s row needs (export_artifacts reuses what is up to date)."""
         m, name = self.model, self.model.cfg.name
-        from export.onnx_export import OutTaken, export_artifacts
-        from graphs.weights import WeightSource
+        from var_ssg.export.onnx_export import OutTaken, export_artifacts
+        from var_ssg.graphs.weights import WeightSource
         ec = export_config(self.config, "trt" if backend == "tensorrt" else "onnx")
         out, src = artifacts_dir(self.config, name), WeightSource(kind="random", seed=0)
         m.var.to("cpu")                                  # the exporter traces on the host
@@ -315,16 +315,16 @@ class GpuCheck:
 
     def _eager(self, precision: str):
         import torch
-        from runtime.backends.eager import EagerBackend
-        from runtime.pipeline import Pipeline
+        from var_ssg.runtime.backends.eager import EagerBackend
+        from var_ssg.runtime.pipeline import Pipeline
         m = self.model
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         return Pipeline(EagerBackend(m.var, m.vae, transform="dct", k_max=m.k_max, dtype=dtype,
                                      device=self.config.device))
 
     def _pipeline(self, backend: str):
-        from runtime.backends import open_backend
-        from runtime.pipeline import Pipeline
+        from var_ssg.runtime.backends import open_backend
+        from var_ssg.runtime.pipeline import Pipeline
         return Pipeline(open_backend(backend, artifacts_dir(self.config, self.model.cfg.name),
                                      device=self.config.device))
 

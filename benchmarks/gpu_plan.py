@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from graphs.config import DEFAULT_TOP_K, EAGER_PRECISIONS
-from common.errors import ConfigError
+from var_ssg.graphs.config import DEFAULT_TOP_K, EAGER_PRECISIONS
+from var_ssg.common.errors import ConfigError
 
 CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)        # batch b uses the first b
 EXPORTED = ("tensorrt", "onnxruntime")                   # their order in the table
@@ -205,7 +205,7 @@ def rows_in_order(config: GpuCheckConfig) -> List[RowKey]:
 
 def model_gparams(models: Sequence[str]) -> Dict[str, float]:
     """Each model's transformer parameters, in units of 1e9 (what the guesses scale with)."""
-    from graphs.config import get_preset
+    from var_ssg.graphs.config import get_preset
     from .roofline import transformer_bytes
     return {m: transformer_bytes(get_preset(m), 1) / 1e9 for m in models}
 

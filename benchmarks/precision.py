@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from export.ensure import ModelSource, ensure_artifacts
-from export.onnx_export import ExportConfig
-from common.errors import ConfigError
-from graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, make_ssg
+from var_ssg.export.ensure import ModelSource, ensure_artifacts
+from var_ssg.export.onnx_export import ExportConfig
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.config import DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, make_ssg
 
 from .bench import timed_run
 
@@ -97,9 +97,9 @@ class PrecisionBenchResult:
 
 def _ours(row: str, cfg: PrecisionBenchConfig, models) -> Runner:
     import torch
-    from runtime.backends.eager import EagerBackend
-    from runtime.opener import open_artifacts
-    from runtime.pipeline import Pipeline
+    from var_ssg.runtime.backends.eager import EagerBackend
+    from var_ssg.runtime.opener import open_artifacts
+    from var_ssg.runtime.pipeline import Pipeline
     backend, prec = row.split("-", 1)
     src = cfg.source
     if backend == "onnxruntime":
@@ -148,8 +148,8 @@ def _official(row: str, cfg: PrecisionBenchConfig, models) -> Runner:
 def run_precision_bench(cfg: PrecisionBenchConfig, progress: Optional[Callable[[str], None]] = None) \
         -> PrecisionBenchResult:
     import torch
-    from graphs.config import get_preset
-    from graphs.weights import load_models
+    from var_ssg.graphs.config import get_preset
+    from var_ssg.graphs.weights import load_models
     src = cfg.source
     cache = {}
 

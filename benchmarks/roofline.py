@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from graphs.config import VARConfig
+from var_ssg.graphs.config import VARConfig
 
 # dense (no sparsity) peak rates and memory bandwidth from the vendors' data sheets
 GPU_PEAKS: Dict[str, Dict[str, float]] = {

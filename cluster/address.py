@@ -14,8 +14,8 @@ import socket
 import threading
 from typing import Optional, Tuple
 
-from common.errors import ConfigError
-from common.text import shown
+from var_ssg.common.errors import ConfigError
+from var_ssg.common.text import shown
 
 CONNECT_TIMEOUT_S = 30.0
 FORMS = "local, auto, HOST:PORT or ray://HOST:PORT (IPv6 in brackets: [::1]:6379)"

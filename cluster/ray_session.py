@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 from .address import check_address, reach
 

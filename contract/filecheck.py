@@ -8,7 +8,7 @@ import os
 import stat
 from typing import Any, Optional
 
-from common.files import open_regular, sha256_file
+from var_ssg.common.files import open_regular, sha256_file
 from .schema import MANIFEST, ManifestError
 
 MAX_MANIFEST_BYTES = 64 << 20

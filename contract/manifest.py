@@ -29,10 +29,10 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from common.errors import ConfigError
-from graphs.config import VARConfig, get_preset
-from graphs.source import WeightSource
-from contract import schema, stamp
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.config import VARConfig, get_preset
+from var_ssg.graphs.source import WeightSource
+from var_ssg.contract import schema, stamp
 from .dtypes import DTYPE_NAMES, DTYPES, PRECISION_DTYPES, dtype_name, dtype_name_of, torch_dtype  # noqa: F401
 from .filecheck import MAX_MANIFEST_BYTES, file_problem, read_manifest  # noqa: F401
 from .replace import artifacts_dir_problem  # noqa: F401
@@ -119,7 +119,7 @@ class Manifest:
         `dse.transform: dct`)."""
         import numpy as np
         from numpy.lib import format as npy
-        from graphs.io import scale_constants
+        from var_ssg.graphs.io import scale_constants
         path = self.path(self.graph("step")["consts"])
         out = []
         try:

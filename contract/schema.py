@@ -9,8 +9,8 @@ import datetime
 import re
 from typing import Any, Dict
 
-from common.errors import ConfigError
-from graphs.config import DSE_TRANSFORMS, PRECISIONS, TRT_TOPK_LIMIT, VARConfig, get_preset, topk_bake
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.config import DSE_TRANSFORMS, PRECISIONS, TRT_TOPK_LIMIT, VARConfig, get_preset, topk_bake
 from .dtypes import DTYPE_NAMES, PRECISION_DTYPES
 
 FORMAT = "var-ssg-artifacts"
@@ -162,7 +162,7 @@ def validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     validate_quantization(c, data, precision, cfg.num_scales)
     graphs = c.get(data, "graphs", dict)
     c.only(graphs, ("step", "decoder"), "graphs")
-    from graphs.io import DecoderIO, StepIO
+    from var_ssg.graphs.io import DecoderIO, StepIO
     step, dec = StepIO(cfg, B, kv), DecoderIO(cfg, B)
     keys = dict(step=("file", "inputs", "outputs", "consts", "dynamic_inputs", "profiles", "output_shapes"),
                 decoder=("file", "inputs", "outputs", "precision"))

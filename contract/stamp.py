@@ -19,7 +19,7 @@ import logging
 import os
 from typing import Dict, Iterable, Optional, Tuple
 
-from common.files import atomic_path, open_regular
+from var_ssg.common.files import atomic_path, open_regular
 
 log = logging.getLogger(__name__)
 

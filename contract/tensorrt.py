@@ -35,7 +35,7 @@ import json
 import re
 from typing import Dict, List, Tuple
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 MIN_TRT = (10, 8)
 CROSS_MAJOR = {(8, 10), (10, 11)}     # (build major, runtime major) pairs NVIDIA supports

@@ -7,8 +7,8 @@ import datetime
 import os
 from typing import Any, Dict, Optional
 
-from common.files import sha256_file, write_json
-from graphs.config import VARConfig, topk_bake
+from var_ssg.common.files import sha256_file, write_json
+from var_ssg.graphs.config import VARConfig, topk_bake
 from .dtypes import PRECISION_DTYPES
 from .schema import FORMAT, FORMAT_VERSION, KV_LAYOUT, MANIFEST, SSG_NOTE, check_manifest, config_to_json
 
@@ -21,7 +21,7 @@ def build_manifest(cfg: VARConfig, *, batch: int, precision: str, opset: int, tr
     caller gives what only it knows (the graphs' files and inputs/outputs as exported, the
     weights' source, the options); everything derived (config, k_max, kv, per-scale profiles and
     output shapes, dynamic inputs) is computed here, and the result is validated by the schema."""
-    from graphs.io import StepIO
+    from var_ssg.graphs.io import StepIO
     k_max = topk_bake(top_k, cfg.V)
     comp = StepIO(cfg, batch, PRECISION_DTYPES[precision])
     io = ("file", "inputs", "outputs")

@@ -24,9 +24,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from cluster import RayConfig, session
-from common.errors import ConfigError
-from runtime.opener import PipelineSource
+from var_ssg.cluster import RayConfig, session
+from var_ssg.common.errors import ConfigError
+from var_ssg.runtime.opener import PipelineSource
 
 from .run import Work
 
@@ -78,7 +78,7 @@ class _Worker:
     def __init__(self, sources: Sequence[PipelineSource]):
         self.error, self.infos, self.note = None, [], ""
         try:
-            from runtime.opener import open_sources
+            from var_ssg.runtime.opener import open_sources
             pipes, self.note = open_sources(sources)
             self.pipes = {p.info.transform: p for p in pipes}
             self.infos = [p.info for p in pipes]

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"          # torch-fidelity's file
 ALT_NAMES = ("pt_inception-2015-12-05-6726825d.pth",)               # pytorch-fid's

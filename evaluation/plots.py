@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from common.files import atomic_path
+from var_ssg.common.files import atomic_path
 
 
 def _pyplot():

@@ -13,12 +13,12 @@ from typing import Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, PATCH_NUMS_256,
+from var_ssg.graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, PATCH_NUMS_256,
                            SamplerConfig, SSGConfig, check_guidance, make_ssg)
-from common.errors import ConfigError
-from runtime.images import to_uint8
-from runtime.noise import VERSION as NOISE
-from runtime.pipeline import Pipeline, Row
+from var_ssg.common.errors import ConfigError
+from var_ssg.runtime.images import to_uint8
+from var_ssg.runtime.noise import VERSION as NOISE
+from var_ssg.runtime.pipeline import Pipeline, Row
 
 from .samples import parse_classes
 

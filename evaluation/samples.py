@@ -24,8 +24,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from common.errors import ConfigError
-from common.files import atomic_path
+from var_ssg.common.errors import ConfigError
+from var_ssg.common.files import atomic_path
 
 
 def parse_classes(spec: str, num_classes: int = 1000) -> List[int]:

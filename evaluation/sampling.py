@@ -31,9 +31,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from common.files import atomic_path, check_outputs, write_json
-from common.errors import ConfigError
-from runtime.opener import PipelineSource, open_sources
+from var_ssg.common.files import atomic_path, check_outputs, write_json
+from var_ssg.common.errors import ConfigError
+from var_ssg.runtime.opener import PipelineSource, open_sources
 
 from .run import Executor, Job, JobRequest, PipelineView, Work, check_job, run_batches
 from .samples import NpzBatch, diff_settings, settings_array, timing_path, write_npz_stream

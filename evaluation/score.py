@@ -17,10 +17,10 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 from .metrics import PR_K, GaussianStats, frechet_distance, inception_score, precision_recall
-from common.files import atomic_path
+from var_ssg.common.files import atomic_path
 
 from .samples import NpzBatch
 

@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from common.files import atomic_path, check_outputs, write_json
-from graphs.config import DSE_TRANSFORMS
-from common.errors import ConfigError
-from runtime.opener import PipelineSource
+from var_ssg.common.files import atomic_path, check_outputs, write_json
+from var_ssg.graphs.config import DSE_TRANSFORMS
+from var_ssg.common.errors import ConfigError
+from var_ssg.runtime.opener import PipelineSource
 
 from .run import JobRequest, check_job
 from .samples import NpzBatch, read_timing

@@ -10,9 +10,9 @@ from typing import Dict, List
 
 import numpy as np
 
-from graphs.io import scale_constants
-from runtime.backends.eager import EagerBackend
-from runtime.pipeline import Pipeline, Row
+from var_ssg.graphs.io import scale_constants
+from var_ssg.runtime.backends.eager import EagerBackend
+from var_ssg.runtime.pipeline import Pipeline, Row
 
 from .quantize import CalibrationConfig
 

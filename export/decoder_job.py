@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from graphs.config import VARConfig, VQVAEConfig
+from var_ssg.common.checkout import import_root
+from var_ssg.graphs.config import VARConfig, VQVAEConfig
 
 JOB, VAE, OUT, ERR, STDERR = "job.pkl", "vae.pt", "decoder.onnx", "error.txt", "stderr.txt"
 MESSAGE_CHARS = 3000                    # the most of the child's error the parent quotes
@@ -42,8 +43,8 @@ class DecoderSpec:
 
 
 def _root() -> str:
-    """The folder that holds the `export` package (the child imports it from there)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The folder the child imports var_ssg from: the same as this process's."""
+    return import_root()
 
 
 def _tail(path: str, chars: int) -> str:
@@ -77,7 +78,7 @@ class DecoderJob:
                    PYTHONPATH=os.pathsep.join(p for p in (_root(), os.environ.get("PYTHONPATH")) if p))
         with open(os.path.join(self.scratch, STDERR), "wb") as err:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "export.decoder_job", self.scratch, str(os.getpid())], env=env,
+                [sys.executable, "-m", "var_ssg.export.decoder_job", self.scratch, str(os.getpid())], env=env,
                 cwd=self.scratch, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
 
     def result(self):
@@ -106,8 +107,8 @@ class DecoderJob:
 
 def _run(scratch: str) -> None:
     import onnx_ir as ir
-    from graphs.components import DecoderComponent
-    from graphs.vqvae import VQVAE
+    from var_ssg.graphs.components import DecoderComponent
+    from var_ssg.graphs.vqvae import VQVAE
     from .dynamo import export_one
     with open(os.path.join(scratch, JOB), "rb") as f:
         spec: DecoderSpec = pickle.load(f)      # written by the parent, in a folder only it made

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 from .onnx_export import ExportConfig, OutTaken, export_artifacts
 
@@ -35,8 +35,8 @@ class ModelSource:
 def ensure_artifacts(src: ModelSource, batch: int, ec: Optional[ExportConfig] = None) -> str:
     """The artifacts directory for `src` at `batch`: reused when up to date, else exported.
     `ec` defaults to ExportConfig(batch=batch); its batch must be `batch`."""
-    from graphs.config import get_preset
-    from graphs.weights import load_models
+    from var_ssg.graphs.config import get_preset
+    from var_ssg.graphs.weights import load_models
     ec = ec or ExportConfig(batch=batch)
     if ec.batch != batch:
         raise ValueError(f"ExportConfig batch {ec.batch} != {batch}")

@@ -13,8 +13,8 @@ from typing import AbstractSet, List, Sequence
 import onnx
 from onnx import numpy_helper
 
-from contract.manifest import MAX_OPSET       # TensorRT 10.x's parser documents opsets 9..20
-from graphs.config import TRT_TOPK_LIMIT
+from var_ssg.contract.manifest import MAX_OPSET       # TensorRT 10.x's parser documents opsets 9..20
+from var_ssg.graphs.config import TRT_TOPK_LIMIT
 
 # Ops the TensorRT 10 ONNX parser supports (from onnx-tensorrt's operator matrix), minus the
 # ones this project forbids outright (control flow, DFT, random).

@@ -27,17 +27,17 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from contract import stamp
-from contract.dtypes import PRECISION_DTYPES, dtype_name, torch_dtype
-from contract.manifest import (MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, build_manifest, check_manifest,
+from var_ssg.contract import stamp
+from var_ssg.contract.dtypes import PRECISION_DTYPES, dtype_name, torch_dtype
+from var_ssg.contract.manifest import (MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, build_manifest, check_manifest,
                                config_to_json, load_manifest, write_manifest)
-from graphs.components import DecoderComponent, StepComponent
-from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, VARConfig, topk_bake
-from common.errors import ConfigError
-from graphs.step import StepSpec
-from graphs.var import VAR
-from graphs.vqvae import VQVAE
-from graphs.weights import WeightSource
+from var_ssg.graphs.components import DecoderComponent, StepComponent
+from var_ssg.graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, TRT_TOPK_LIMIT, VARConfig, topk_bake
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.step import StepSpec
+from var_ssg.graphs.var import VAR
+from var_ssg.graphs.vqvae import VQVAE
+from var_ssg.graphs.weights import WeightSource
 
 from .decoder_job import DecoderJob, DecoderSpec
 from .dynamo import export_one

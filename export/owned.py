@@ -10,8 +10,8 @@ import json
 import os
 from typing import Optional
 
-from common.files import open_regular, sha256_file
-from contract.manifest import MANIFEST, artifacts_dir_problem
+from var_ssg.common.files import open_regular, sha256_file
+from var_ssg.contract.manifest import MANIFEST, artifacts_dir_problem
 
 # Every name an export (onnx_export, trt_build) writes into --out; nothing else is ever ours.
 EXPORT_FILES = frozenset({MANIFEST, "step_all.onnx", "decoder.onnx", "weights.bin", "scale_consts.npz",

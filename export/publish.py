@@ -28,8 +28,8 @@ import stat
 import tempfile
 from typing import List, Optional, Tuple
 
-from common.errors import ConfigError
-from common.text import has_control, shown
+from var_ssg.common.errors import ConfigError
+from var_ssg.common.text import has_control, shown
 from .owned import replace_problem
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from common.errors import ConfigError
-from contract.quantization import tensor_digest
+from var_ssg.common.errors import ConfigError
+from var_ssg.contract.quantization import tensor_digest
 
 
 # precision -> (weight type, activation type) in onnxruntime.quantization's QuantType names

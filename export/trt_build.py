@@ -29,9 +29,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
-from common.files import atomic_path
-from contract.tensorrt import engine_cache_key, import_tensorrt, profile_scales, version_tuple
-from common.errors import ConfigError
+from var_ssg.common.files import atomic_path
+from var_ssg.contract.tensorrt import engine_cache_key, import_tensorrt, profile_scales, version_tuple
+from var_ssg.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 TIMING_CACHE = "timing.cache"

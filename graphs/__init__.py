@@ -5,9 +5,9 @@ matrices live in `graphs.dse`."""
 
 
 def __getattr__(name):
-    """`from graphs import dse_matrix` (DESIGN.md's name for it), imported on first use so that
-    `import graphs.config` stays free of numpy and torch."""
+    """`from var_ssg.graphs import dse_matrix` (its public name, DESIGN.md "Packaging"), imported
+    on first use so that `import var_ssg.graphs.config` stays free of numpy and torch."""
     if name == "dse_matrix":
         from .dse import dse_matrix
         return dse_matrix
-    raise AttributeError(f"module 'graphs' has no attribute {name!r}")
+    raise AttributeError(f"module 'var_ssg.graphs' has no attribute {name!r}")

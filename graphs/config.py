@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)   # official `--pn 512` (utils/arg_util.py)

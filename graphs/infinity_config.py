@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 from .config import GUIDANCE_MAX, TEMPERATURE_RANGE
 

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 from .infinity_generate import TextCondition
 
 log = logging.getLogger(__name__)

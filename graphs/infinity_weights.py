@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 from .config import check_seed
 from .infinity import Infinity

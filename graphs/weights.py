@@ -17,10 +17,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from common.files import open_regular, sha256_file
+from var_ssg.common.files import open_regular, sha256_file
 from .source import WeightSource  # noqa: F401  (graphs.weights.WeightSource)
 from .config import OFFICIAL_CKPTS, OFFICIAL_VAE_CKPT, PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, check_seed, get_preset
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 from .var import VAR, block_causal_buffers
 from .vqvae import VQVAE
 

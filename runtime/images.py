@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from common.files import atomic_path
+from var_ssg.common.files import atomic_path
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

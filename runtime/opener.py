@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
-from graphs.config import get_preset, topk_bake
-from common.errors import ConfigError
+from var_ssg.graphs.config import get_preset, topk_bake
+from var_ssg.common.errors import ConfigError
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -75,7 +75,7 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
     if not src.model:
         raise ConfigError("give --model (e.g. var-d16) or --artifacts DIR")
     cfg = get_preset(src.model)
-    from graphs.weights import load_models
+    from var_ssg.graphs.weights import load_models
     from .backends.eager import EagerBackend
     from .pipeline import Pipeline
     var, vae, weights = load_models(cfg, src.ckpt, src.vae_ckpt, src.random_init)
@@ -90,7 +90,7 @@ def open_artifacts(artifacts: str, backend: str, device: str = "cpu", threads: i
     """(Manifest, backend) of an artifacts directory. ONNX Runtime builds its sessions as soon
     as the files are verified, before the schema check (DESIGN.md, "Start-up: what runs when"). `clock(stage)` is called when the files are verified ("files") and when the
     manifest is loaded ("manifest"), for start-up reports."""
-    from contract.manifest import load_manifest
+    from var_ssg.contract.manifest import load_manifest
     from .backends import open_backend
     if session_cache:
         check_session_cache(backend, device)

@@ -36,10 +36,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from common.errors import ConfigError
-from graphs.config import DEFAULT_TOP_K, DEFAULT_TOP_P, parse_ssg_beta
-from graphs.sampling import BISECT_STEPS
-from graphs.step import smooth_tau
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.config import DEFAULT_TOP_K, DEFAULT_TOP_P, parse_ssg_beta
+from var_ssg.graphs.sampling import BISECT_STEPS
+from var_ssg.graphs.step import smooth_tau
 
 from .pipeline import RunResult, Row
 
@@ -217,7 +217,7 @@ def run_info(ref: RunResult, num_scales: int) -> RunInfo:
 
 @functools.lru_cache(maxsize=64)
 def _dse64(pn_prev: int, pn: int, transform: str) -> torch.Tensor:
-    from graphs.dse import dse_matrix
+    from var_ssg.graphs.dse import dse_matrix
     return torch.from_numpy(dse_matrix((pn_prev, pn_prev), (pn, pn), transform))
 
 

@@ -26,11 +26,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
+from var_ssg.graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
                            SEED_MAX, SamplerConfig, SSGConfig,
                            check_guidance, check_seed, parse_ssg_beta)
-from common.errors import ConfigError
-from graphs.io import prev_rows
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.io import prev_rows
 
 from .backends.base import Backend, BackendInfo
 from .noise import draw_row_noise

@@ -7,8 +7,8 @@ from typing import List
 
 import numpy as np
 
-from contract.manifest import Manifest
-from common.errors import ConfigError
+from var_ssg.contract.manifest import Manifest
+from var_ssg.common.errors import ConfigError
 
 
 def polygraphy_check(man: Manifest, scales=(0, 1, 5)) -> List[str]:

@@ -52,7 +52,7 @@ def _ref_key(name: str):
 
 def _np_dtype(data_type: int):
     """The numpy dtype of an ONNX element type, through the one dtype table (bf16: ml_dtypes)."""
-    from contract.dtypes import name_of_onnx, numpy_dtype
+    from var_ssg.contract.dtypes import name_of_onnx, numpy_dtype
     name = name_of_onnx(data_type)
     if name is None:
         raise ValueError(f"ONNX element type {data_type} is not in contract.dtypes")
@@ -86,7 +86,7 @@ class _Reader:
 def weights_check(man, models: Dict[str, object]) -> WeightsReport:
     """`models`: {"var": VAR, "vae": VQVAE}, the eager reference's (fp32)."""
     import onnx
-    from contract.quantization import requantize, tensor_digest
+    from var_ssg.contract.quantization import requantize, tensor_digest
     params = {f"{m}.{k}": v.detach().cpu() for m, mod in models.items() for k, v in mod.state_dict().items()}
     required = {k for m, mod in models.items() for k, _ in mod.named_parameters(prefix=m)
                 if not k.startswith(UNUSED) and not k.endswith(DERIVED)}

@@ -9,6 +9,6 @@ torch.fft, peak memory, and a last `summary:` line.
 
 On a GPU (--device cuda) it also prints the roofline floor and each backend's distance from it.
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

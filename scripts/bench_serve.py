@@ -12,6 +12,6 @@ one warm-up batch; then C client threads each send a request and wait for its an
 have been sent. Prints throughput (images/s), p50/p99 latency, batch fill (rows per batch /
 B, from the X-Batch-* headers) and the throughput ratio, and a last `summary:` line.
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

@@ -8,6 +8,6 @@ Inception weights (weights-inception-2015-12-05-6726825d.pth) come from --incept
 or torch's hub cache; nothing is downloaded. --features takes two precomputed N x D arrays
 (samples first, reference second) and needs no weights.
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

@@ -7,6 +7,6 @@ tools/commands/gpu_check.py; the library is benchmarks/gpu_check.py.
   bash scripts/gpu_check.sh                                   (on the GPU machine; < 6 min)
   python3 scripts/gpu_check.py --device cpu --models var-d2-tiny --exported var-d2-tiny --top-k 64
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

@@ -3,6 +3,6 @@
 
   python scripts/lint.py build/var-d24
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

@@ -7,6 +7,6 @@
 Teacher-forced by default: the backend follows the reference's tokens, so every scale compares
 like with like, and every token it draws differently must be a near-tie (runtime/parity.py).
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

@@ -11,6 +11,6 @@ i // B, which runs with seed S + (i // B)·B: images depend on the batch size B 
 pipeline draws noise per row, so --resume refuses a different B.
 Exit codes: 0 done, 2 bad input (one line), 3 stopped early by --max-batches (rerun with --resume).
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

@@ -5,6 +5,6 @@
   curl -s localhost:8000/v1/generate -d '{"class": 207, "seed": 0}' -o dog.png
   python scripts/serve.py --artifacts build/var-d16-b4-trt --backend tensorrt --address auto   (a Ray cluster)
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

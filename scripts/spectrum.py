@@ -12,6 +12,6 @@ Panel 2: per scale k, the change of the latent f_hat's log amplitude from scale 
 radial frequency bin, with each scale's Nyquist frequency pn_k/2 marked.
 Both schedules use the same classes and seeds, so the images differ only by the guidance.
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

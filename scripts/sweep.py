@@ -13,6 +13,6 @@ Per point: OUT_DIR/<dse>_<schedule>/samples.npz (+ .partial/ while running), met
 OUT_DIR/sweep.json and sweep.png. Without --ref only the latency is measured.
 --extractor pixels replaces Inception by 8x8 block means: for plumbing tests, NOT FID.
 """
-from tools.cli import script_main
+from var_ssg.tools.cli import script_main
 
 script_main(__file__)

@@ -34,8 +34,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from common.proc import process_age_s
-from serving.requests import (MAX_BODY, ROUTES, RequestError, ServeOptions, checker, describe, model_summary,
+from var_ssg.common.proc import process_age_s
+from var_ssg.serving.requests import (MAX_BODY, ROUTES, RequestError, ServeOptions, checker, describe, model_summary,
                               parse_request, row_note, too_large)
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Generator:
 
     def __init__(self, opts: ServeOptions):
         t0 = time.perf_counter()
-        from runtime.opener import open_artifacts
+        from var_ssg.runtime.opener import open_artifacts
         t_import = time.perf_counter()
         self.opts = opts
         marks = {}
@@ -62,7 +62,7 @@ class Generator:
                                            session_cache=opts.session_cache,
                                            verify="stamp", clock=clock)
         t_verify = marks.get("files", marks["manifest"])
-        from runtime.pipeline import Pipeline
+        from var_ssg.runtime.pipeline import Pipeline
         self.pipe = Pipeline(self.backend)
         self.man = man
         self.B = man.batch
@@ -104,7 +104,7 @@ class Generator:
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def _run_batch(self, items: List[Tuple[object, Any]]) -> List[Dict[str, Any]]:
-        from runtime.images import png_bytes
+        from var_ssg.runtime.images import png_bytes
         for token, _ in items:
             self.waiting.discard(token)
         self.m_queue.set(len(self.waiting))
@@ -149,7 +149,7 @@ class Frontend:
     graceful stop."""
 
     def __init__(self, opts: ServeOptions, generator):
-        from contract.manifest import load_manifest
+        from var_ssg.contract.manifest import load_manifest
         self.opts, self.gen = opts, generator
         man = load_manifest(opts.artifacts, verify_hashes=False)   # the driver and every Generator verify them
         self.man = man

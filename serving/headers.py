@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 64 * 1024
 HEADER_TIMEOUT_S = 10.0
 ENV_HEADER_TIMEOUT = "VAR_SSG_HEADER_TIMEOUT_S"
-PROTOCOL = "serving.headers:HeaderLimitProtocol"
+PROTOCOL = "var_ssg.serving.headers:HeaderLimitProtocol"
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 

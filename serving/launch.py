@@ -23,10 +23,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, Optional
 
-import cluster
-from common.errors import ConfigError
-from serving.proxy import CALLBACK, ENV_BODY_TIMEOUT
-from serving.requests import APP, ServeOptions, preflight
+from var_ssg import cluster
+from var_ssg.common.errors import ConfigError
+from var_ssg.serving.proxy import CALLBACK, ENV_BODY_TIMEOUT
+from var_ssg.serving.requests import APP, ServeOptions, preflight
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def running(opts: ServeOptions, launch: LaunchConfig, app: str = APP,
             on_ray_up()
         import ray
         from ray import serve
-        from serving.app import build_app
+        from var_ssg.serving.app import build_app
         try:
             gpus = 0
             if opts.device == "cuda":

@@ -20,8 +20,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from common.errors import ConfigError
-from serving.requests import ServeOptions
+from var_ssg.common.errors import ConfigError
+from var_ssg.serving.requests import ServeOptions
 
 
 def percentile(xs, q: float) -> float:
@@ -101,8 +101,8 @@ def same_model(a, b) -> None:
 
 def baseline(art: str, backend: str, device: str, n: int, num_classes: int, seed0: int) -> List[float]:
     """Seconds per image of sequential single-image runs (after one warm-up)."""
-    from runtime.backends import open_backend
-    from runtime.pipeline import Pipeline, Row
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.pipeline import Pipeline, Row
     pipe = Pipeline(open_backend(backend, art, device=device))
     pipe.run_rows([Row(class_id=0, seed=seed0 - 1)])
     times = []
@@ -178,8 +178,8 @@ def _measure(url: str, cfg: BenchConfig) -> Tuple[Dict[str, Any], List[Reply], f
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
     """The baseline, then the load (on a server started here unless cfg.url)."""
-    from contract.manifest import load_manifest
-    from serving.launch import LaunchConfig, check_all, running
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.serving.launch import LaunchConfig, check_all, running
     cfg.check()
     man = None
     if cfg.opts:

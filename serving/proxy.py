@@ -15,9 +15,9 @@ import asyncio
 import json
 import os
 
-from serving.requests import MAX_BODY, too_large
+from var_ssg.serving.requests import MAX_BODY, too_large
 
-CALLBACK = "serving.proxy:middlewares"
+CALLBACK = "var_ssg.serving.proxy:middlewares"
 ENV_BODY_TIMEOUT = "VAR_SSG_BODY_TIMEOUT_S"
 
 
@@ -72,6 +72,6 @@ def middlewares():
     place here too."""
     from starlette.middleware import Middleware
 
-    from serving.headers import install
+    from var_ssg.serving.headers import install
     install()
     return [Middleware(BodyLimit)]

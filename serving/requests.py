@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from common.errors import ConfigError
-from graphs.config import BACKENDS
+from var_ssg.common.checkout import import_root
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.config import BACKENDS
 
 APP = "var-ssg"
 FIELDS = ("class", "seed", "cfg", "ssg_beta", "top_k", "top_p", "temperature", "more_smooth")
@@ -55,7 +56,7 @@ class ServeOptions:
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0 (0 = all cores), got {self.threads}")
         if self.session_cache:
-            from runtime.opener import check_session_cache
+            from var_ssg.runtime.opener import check_session_cache
             check_session_cache(self.backend, self.device)
         for flag, v, hi in (("--max-batch-wait-ms", self.max_batch_wait_ms, 60_000),
                             ("--cpus-per-replica", self.cpus_per_replica, 1024),
@@ -69,7 +70,7 @@ class ServeOptions:
 
 def code_path() -> Tuple[str, ...]:
     """This checkout's root first, then the driver's PYTHONPATH: the replicas import the same code."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = import_root()
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     return (root, *rest)
 
@@ -139,7 +140,7 @@ def _beta(v) -> Any:
 def parse_request(body: bytes, pipe):
     """JSON body -> a checked Row. Raises RequestError (400/413) with what to fix; the value
     checks are the CLI's (`pipe.check_row`)."""
-    from runtime.pipeline import Row
+    from var_ssg.runtime.pipeline import Row
     if len(body) > MAX_BODY:
         raise RequestError(too_large(len(body)), 413)
     try:
@@ -186,7 +187,7 @@ def too_large(n: Optional[int]) -> str:
 
 def row_note(row, info, source: str) -> str:
     """The PNG note of one request (the same function as generate.py's)."""
-    from runtime.images import png_note
+    from var_ssg.runtime.images import png_note
     return png_note(info.cfg.name, info.name, [row.class_id], row.seed, guidance=row.guidance, ssg=row.ssg_beta,
                     top_k=row.top_k, top_p=row.top_p, temperature=row.temperature, transform=info.transform,
                     more_smooth=row.more_smooth, source=source)
@@ -203,20 +204,20 @@ class _InfoOnly:
 
 def describe(man, backend: str, device: str):
     """The BackendInfo that `backend` on `device` would report for the artifacts `man`."""
-    from runtime.backends.base import BackendInfo
+    from var_ssg.runtime.backends.base import BackendInfo
     return BackendInfo(name=backend, cfg=man.cfg, k_max=man.k_max, transform=man.transform, kv_dtype=man.kv_dtype,
                        batch=None if backend == "eager" else man.batch, device=device)
 
 
 def checker(info):
     """A Pipeline that validates rows for `info` (a BackendInfo) and runs nothing."""
-    from runtime.pipeline import Pipeline
+    from var_ssg.runtime.pipeline import Pipeline
     return Pipeline(_InfoOnly(info))
 
 
 def model_summary(man, opts: ServeOptions) -> Dict[str, Any]:
     """GET /v1/model (the replicas' start-up times are added by the Frontend)."""
-    from runtime.pipeline import Row
+    from var_ssg.runtime.pipeline import Row
     cfg = man.cfg
     defaults = Row(class_id=0, seed=0)
     return dict(model=cfg.name, precision=man.precision, batch=man.batch, backend=opts.backend, device=opts.device,
@@ -235,15 +236,15 @@ def preflight(opts: ServeOptions):
     verified, graphs, weights' values and constants included: the same one-line error as
     generate.py) and that the backend's packages exist."""
     opts.check()
-    from contract.artifacts_check import check_artifacts
-    from contract.manifest import load_manifest
+    from var_ssg.contract.artifacts_check import check_artifacts
+    from var_ssg.contract.manifest import load_manifest
     man = load_manifest(opts.artifacts, verify="stamp")
     check_artifacts(man)            # what a replica checks when it opens them: generate's one line, now
     if opts.backend == "tensorrt":
-        from contract.tensorrt import import_tensorrt
+        from var_ssg.contract.tensorrt import import_tensorrt
         import_tensorrt()
     elif opts.backend == "onnxruntime":
-        from runtime.backends.ort import import_ort
+        from var_ssg.runtime.backends.ort import import_ort
         if opts.device == "cuda" and "CUDAExecutionProvider" not in import_ort().get_available_providers():
             raise ConfigError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
                               "pip install onnxruntime-gpu (and a CUDA 12 runtime)")

@@ -11,8 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from graphs.config import get_preset  # noqa: E402
-from graphs.weights import random_models  # noqa: E402
+from var_ssg.graphs.config import get_preset  # noqa: E402
+from var_ssg.graphs.weights import random_models  # noqa: E402
 
 TINY = "var-d2-tiny"
 
@@ -57,8 +57,8 @@ def artifacts(tmp_path_factory):
     artifacts(preset="var-d2", ...) for another preset. `artifacts.stages[dir]`: the stages
     the export's progress named; `artifacts.cache[dir]`: the stamp cache it wrote to (the one in
     effect when it ran: a test may have pointed $VAR_SSG_CACHE elsewhere)."""
-    from export.onnx_export import ExportConfig, export_artifacts
-    from graphs.weights import WeightSource
+    from var_ssg.export.onnx_export import ExportConfig, export_artifacts
+    from var_ssg.graphs.weights import WeightSource
 
     def make(preset=TINY, **kw):
         ec = ExportConfig(**({"top_k": 64, **kw} if preset == TINY else kw))

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from graphs.config import get_preset
-from common.errors import ConfigError
+from var_ssg.graphs.config import get_preset
+from var_ssg.common.errors import ConfigError
 from tests.conftest import ROOT, TINY
 
-from benchmarks.gpu_plan import (TRT_BUILD_S_PER_GPARAM, Env, Estimates, GpuCheckConfig,
+from var_ssg.benchmarks.gpu_plan import (TRT_BUILD_S_PER_GPARAM, Env, Estimates, GpuCheckConfig,
                                  OnDisk, RowKey, choose_exported, model_gparams, plan)
 
 H200_IMAGE = Env(cuda=True, gpu="NVIDIA H200", ort="1.23.2", providers=("CPUExecutionProvider",), trt=None)
@@ -38,7 +38,7 @@ def _have_trt():
 # ------------------------------------------------------------------ the side-by-side bench
 @pytest.mark.slow
 def test_bench_side_by_side_fields(artifacts):
-    from benchmarks.bench import BenchConfig, run_bench
+    from var_ssg.benchmarks.bench import BenchConfig, run_bench
     d = artifacts()
     seen = []
     res = run_bench(BenchConfig(backends=("eager", "onnxruntime"), artifacts=d, repeats=1, peak_tflops=1,
@@ -61,7 +61,7 @@ def test_bench_side_by_side_fields(artifacts):
 
 @pytest.mark.slow
 def test_bench_command_prints_writes_json_and_plot(artifacts, tmp_path, capsys):
-    from tools.commands import bench
+    from var_ssg.tools.commands import bench
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     assert bench.main(["--artifacts", artifacts(), "--backends", "onnxruntime", "--repeats", "1", "--json", str(js),
                        "--plot", str(png), "--peak-tflops", "1", "--bandwidth-gbs", "10"]) == 0
@@ -82,14 +82,14 @@ def test_bench_command_prints_writes_json_and_plot(artifacts, tmp_path, capsys):
 def test_bench_dse_times_three_forms_of_the_same_dse():
     """bench_dse on a small size: the three forms it times compute the same DSE (it checks them
     against torch.fft first), each timed."""
-    from benchmarks.bench import bench_dse
+    from var_ssg.benchmarks.bench import bench_dse
     t = bench_dse(repeats=2, V=64, src=5, dst=8)
     assert sorted(t) == ["chain", "fft", "folded"] and all(v > 0 for v in t.values())
 
 
 def test_bench_dse_refuses_forms_that_disagree(monkeypatch):
-    import graphs.dse as dse
-    from benchmarks.bench import bench_dse
+    import var_ssg.graphs.dse as dse
+    from var_ssg.benchmarks.bench import bench_dse
     real = dse.dse_chain_matrices
     monkeypatch.setattr(dse, "dse_chain_matrices", lambda *a: {**real(*a), "coarse_re": 0 * real(*a)["coarse_re"]})
     with pytest.raises(RuntimeError, match=r"the chain form differs from torch.fft"):
@@ -97,9 +97,9 @@ def test_bench_dse_refuses_forms_that_disagree(monkeypatch):
 
 
 def test_bench_config_refuses_bad_input(tmp_path):
-    from benchmarks.bench import BenchConfig
-    from export.ensure import ModelSource
-    from tools.commands import bench
+    from var_ssg.benchmarks.bench import BenchConfig
+    from var_ssg.export.ensure import ModelSource
+    from var_ssg.tools.commands import bench
     with pytest.raises(ConfigError, match="--batch chooses artifacts per batch"):
         bench.main(["--artifacts", str(tmp_path), "--batch", "1,4"])
     with pytest.raises(ConfigError, match="give --model"):
@@ -114,8 +114,8 @@ def test_bench_config_refuses_bad_input(tmp_path):
 
 def test_bench_exports_one_directory_per_batch_when_asked(monkeypatch):
     """With a model, each batch's directory is resolved (exported if missing) when its turn comes."""
-    import benchmarks.bench as bb
-    from export.ensure import ModelSource
+    import var_ssg.benchmarks.bench as bb
+    from var_ssg.export.ensure import ModelSource
     asked = []
     monkeypatch.setattr(bb, "ensure_artifacts", lambda src, b: asked.append((src.root, b)) or f"{src.root}/b{b}")
     cfg = bb.BenchConfig(source=ModelSource(TINY, root="r", random_init=0), batches=(1, 4))
@@ -126,7 +126,7 @@ def test_bench_exports_one_directory_per_batch_when_asked(monkeypatch):
 
 def test_ssg_graph_computes_the_fusion():
     """The ONNX Runtime side of SSG's cost runs l + beta (l - M prev), bound by pointer."""
-    from benchmarks.ssg_graph import SsgSession
+    from var_ssg.benchmarks.ssg_graph import SsgSession
     g = torch.Generator().manual_seed(0)
     M = torch.randn(9, 4, generator=g)
     l, prev, beta = torch.randn(2, 9, 16, generator=g), torch.randn(2, 4, 16, generator=g), torch.tensor([0.3])
@@ -142,11 +142,11 @@ def test_ssg_graph_computes_the_fusion():
 def test_roofline_flops_match_a_flop_counter(name):
     """Our closed-form FLOPs per scale agree with torch's FlopCounterMode on the real step."""
     from torch.utils.flop_counter import FlopCounterMode
-    from graphs.dse import dse_matrix
-    from graphs.components import StepComponent
-    from graphs.step import ScaleStep, StepSpec
-    from graphs.weights import random_models
-    from benchmarks.roofline import step_flops, transformer_bytes
+    from var_ssg.graphs.dse import dse_matrix
+    from var_ssg.graphs.components import StepComponent
+    from var_ssg.graphs.step import ScaleStep, StepSpec
+    from var_ssg.graphs.weights import random_models
+    from var_ssg.benchmarks.roofline import step_flops, transformer_bytes
     cfg = get_preset(name)
     var, vae = random_models(cfg, 0)
     comp = StepComponent(cfg, 2, StepSpec(k_max=64))
@@ -166,7 +166,7 @@ def test_roofline_flops_match_a_flop_counter(name):
 
 
 def test_floor_is_the_larger_bound():
-    from benchmarks.roofline import floor
+    from var_ssg.benchmarks.roofline import floor
     cfg = get_preset("var-d16")
     slow_mem = floor(cfg, 1, peak_flops=1e15, bandwidth=1e9)
     assert slow_mem.compute_bound_scales == [] and slow_mem.seconds == pytest.approx(slow_mem.weight_bytes / 1e9)
@@ -175,7 +175,7 @@ def test_floor_is_the_larger_bound():
 
 
 def test_choose_floor_given_peaks_win_then_the_data_sheet():
-    from benchmarks.roofline import GPU_PEAKS, choose_floor, floor
+    from var_ssg.benchmarks.roofline import GPU_PEAKS, choose_floor, floor
     cfg = get_preset("var-d16")
     given = choose_floor(cfg, 1, "fp32", "NVIDIA H200", peak_flops=1e12, bandwidth=1e10)
     assert given.source == "given" and given.floor == floor(cfg, 1, 1e12, 1e10, 4)
@@ -190,7 +190,7 @@ def test_choose_floor_given_peaks_win_then_the_data_sheet():
 
 # ------------------------------------------------------------------ export-if-missing
 def test_ensure_artifacts_exports_into_root_model_batch(monkeypatch, tmp_path):
-    import export.ensure as ens
+    import var_ssg.export.ensure as ens
     seen = {}
     monkeypatch.setattr(ens, "export_artifacts", lambda var, vae, src, out, ec: seen.update(out=out, ec=ec, src=src))
     out = ens.ensure_artifacts(ens.ModelSource(TINY, root=str(tmp_path), random_init=3), 4)
@@ -201,7 +201,7 @@ def test_ensure_artifacts_exports_into_root_model_batch(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_ensure_artifacts_refuses_other_artifacts_clearly(artifacts, tmp_path):
     """<root>/<model>-b1 holding artifacts of other options (top-k 64, not 900) is never replaced."""
-    from export.ensure import ModelSource, ensure_artifacts
+    from var_ssg.export.ensure import ModelSource, ensure_artifacts
     out = tmp_path / f"{TINY}-b1"
     shutil.copytree(artifacts(), out)
     before = sorted(os.listdir(out))
@@ -281,7 +281,7 @@ class FakeClock:
 
 def _scripted(clock, took):
     """A GpuCheck class whose stages only advance a fake clock by `took[stage]` seconds."""
-    from benchmarks.gpu_check import GpuCheck
+    from var_ssg.benchmarks.gpu_check import GpuCheck
 
     class Scripted(GpuCheck):
         def _weights(self):
@@ -313,7 +313,7 @@ def _scripted(clock, took):
 
 
 def _scripted_check(config, env, clock, took):
-    from benchmarks.gpu_check import Budget
+    from var_ssg.benchmarks.gpu_check import Budget
     return _scripted(clock, took)(config, env, Budget(config.budget_s, clock), disk={})
 
 
@@ -340,7 +340,7 @@ def test_each_row_is_checked_against_the_budget_left_before_it_runs():
 
 
 def test_a_stop_keeps_the_rows_measured_so_far():
-    from benchmarks.gpu_check import Stopped
+    from var_ssg.benchmarks.gpu_check import Stopped
     clock = FakeClock()
     config = GpuCheckConfig(models=("var-d16",), batches=(1,))
     check = _scripted_check(config, H200_IMAGE, clock, dict(weights=1, export=1, run=0.1))
@@ -355,7 +355,7 @@ def test_a_stop_keeps_the_rows_measured_so_far():
 
 
 def test_gpu_check_budget_bounds_each_row_and_exports_nothing_unneeded(tmp_path):
-    from benchmarks.gpu_check import GpuCheck, probe
+    from var_ssg.benchmarks.gpu_check import GpuCheck, probe
     root = tmp_path / "gc"
     config = GpuCheckConfig(models=(TINY,), exported=(TINY,), device="cpu", budget_s=0.01, artifacts_root=str(root))
     res = GpuCheck(config, probe(config.device)).run()         # as scripts/gpu_check.py runs it
@@ -369,8 +369,8 @@ def test_gpu_check_rows_on_cpu(artifacts, tmp_path):
     """The GPU check end to end on the CPU with the tiny model (the GPU run uses the same code):
     the exported rows first (TensorRT skipped, ONNX Runtime measured against an eager fp32
     reference), then eager fp32 and bf16 with parity."""
-    from benchmarks.gpu_check import GpuCheck, artifacts_dir, probe
-    from runtime.parity import BOUNDS
+    from var_ssg.benchmarks.gpu_check import GpuCheck, artifacts_dir, probe
+    from var_ssg.runtime.parity import BOUNDS
     config = GpuCheckConfig(models=(TINY,), exported=(TINY,), device="cpu", precisions=("fp32", "bf16"), batches=(1,),
                             top_k=64, repeats=1, artifacts_root=str(tmp_path / "gc"))
     shutil.copytree(artifacts(), artifacts_dir(config, TINY))        # reused by cache key, no export
@@ -391,8 +391,8 @@ def test_gpu_check_rows_on_cpu(artifacts, tmp_path):
 
 def test_gpu_check_command_stops_on_sigterm_with_its_summary(monkeypatch, capsys):
     """`timeout` sends SIGTERM: the rows printed so far stay and the summary line still comes."""
-    from benchmarks import gpu_check as lib
-    from tools.commands import gpu_check
+    from var_ssg.benchmarks import gpu_check as lib
+    from var_ssg.tools.commands import gpu_check
     Scripted = _scripted(FakeClock(), dict(weights=0, export=0, run=0.01))
     measured = []
 

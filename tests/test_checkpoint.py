@@ -4,10 +4,10 @@ import re
 import pytest
 import torch
 
-from graphs.config import get_preset
-from common.errors import ConfigError
-from graphs.weights import CheckpointError, check_state_dict, load_models, random_state_dicts
-from graphs.var import VAR
+from var_ssg.graphs.config import get_preset
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.weights import CheckpointError, check_state_dict, load_models, random_state_dicts
+from var_ssg.graphs.var import VAR
 
 
 def official_var_keys(depth, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), shared_aln=False, V=4096, Cvae=32):
@@ -46,7 +46,7 @@ def test_var_keys_match_official_builder():
 
 
 def test_vae_official_keys_spot_check():
-    from graphs.vqvae import VQVAE
+    from var_ssg.graphs.vqvae import VQVAE
     with torch.device("meta"):
         vae = VQVAE(get_preset("var-d16").vae)
     sd = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
@@ -199,8 +199,8 @@ def test_a_stray_high_block_index_suggests_no_preset():
 
 
 def test_empty_checkpoint_paths_never_download(monkeypatch):
-    import graphs.weights
-    monkeypatch.setattr(graphs.weights, "download_official", lambda cfg: pytest.fail("started a download"))
+    from var_ssg.graphs import weights
+    monkeypatch.setattr(weights, "download_official", lambda cfg: pytest.fail("started a download"))
     for args, flag in (("", ""), ("", "x.pth"), ("x.pth", "")):
         with pytest.raises(ConfigError, match="is empty"):
             load_models(get_preset("var-d16"), args, flag)

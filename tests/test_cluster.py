@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from cluster import RayConfig, RaySession, session
-from common.errors import ConfigError
+from var_ssg.cluster import RayConfig, RaySession, session
+from var_ssg.common.errors import ConfigError
 
 
 def _failing(**env):

@@ -20,13 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphs.config import PATCH_NUMS_512, SamplerConfig, get_preset, make_ssg
-from common.errors import ConfigError
-from graphs.var import VAR
-from graphs.vqvae import VQVAE
-from graphs.weights import CheckpointError, check_state_dict, load_models, official_files, random_state_dicts
-from runtime.backends.eager import EagerBackend
-from runtime.pipeline import Pipeline
+from var_ssg.graphs.config import PATCH_NUMS_512, SamplerConfig, get_preset, make_ssg
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.var import VAR
+from var_ssg.graphs.vqvae import VQVAE
+from var_ssg.graphs.weights import CheckpointError, check_state_dict, load_models, official_files, random_state_dicts
+from var_ssg.runtime.backends.eager import EagerBackend
+from var_ssg.runtime.pipeline import Pipeline
 from tests.test_checkpoint import official_var_keys
 
 PATCH_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)

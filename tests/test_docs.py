@@ -7,7 +7,8 @@ Names. Every backticked span of README.md and DESIGN.md that is
       a file extension (`export.py`, `weights.bin` are files, not names): the longest prefix that
       imports as a module imports, and the rest resolves by getattr (a function, class, constant,
       or a class's attribute)
-must resolve. Anything else in backticks (shell commands, file paths, JSON keys) is not a name.
+must resolve, under the var_ssg namespace the distribution installs (`graphs.dse_matrix` is
+var_ssg.graphs.dse_matrix; a span may also spell the `var_ssg.` prefix). Anything else in backticks (shell commands, file paths, JSON keys) is not a name.
 
 Sections. A cross-reference is a document name (`DESIGN.md`, `DESIGN`, `README.md`, `README`),
 optionally a comma, one space, then a section title in double quotes, e.g. DESIGN.md "Layers" or
@@ -53,6 +54,9 @@ def cited_names():
     out = []
     for doc in DOCS:
         for span in _spans(_read(doc)):
+            if span.startswith("from var_ssg."):
+                span = "from " + span.removeprefix("from var_ssg.")
+            span = span.removeprefix("var_ssg.")
             m = FROM_IMPORT.fullmatch(span)
             if m and m.group(1).split(".")[0] in PACKAGES:
                 out += [(doc, span, m.group(1), [n]) for n in m.group(2).split(", ")]
@@ -66,14 +70,14 @@ def cited_names():
 def resolve(module, parts):
     """Import the longest module prefix, getattr the rest; the error says what is missing."""
     if module is not None:
-        obj, rest, where = importlib.import_module(module), parts, module
+        obj, rest, where = importlib.import_module(f"var_ssg.{module}"), parts, module
     else:
         for i in range(len(parts), 0, -1):
             name = ".".join(parts[:i])
             try:
-                obj = importlib.import_module(name)
+                obj = importlib.import_module(f"var_ssg.{name}")
             except ModuleNotFoundError as e:
-                if e.name is not None and not name.startswith(e.name) and e.name != name:
+                if e.name is not None and not f"var_ssg.{name}".startswith(e.name) and e.name != f"var_ssg.{name}":
                     raise                      # the module exists but one of its imports is missing
                 continue
             rest, where = parts[i:], name
@@ -83,7 +87,7 @@ def resolve(module, parts):
     for p in rest:
         if not hasattr(obj, p):
             try:
-                obj = importlib.import_module(f"{where}.{p}")
+                obj = importlib.import_module(f"var_ssg.{where}.{p}")
             except ModuleNotFoundError:
                 raise AssertionError(f"{where} has no {p}") from None
         else:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from graphs.dse import dse_matrix
-from graphs.config import PATCH_NUMS_256, PATCH_NUMS_512
-from graphs.dse import TRANSFORMS, band_read, dse_chain_matrices, dse_fft, forward_transform, inverse_transform
+from var_ssg.graphs.dse import dse_matrix
+from var_ssg.graphs.config import PATCH_NUMS_256, PATCH_NUMS_512
+from var_ssg.graphs.dse import TRANSFORMS, band_read, dse_chain_matrices, dse_fft, forward_transform, inverse_transform
 
 # every scale pair of both schedules: 256px (1→2→…→16) and 512px (1→2→3→4→6→9→13→18→24→32)
 PAIRS = sorted({p for pn in (PATCH_NUMS_256, PATCH_NUMS_512) for p in zip(pn[:-1], pn[1:])})
@@ -98,7 +98,7 @@ def test_chain_equals_folded(transform):
 
 def test_dse_is_not_plain_interpolation():
     """The low band really comes from the coarse map (not just bilinear)."""
-    from graphs.resample import bilinear_matrix
+    from var_ssg.graphs.resample import bilinear_matrix
     M = dse_matrix((5, 5), (6, 6), "dct")
     B = np.kron(bilinear_matrix(5, 6), bilinear_matrix(5, 6))
     assert np.abs(M - B).max() > 1e-3

@@ -7,9 +7,9 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from contract import dtypes
-from contract.graphcheck import check_values
-from contract.manifest import ManifestError
+from var_ssg.contract import dtypes
+from var_ssg.contract.graphcheck import check_values
+from var_ssg.contract.manifest import ManifestError
 
 
 @pytest.mark.parametrize("name", dtypes.DTYPE_NAMES)
@@ -69,6 +69,6 @@ def test_config_error_is_imported_from_one_place():
             rel = os.path.relpath(path, root)
             for n in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
                 if isinstance(n, ast.ImportFrom) and any(a.name == "ConfigError" for a in n.names):
-                    if not (n.module == "common.errors" or (n.module == "errors" and rel.startswith("common"))):
+                    if not (n.module == "var_ssg.common.errors" or (n.module == "errors" and rel.startswith("common"))):
                         others.add(rel)
     assert others == CONFIG_ERROR_PENDING, sorted(others ^ CONFIG_ERROR_PENDING)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import metrics as M
-from evaluation import spectrum as sp
-from evaluation.samples import NpzBatch, parse_classes, read_timing
-from common.errors import ConfigError
+from var_ssg.evaluation import metrics as M
+from var_ssg.evaluation import spectrum as sp
+from var_ssg.evaluation.samples import NpzBatch, parse_classes, read_timing
+from var_ssg.common.errors import ConfigError
 from tests.conftest import ROOT, run_cli
 
 TINY = ["--model", "var-d2-tiny", "--random-init", "0"]
@@ -119,7 +119,7 @@ def test_evaluate_features_cli(tmp_path):
 
 @pytest.mark.slow
 def test_inception_features_and_missing_weights(tmp_path, samples):
-    from evaluation.inception import FIDInception, load_inception
+    from var_ssg.evaluation.inception import FIDInception, load_inception
     torch.manual_seed(0)
     net = FIDInception()
     torch.save(net.state_dict(), tmp_path / "w.pth")
@@ -142,7 +142,7 @@ def test_inception_matches_torch_fidelity():
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3 as TF
     except Exception:     # noqa: BLE001 - absent, or its torchvision does not load next to this torch
         pytest.skip("torch-fidelity not importable here")
-    from evaluation.inception import FIDInception
+    from var_ssg.evaluation.inception import FIDInception
     torch.manual_seed(0)
     ours = FIDInception().eval()
     import tempfile
@@ -189,7 +189,7 @@ SAMPLE_ARGS = [*TINY, "--classes", "3,1", "--per-class", "2", "--batch", "3", "-
 
 
 def _sample(*args):
-    from tools.commands import sample
+    from var_ssg.tools.commands import sample
     return sample.main([*SAMPLE_ARGS, *map(str, args)])
 
 
@@ -327,7 +327,7 @@ def test_killed_while_writing_settings_starts_afresh(tmp_path, small):
     """A sampler killed before its settings were renamed into place leaves a folder holding only
     a temporary file: with or without --resume the run starts (no loop between 'pass --resume'
     and 'no such file')."""
-    from evaluation.sampling import check_output
+    from var_ssg.evaluation.sampling import check_output
     out = tmp_path / "k.npz"
     os.makedirs(str(out) + ".partial")
     with open(os.path.join(str(out) + ".partial", ".settings.json.0a1b2c3d.tmp.json"), "w") as f:
@@ -399,9 +399,9 @@ def test_sweep_script_end_to_end_and_resumes(tmp_path, samples):
 
 def test_second_sampler_on_the_same_output_is_refused(tmp_path):
     """The driver holds an flock on OUT.partial/.lock for its whole run: no batch has two writers."""
-    from evaluation.run import Job
-    from evaluation.sampling import PartialRun
-    from graphs.config import SamplerConfig, make_ssg
+    from var_ssg.evaluation.run import Job
+    from var_ssg.evaluation.sampling import PartialRun
+    from var_ssg.graphs.config import SamplerConfig, make_ssg
     job = Job(classes=(3,), per_class=2, seed=0, guidance=1.5, sampler=SamplerConfig(), ssg=make_ssg("0"), batch=1)
     settings = {"image_size": 16, "seed": 0}
     out = str(tmp_path / "x.npz")

@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from cluster import RayConfig
-from evaluation.distributed import PoolConfig, pool_session
-from evaluation.run import JobRequest
-from evaluation.sampling import PartialRun, sample, sample_runs
-from common.errors import ConfigError
-from runtime.opener import PipelineSource
+from var_ssg.cluster import RayConfig
+from var_ssg.evaluation.distributed import PoolConfig, pool_session
+from var_ssg.evaluation.run import JobRequest
+from var_ssg.evaluation.sampling import PartialRun, sample, sample_runs
+from var_ssg.common.errors import ConfigError
+from var_ssg.runtime.opener import PipelineSource
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def ray_tmp():
 
 @pytest.fixture(scope="module")
 def ray_session(ray_tmp):
-    from cluster import session
+    from var_ssg.cluster import session
     with session(POOL.ray):
         yield
 
@@ -92,7 +92,7 @@ def test_worker_killed_mid_chunk_loses_only_that_chunk(ray_session, reference, t
     killed = []
     with pool_session(POOL, [SOURCE]) as pool:
         pipe = pool.infos[0]
-        from evaluation.run import PipelineView
+        from var_ssg.evaluation.run import PipelineView
         job = REQUEST.job(PipelineView(pipe))
         run = PartialRun(out, job, job.settings(PipelineView(pipe), pool.note)).open(resume=False)
 
@@ -142,7 +142,7 @@ def test_driver_killed_then_resumed(ray_tmp, reference, tmp_path, caplog):
     assert not out.exists()
     kept = [n for n in os.listdir(part) if n.startswith("batch_")]
     assert kept
-    from tools.commands import sample as cmd
+    from var_ssg.tools.commands import sample as cmd
     with caplog.at_level("INFO"):
         assert cmd.main([*args, "--resume", "--address", "local", "--workers", "2", "--chunk", "1"]) == 0
     assert f"resuming: {len(kept)} of 4 batches done" in caplog.text         # nothing finished redone
@@ -150,7 +150,7 @@ def test_driver_killed_then_resumed(ray_tmp, reference, tmp_path, caplog):
 
 
 def test_sweep_on_two_workers_equals_one_process(ray_session, reference, tmp_path):
-    from evaluation.sweep import SweepConfig, run_sweep
+    from var_ssg.evaluation.sweep import SweepConfig, run_sweep
     req = JobRequest(class_spec="3,1", per_class=1, batch=1, seed=5, top_k=20)
     rows = {}
     for name, pool in (("one", None), ("two", POOL)):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from export.lint import lint_model
-from graphs.config import get_preset
-from graphs.step import ScaleStep, StepSpec
+from var_ssg.export.lint import lint_model
+from var_ssg.graphs.config import get_preset
+from var_ssg.graphs.step import ScaleStep, StepSpec
 from tests.conftest import TINY, run_cli
 
 
@@ -38,7 +38,7 @@ def test_fp32_export_is_valid_and_lint_clean(artifacts, tiny):
 
 def _feeds(cfg, k, B, dtype=torch.float32):
     """The step's feeds at scale k (scale 0: empty past, one prior row, beta 0)."""
-    from graphs.io import prev_rows
+    from var_ssg.graphs.io import prev_rows
     g = torch.Generator().manual_seed(k)
     b, _ = cfg.begin_ends[k]
     n = cfg.patch_nums[k] ** 2
@@ -53,7 +53,7 @@ def _feeds(cfg, k, B, dtype=torch.float32):
 
 def _run_step(d, feeds, k, outputs=None):
     import onnxruntime as ort
-    from graphs.io import scale_constants
+    from var_ssg.graphs.io import scale_constants
     man = json.load(open(os.path.join(d, "manifest.json")))
     cfg = get_preset(man["preset"])
     sess = ort.InferenceSession(os.path.join(d, "step_all.onnx"), providers=["CPUExecutionProvider"])
@@ -148,8 +148,8 @@ def test_bisection_sampler_exports_for_v4096():
     """'No top-k' with V=4096 must still export for TensorRT: the bisection sampler has no
     TopK, and ONNX Runtime agrees with torch."""
     import onnxruntime as ort
-    from graphs.sampling import sample_with_support
-    from export.dynamo import export_one
+    from var_ssg.graphs.sampling import sample_with_support
+    from var_ssg.export.dynamo import export_one
     import onnx_ir as ir
 
     class S(torch.nn.Module):
@@ -194,9 +194,9 @@ def test_export_cli_bad_inputs(tmp_path):
 
 @pytest.mark.slow
 def test_export_failing_half_way_leaves_nothing(tmp_path, tiny, monkeypatch):
-    from export import store
-    from export.onnx_export import ExportConfig, ExportError, export_artifacts
-    from graphs.weights import WeightSource
+    from var_ssg.export import store
+    from var_ssg.export.onnx_export import ExportConfig, ExportError, export_artifacts
+    from var_ssg.graphs.weights import WeightSource
     cfg, var, vae = tiny
     calls = {"n": 0}
     real = store.SharedWeights._put
@@ -215,15 +215,15 @@ def test_export_failing_half_way_leaves_nothing(tmp_path, tiny, monkeypatch):
 
 
 def test_reexport_is_cached(artifacts, tiny):
-    from export.onnx_export import ExportConfig, export_artifacts
-    from graphs.weights import WeightSource
+    from var_ssg.export.onnx_export import ExportConfig, export_artifacts
+    from var_ssg.graphs.weights import WeightSource
     cfg, var, vae = tiny
     d = artifacts()
     before = os.path.getmtime(os.path.join(d, "manifest.json"))
     export_artifacts(var, vae, WeightSource(kind="random", seed=0), d, ExportConfig(top_k=64))
     assert os.path.getmtime(os.path.join(d, "manifest.json")) == before
     # a different seed is a different cache key: refused without --force
-    from common.errors import ConfigError
+    from var_ssg.common.errors import ConfigError
     with pytest.raises(ConfigError, match="holds other artifacts"):
         export_artifacts(var, vae, WeightSource(kind="random", seed=1), d, ExportConfig(top_k=64))
     # so is a different export option
@@ -257,8 +257,8 @@ def test_step_graph_profiles_and_dynamic_axes(artifacts, tiny):
 def test_decoder_job_reports_the_childs_error_and_close_leaves_no_process(tiny, tmp_path):
     """The decoder's export runs in a child process: its failure is raised with its own message
     (all of it), and close() while it runs leaves no process behind."""
-    from export.decoder_job import DecoderJob, DecoderSpec
-    from graphs.config import get_preset
+    from var_ssg.export.decoder_job import DecoderJob, DecoderSpec
+    from var_ssg.graphs.config import get_preset
     cfg, _, vae = tiny
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
@@ -284,7 +284,7 @@ def test_decoder_job_reports_the_childs_error_and_close_leaves_no_process(tiny, 
     ("kill -9 $$", r"signal SIGKILL \(killed: out of memory\?\) and no output")])
 def test_decoder_job_that_dies_before_it_can_say_why_is_reported_with_its_output(tiny, tmp_path, monkeypatch,
                                                                                  script, want):
-    from export import decoder_job
+    from var_ssg.export import decoder_job
     cfg, _, vae = tiny
     fake = tmp_path / "python"
     fake.write_text(f"#!/bin/sh\n{script}\n")
@@ -305,9 +305,9 @@ def test_decoder_job_imports_this_checkout_wherever_it_is_started(tiny, tmp_path
     checkout's export package (not the folder's module), and its graph is the in-process
     export's, byte for byte."""
     import onnx_ir as ir
-    from export.decoder_job import DecoderJob, DecoderSpec
-    from export.dynamo import export_one
-    from graphs.components import DecoderComponent
+    from var_ssg.export.decoder_job import DecoderJob, DecoderSpec
+    from var_ssg.export.dynamo import export_one
+    from var_ssg.graphs.components import DecoderComponent
     cfg, _, vae = tiny
     here, scratch = tmp_path / "here", tmp_path / "scratch"
     here.mkdir(), scratch.mkdir()
@@ -334,7 +334,7 @@ def test_decoder_job_imports_this_checkout_wherever_it_is_started(tiny, tmp_path
     lambda a: a.astype(np.float16).T])
 def test_strided_constants_are_written_in_c_order_without_a_warning(make):
     import warnings
-    from export.store import _contiguous
+    from var_ssg.export.store import _contiguous
     arr = make(np.arange(12 * 8, dtype=np.float32).reshape(12, 8))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -16,7 +16,7 @@ that package imports)."""
 import pytest
 import torch
 
-from evaluation.inception import BlockA, BlockB, BlockC, BlockD, BlockE, FIDInception
+from var_ssg.evaluation.inception import BlockA, BlockB, BlockC, BlockD, BlockE, FIDInception
 
 TORCHVISION_INCEPTION3_PARAMS = 27_161_264
 AUX = (768 * 128 + 2 * 128) + (128 * 768 * 25 + 2 * 768) + (768 * 1000 + 1000)
@@ -100,7 +100,7 @@ def test_mixed_7c_max_pools_and_mixed_7b_averages():
 def test_tf1_resize_is_the_legacy_bilinear():
     """TF1's ResizeBilinear (align_corners=False, no half-pixel centres): output i samples the
     input at i * in/out, clamped at the last pixel; worked by hand for 2 -> 4 and 4 -> 3."""
-    from evaluation.inception import tf1_resize_matrix
+    from var_ssg.evaluation.inception import tf1_resize_matrix
     up = [[1, 0], [0.5, 0.5], [0, 1], [0, 1]]
     down = [[1, 0, 0, 0], [0, 2 / 3, 1 / 3, 0], [0, 0, 1 / 3, 2 / 3]]
     assert torch.allclose(tf1_resize_matrix(2, 4), torch.tensor(up, dtype=torch.float64))

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import graphs.bitwise as bitwise
-import graphs.infinity as infinity_mod
-from common.errors import ConfigError
-from graphs.config import make_ssg
-from graphs.presets import get_model_preset
-from graphs.dse import dse_matrix
-from graphs.infinity_config import (ASPECT_TEMPLATES, INFINITY_PRESETS, PIXEL_CLASSES, InfinityRunConfig,
+import var_ssg.graphs.bitwise as bitwise
+import var_ssg.graphs.infinity as infinity_mod
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.config import make_ssg
+from var_ssg.graphs.presets import get_model_preset
+from var_ssg.graphs.dse import dse_matrix
+from var_ssg.graphs.infinity_config import (ASPECT_TEMPLATES, INFINITY_PRESETS, PIXEL_CLASSES, InfinityRunConfig,
                                     get_infinity_preset, nearest_template, parse_aspect_ratio)
-from graphs.infinity_generate import TextCondition, generate
-from graphs.infinity_weights import (CheckpointError, load_infinity, load_state_dicts, meta_models, random_infinity,
+from var_ssg.graphs.infinity_generate import TextCondition, generate
+from var_ssg.graphs.infinity_weights import (CheckpointError, load_infinity, load_state_dicts, meta_models, random_infinity,
                                      random_state_dicts)
 
 TINY = "infinity-tiny"
@@ -282,7 +282,7 @@ def test_planted_bugs_are_caught(tiny, monkeypatch):
 
     assert not differs()
     orig_grid = bitwise.bits_to_grid
-    import graphs.infinity_generate as gen_mod
+    import var_ssg.graphs.infinity_generate as gen_mod
     monkeypatch.setattr(gen_mod, "bits_to_grid", lambda b, hw, p: orig_grid(b.flip(-1), hw, p))
     assert differs()
     monkeypatch.undo()
@@ -294,8 +294,8 @@ def test_planted_bugs_are_caught(tiny, monkeypatch):
 def test_kv_cache_matches_teacher_forcing(tiny):
     """The cached loop's CFG logits at every scale equal one block-causal forward over the whole
     sequence built from the loop's own bits (the official training forward)."""
-    from graphs.bitwise import cfg_combine, grid_to_tokens, resize_codes
-    from graphs.infinity_generate import _pair_text, vae_codes
+    from var_ssg.graphs.bitwise import cfg_combine, grid_to_tokens, resize_codes
+    from var_ssg.graphs.infinity_generate import _pair_text, vae_codes
     cfg, model, vae = tiny
     sched = cfg.schedule(0.75)
     emb, mask = _text(cfg)
@@ -400,7 +400,7 @@ def test_text_mask_and_negative_prompt(tiny):
 # ---------------------------------------------------------------- T5 front end
 def test_t5_front_end_tiny_local(tiny, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from graphs.infinity_text import load_t5, text_condition
+    from var_ssg.graphs.infinity_text import load_t5, text_condition
     cfg, model, vae = tiny
     words = "a photo of cat dog on the red blue chair sitting under tree".split()
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0 - i * 0.1) for i, w in enumerate(words)]

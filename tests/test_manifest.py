@@ -4,11 +4,11 @@ import copy
 
 import pytest
 
-from contract.dtypes import dtype_name_of
-from contract.manifest import ManifestError, build_manifest, check_manifest
-from graphs.components import DecoderComponent, StepComponent
-from graphs.config import get_preset, topk_bake
-from graphs.step import StepSpec
+from var_ssg.contract.dtypes import dtype_name_of
+from var_ssg.contract.manifest import ManifestError, build_manifest, check_manifest
+from var_ssg.graphs.components import DecoderComponent, StepComponent
+from var_ssg.graphs.config import get_preset, topk_bake
+from var_ssg.graphs.step import StepSpec
 from tests.conftest import TINY
 
 
@@ -109,7 +109,7 @@ def test_every_field_is_checked_for_its_value_not_only_its_type():
     """Each value written (but the recorded options and tool versions), changed to a plausible
     wrong value of the same type (a wrong int, a wrong string, a wrong shape), is refused, the
     files listed as the loader sees them; OPEN_FIELDS are refused out of their bounds instead."""
-    from contract.schema import validate
+    from var_ssg.contract.schema import validate
     m = listed(built())
     validate("m", m)
     paths = [p for p in _leaves(m) if p[0] not in ("export", "tools", "files")]

@@ -17,8 +17,8 @@ slow = pytest.mark.slow
 def test_float64_sampler_gives_the_graph_samplers_tokens():
     """On fp32 logits, graphs.sampling (fp32, as exported) and the float64 reference draw the
     same token except where u or the top-p mass is within ROUND_EPS of an edge."""
-    from graphs.sampling import sample_with_support
-    from runtime.parity import _rounding_tie, reference_sample
+    from var_ssg.graphs.sampling import sample_with_support
+    from var_ssg.runtime.parity import _rounding_tie, reference_sample
     g = torch.Generator().manual_seed(0)
     for k_max, top_k, top_p, T in ((900, 900, 0.96, 1.0), (900, 100, 0.9, 1.4), (900, 2, 1.0, 0.25), (0, 4096, 0.5, 3.0)):
         l = torch.randn(1, 400, 4096, generator=g) * 2
@@ -38,7 +38,7 @@ def test_float64_sampler_gives_the_graph_samplers_tokens():
 def test_flip_rate_model_matches_monte_carlo():
     """The expected flip probability of a position (share of u that lands in different tokens)
     against drawing u many times."""
-    from runtime.parity import _draw, _intervals, _kept
+    from var_ssg.runtime.parity import _draw, _intervals, _kept
     g = torch.Generator().manual_seed(1)
     l = torch.randn(1, 4096, generator=g, dtype=torch.float64) * 2
     l2 = l + torch.randn(1, 4096, generator=g, dtype=torch.float64) * 2e-3        # an fp16-sized difference
@@ -59,14 +59,14 @@ def test_flip_rate_model_matches_monte_carlo():
 
 def test_poisson_tail():
     from scipy.stats import poisson
-    from runtime.parity import poisson_tail
+    from var_ssg.runtime.parity import poisson_tail
     for n, lam in ((0, 3.0), (3, 3.0), (10, 3.0), (39, 3.0), (400, 313.8), (5, 0.0), (1, 1e-9)):
         assert poisson_tail(n, lam) == pytest.approx(poisson.sf(n - 1, lam) if n > lam else 1.0, rel=1e-6, abs=1e-300)
 
 
 def test_random_weights_biases_and_norms_non_zero_and_thread_independent():
-    from graphs.config import get_preset
-    from graphs.weights import _random_fill, random_state_dicts
+    from var_ssg.graphs.config import get_preset
+    from var_ssg.graphs.weights import _random_fill, random_state_dicts
     var_sd, vae_sd = random_state_dicts(get_preset("var-d2-tiny"), 0)
     for sd in (var_sd, vae_sd):
         for k, v in sd.items():
@@ -88,7 +88,7 @@ def d2(artifacts):
 
 def parity(capsys, *args):
     """scripts/parity.py in this process -> (exit code, stdout)."""
-    from tools.commands.parity import main
+    from var_ssg.tools.commands.parity import main
     capsys.readouterr()
     rc = main([str(a) for a in args])
     return rc or 0, capsys.readouterr().out
@@ -104,7 +104,7 @@ def test_parity_passes_on_v4096_with_explained_flips(d2, tmp_path, capsys):
     assert not rep["failures"] and rep["weights"]["compared"] > 100 and not rep["weights"]["failures"]
     assert len(runs) == len(seeds.split("-")) and all(x["ok"] and x["mode"] == "teacher-forced" and
                                                       len(x["rows"]) == 20 for x in runs)
-    from runtime.parity import BOUNDS
+    from var_ssg.runtime.parity import BOUNDS
     assert all(row["logits_rel"] <= BOUNDS["fp32"] and row["logits_cfg_rel"] <= BOUNDS["fp32"] for x in runs
                for row in x["rows"])
     assert {row["run"] for x in runs for row in x["rows"]} == {"rows", "probe"}      # the probe row ran
@@ -120,8 +120,8 @@ def test_parity_passes_on_v4096_with_explained_flips(d2, tmp_path, capsys):
 def test_sweep_writes_its_json(d2, tmp_path, capsys, monkeypatch):
     """--sweep --json stored tuples and called .to_json() on them: it crashed on a failure and
     wrote [] on success. Two settings keep it short."""
-    import runtime.sweep
-    monkeypatch.setattr(runtime.sweep, "sweep_settings", lambda *a, **k: [("seed 0", dict(seed=0)),
+    from var_ssg.runtime import sweep
+    monkeypatch.setattr(sweep, "sweep_settings", lambda *a, **k: [("seed 0", dict(seed=0)),
                                                                            ("T 3.0", dict(temperature=3.0))])
     js = tmp_path / "s.json"
     rc, out = parity(capsys, "--artifacts", d2, "--backends", "eager,onnxruntime", "--sweep", "--json", js)

@@ -12,10 +12,10 @@ import onnx
 import onnx.helper as oh
 import pytest
 
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 from onnx import numpy_helper
 
-from contract.manifest import load_manifest, write_manifest
+from var_ssg.contract.manifest import load_manifest, write_manifest
 
 pytestmark = pytest.mark.slow
 PRECISIONS = ("fp32", "fp16")
@@ -25,8 +25,8 @@ PRECISIONS = ("fp32", "fp16")
 def clean(artifacts):
     """precision -> (artifacts dir, eager reference pipeline, reference-run cache): var-d2,
     batch 2 (the fp32 set is test_parity.py's), the same weights; one eager fp32 reference."""
-    from runtime.backends import open_backend
-    from runtime.pipeline import Pipeline
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.pipeline import Pipeline
     out, cache = {}, {}
     for prec in PRECISIONS:
         d = Path(artifacts(preset="var-d2", batch=2, precision=prec))
@@ -37,10 +37,10 @@ def clean(artifacts):
 def _check(clean, prec, d, rows=None, probe=True, images=True):
     """(report, weights failures) of ONNX Runtime on artifacts `d` against the clean set's
     reference; images=False: the step graph only (no decode; only the decoder mutant needs it)."""
-    from runtime.backends import open_backend
-    from runtime.parity import run_parity
-    from runtime.weights_check import weights_check
-    from runtime.pipeline import Pipeline, Row
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.parity import run_parity
+    from var_ssg.runtime.weights_check import weights_check
+    from var_ssg.runtime.pipeline import Pipeline, Row
     _, ref, cache = clean[prec]
     man = load_manifest(str(d))
     rows = rows or [Row(907, 3)]
@@ -141,7 +141,7 @@ NEAREST_SCALE = 3
 
 
 def nearest_at_one_scale(d):
-    from graphs.resample import kron2d
+    from var_ssg.graphs.resample import kron2d
     z = dict(np.load(d / "scale_consts.npz"))
     k = NEAREST_SCALE
     up = z[f"k{k}/scale_up"]
@@ -219,7 +219,7 @@ def test_planted_mutant_is_caught_with_scale_and_measure(clean, tmp_path, prec, 
 
 
 def test_unmodified_artifacts_pass_representative_settings(clean):
-    from runtime.pipeline import Row
+    from var_ssg.runtime.pipeline import Row
     rows = [[Row(-1, 11, guidance=4.0, ssg_beta="5", top_k=2, top_p=0.5, temperature=0.25),
              Row(5, 13, guidance=1.0, ssg_beta="0", more_smooth=True)],
             [Row(3, 12, guidance=10.0, ssg_beta="1", top_k=1, top_p=1.0, temperature=3.0, more_smooth=True)]]

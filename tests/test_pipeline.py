@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphs.config import SamplerConfig, make_ssg, parse_ssg_beta
-from common.errors import ConfigError
-from runtime.backends.eager import EagerBackend
-from runtime.pipeline import Pipeline
+from var_ssg.graphs.config import SamplerConfig, make_ssg, parse_ssg_beta
+from var_ssg.common.errors import ConfigError
+from var_ssg.runtime.backends.eager import EagerBackend
+from var_ssg.runtime.pipeline import Pipeline
 
 GREEDY = SamplerConfig(top_k=1, top_p=0.0)
 
@@ -117,7 +117,7 @@ def test_nonzero_beta_changes_tokens_and_follows_formula(tiny, transform):
     on = pipe.run([4], seed=3, ssg=make_ssg("1.0", transform), keep_logits=True).as_torch()
     assert sum((a != b).sum().item() for a, b in zip(off.tokens, on.tokens)) > 0
     # logits_k = l + beta (l - DSE(l_{k-1})) with the previous scale's CFG logits
-    from graphs.dse import dse_fft
+    from var_ssg.graphs.dse import dse_fft
     k = 4
     pn, src = cfg.patch_nums[k], cfg.patch_nums[k - 1]
     prev = on.logits_cfg[k - 1].transpose(1, 2).reshape(1, cfg.V, src, src)
@@ -195,7 +195,7 @@ def official_smooth(var, vae, label, cfg_w, top_k, gumbels):
 
 
 def test_more_smooth_follows_official(tiny, eager):
-    from runtime.noise import draw_row_noise
+    from var_ssg.runtime.noise import draw_row_noise
     cfg, var, vae = tiny
     _, gumbel = draw_row_noise(11, cfg.patch_nums, cfg.V, smooth=True)
     with torch.no_grad():
@@ -211,7 +211,7 @@ def test_more_smooth_follows_official(tiny, eager):
 
 def test_an_image_depends_only_on_its_own_row(eager):
     """Per-row noise: the same request gives the same pixels in any slot of any batch."""
-    from runtime.pipeline import Row
+    from var_ssg.runtime.pipeline import Row
     a = Row(5, 42, 2.0, "linear:0.1,0.5", 30, 0.9, 1.2)
     alone = eager.run_rows([a]).as_torch()
     mixed = eager.run_rows([Row(9, 1, 1.0, "0", 10, 0.5, 0.7), a, Row(3, 7, more_smooth=True)]).as_torch()
@@ -224,8 +224,8 @@ def test_row_noise_is_torchs_stream_below_2_32_and_its_own_above():
     """A seed below 2**32 draws torch.rand's uniforms from manual_seed(seed), bit for bit (the
     images earlier versions made); every 64-bit seed has its own stream (torch's would repeat
     every 2**32), and a more_smooth row's Gumbel noise comes from a stream of its own."""
-    from graphs.config import SEED_MAX, get_preset
-    from runtime.noise import GUMBEL_STREAM, draw_row_noise, uniforms
+    from var_ssg.graphs.config import SEED_MAX, get_preset
+    from var_ssg.runtime.noise import GUMBEL_STREAM, draw_row_noise, uniforms
     pn = get_preset("var-d16").patch_nums
     for seed in (0, 1, 123456789, 2 ** 32 - 1):
         g = torch.Generator().manual_seed(seed)
@@ -245,7 +245,7 @@ def test_row_noise_is_torchs_stream_below_2_32_and_its_own_above():
 def test_smooth_tau_is_the_official_temperature_in_both_forms():
     """graphs.step.smooth_tau, used by the exported step (tensor) and by the parity bound (float):
     both forms are max(0.27 (1 - 0.95 r), 0.005)."""
-    from graphs.step import smooth_tau
+    from var_ssg.graphs.step import smooth_tau
     for r, want in ((0.0, 0.27), (0.5, 0.27 * 0.525), (1.0, 0.0135), (1.2, 0.005)):
         assert smooth_tau(r) == pytest.approx(want, rel=1e-12)
         assert float(smooth_tau(torch.tensor(r, dtype=torch.float64))) == pytest.approx(want, rel=1e-12)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from onnx import helper as oh, numpy_helper
 
-from contract.manifest import ManifestError, load_manifest, write_manifest
-from contract.quantization import requantize
-from common.errors import ConfigError
+from var_ssg.contract.manifest import ManifestError, load_manifest, write_manifest
+from var_ssg.contract.quantization import requantize
+from var_ssg.common.errors import ConfigError
 
 
 # ------------------------------------------------------------------ the scheme against the tool (fast)
@@ -40,7 +40,7 @@ def _one_matmul(tmp_path, w_nk: np.ndarray, gemm: bool) -> str:
 def test_stored_weights_are_the_scheme_requantized(tmp_path, gemm):
     """onnxruntime.quantization with our options stores exactly contract.quantization.requantize
     of the parameter (so the weights check compares like with like), per output channel."""
-    from export.quantize import quantize_step
+    from var_ssg.export.quantize import quantize_step
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((24, 16)) * np.linspace(0.1, 3, 24)[:, None]).astype(np.float32)   # N K
     src = _one_matmul(tmp_path, w, gemm)
@@ -70,13 +70,13 @@ def test_requantize_axis_and_rounding():
 
 
 def test_fp8_is_refused_with_the_reason():
-    from export.onnx_export import ExportConfig
+    from var_ssg.export.onnx_export import ExportConfig
     with pytest.raises(ConfigError, match="fp8 is not available yet.*per-scale token counts"):
         ExportConfig(precision="fp8")
 
 
 def test_cpu_features_are_read_from_cpuinfo(tmp_path):
-    from benchmarks.precision import cpu_features
+    from var_ssg.benchmarks.precision import cpu_features
     f = tmp_path / "cpuinfo"
     f.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f amx_int8 avx512_bf16\n\n"
                  "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
@@ -87,9 +87,9 @@ def test_cpu_features_are_read_from_cpuinfo(tmp_path):
 def test_eager_autocast_runs_the_transformer_in_bf16_and_the_tail_in_fp32(tiny):
     """The baseline of the quality gate: fp32 weights, the transformer under bf16 autocast; the
     logits come out fp32 and differ from fp32's by bf16's error, not more."""
-    from graphs.step import StepSpec
-    from runtime.backends.eager import EagerBackend
-    from runtime.pipeline import Pipeline, Row
+    from var_ssg.graphs.step import StepSpec
+    from var_ssg.runtime.backends.eager import EagerBackend
+    from var_ssg.runtime.pipeline import Pipeline, Row
     _, var, vae = tiny
     with pytest.raises(ValueError, match="autocast runs fp32 weights"):
         StepSpec(dtype=torch.bfloat16, autocast=torch.bfloat16)
@@ -124,8 +124,8 @@ def _ext(t):
 
 
 def _weights_check(d):
-    from graphs.weights import load_models
-    from runtime.weights_check import weights_check
+    from var_ssg.graphs.weights import load_models
+    from var_ssg.runtime.weights_check import weights_check
     man = load_manifest(d)
     var, vae, _ = load_models(man.cfg, None, None, 0)
     return weights_check(man, {"var": var, "vae": vae})
@@ -165,8 +165,8 @@ def _scale_off(g, raw, man):
 
 
 def _axis_transposed(g, raw, man):
-    from graphs.config import get_preset
-    from graphs.weights import load_models
+    from var_ssg.graphs.config import get_preset
+    from var_ssg.graphs.weights import load_models
     q, s, _ = _quantized(g, man, PARAM)
     var, _, _ = load_models(get_preset(man["preset"]), None, None, 0)
     w = var.state_dict()[PARAM[len("var."):]].numpy()             # N K, square
@@ -216,8 +216,8 @@ def test_int8_export_records_its_scheme_and_runs(int8_tiny):
     g = onnx.load(str(Path(int8_tiny) / "step_all.onnx"), load_external_data=False)
     ops = {n.op_type for n in g.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "DFT" not in ops
-    from runtime.backends import open_backend
-    from runtime.pipeline import Pipeline
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.pipeline import Pipeline
     res = Pipeline(open_backend("onnxruntime", man)).run([3], 0)
     assert res.images.shape[0] == 1 and np.isfinite(res.images).all()
 
@@ -283,10 +283,10 @@ def int8_d2(artifacts):
 
 
 def _gate(d, rows):
-    from runtime.backends import open_backend
-    from runtime.backends.eager import EagerBackend
-    from runtime.pipeline import Pipeline
-    from runtime.quality import run_quality
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.backends.eager import EagerBackend
+    from var_ssg.runtime.pipeline import Pipeline
+    from var_ssg.runtime.quality import run_quality
     man = load_manifest(d)
     ref = Pipeline(open_backend("eager", man))
     base = Pipeline(EagerBackend(ref.backend.var, ref.backend.vae, transform=man.transform, k_max=man.k_max,
@@ -299,7 +299,7 @@ def _gate(d, rows):
 def test_the_gate_passes_var_d2_and_catches_a_wrong_activation_scale(int8_d2, tmp_path):
     """var-d2 (V = 4096) int8 passes the gate; one activation dequantized with twice its scale
     (which the weights check cannot see: it is no weight) fails it."""
-    from runtime.pipeline import Row
+    from var_ssg.runtime.pipeline import Row
     rows = [Row(207, 0)]
     clean = _gate(int8_d2, rows)
     assert clean.ok, clean.failures + clean.parity.failures

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from contract.manifest import FORMAT, FORMAT_VERSION, ManifestError, load_manifest, write_manifest
-from graphs.config import SamplerConfig, SSGConfig, check_guidance, check_seed, get_preset
-from common.errors import ConfigError
+from var_ssg.contract.manifest import FORMAT, FORMAT_VERSION, ManifestError, load_manifest, write_manifest
+from var_ssg.graphs.config import SamplerConfig, SSGConfig, check_guidance, check_seed, get_preset
+from var_ssg.common.errors import ConfigError
 from tests.conftest import ROOT, TINY, alarm_guard, run_cli, run_script
 
 MODEL = ["--model", TINY, "--random-init", "0"]
@@ -145,7 +145,7 @@ def test_export_out_refusals(cli, tmp_path, case, msg):
 
 
 def test_check_out_refuses_the_root_and_nothing():
-    from export.onnx_export import ExportError, check_out
+    from var_ssg.export.onnx_export import ExportError, check_out
     with pytest.raises(ExportError, match="file-system root"):
         check_out("/")
     with pytest.raises(ExportError, match="--out is empty"):
@@ -155,7 +155,7 @@ def test_check_out_refuses_the_root_and_nothing():
 # ------------------------------------------------------------------------------ 6. export: lock, leftovers, replace
 def _fake_export(monkeypatch, during=None, fail=None):
     """Replace the (slow) graph export by one that writes a tiny artifact set; calls recorded."""
-    from export import onnx_export
+    from var_ssg.export import onnx_export
     calls = []
 
     def export_into(var, vae, src, tmp, ec, key, progress):
@@ -173,14 +173,14 @@ def _fake_export(monkeypatch, during=None, fail=None):
 
 
 def _export(tiny, out, force=False, **kw):
-    from export.onnx_export import ExportConfig, export_artifacts
-    from graphs.weights import WeightSource
+    from var_ssg.export.onnx_export import ExportConfig, export_artifacts
+    from var_ssg.graphs.weights import WeightSource
     return export_artifacts(tiny[1], tiny[2], WeightSource(kind="random", seed=0), str(out),
                             ExportConfig(top_k=64, **kw), force=force)
 
 
 def test_stale_temporaries_of_a_killed_export_are_removed(tiny, tmp_path, monkeypatch, caplog):
-    from export.publish import TEMP_MARK, TEMP_MARK_NAME
+    from var_ssg.export.publish import TEMP_MARK, TEMP_MARK_NAME
     _fake_export(monkeypatch)
     stale = [tmp_path / ".art.tmp-abcd1234" / "out", tmp_path / ".art.old-0k_9zz12" / "old"]
     for s in stale:                     # as a killed export leaves them: marked
@@ -217,7 +217,7 @@ def test_the_sweep_never_deletes_a_users_folder_by_its_name(tiny, tmp_path, monk
 
 
 def test_concurrent_export_to_one_out_is_refused(tiny, tmp_path, monkeypatch):
-    from export.publish import OutBusy, lock as _lock, unlock as _unlock
+    from var_ssg.export.publish import OutBusy, lock as _lock, unlock as _unlock
     calls = _fake_export(monkeypatch)
     lock = _lock(str(tmp_path), "art")          # as a running export holds it
     try:
@@ -246,7 +246,7 @@ def test_replace_keeps_the_mode_and_needs_force_for_other_artifacts(tiny, tmp_pa
     assert stat.S_IMODE(os.stat(empty).st_mode) == 0o700 and (empty / "manifest.json").is_file()
     other = fake_artifacts(tmp_path / "other")
     before = snapshot(other)
-    from export.onnx_export import OutTaken
+    from var_ssg.export.onnx_export import OutTaken
     with pytest.raises(OutTaken, match="holds other artifacts; pass --force"):
         _export(tiny, other)
     assert snapshot(other) == before
@@ -258,7 +258,7 @@ def test_replace_keeps_the_mode_and_needs_force_for_other_artifacts(tiny, tmp_pa
 def test_files_added_during_an_export_are_never_replaced(tiny, tmp_path, monkeypatch):
     out = fake_artifacts(tmp_path / "art")
     _fake_export(monkeypatch, during=lambda: (out / "thesis.txt").write_text("written meanwhile"))
-    from export.onnx_export import ExportError
+    from var_ssg.export.onnx_export import ExportError
     with pytest.raises(ExportError, match="holds 'thesis.txt'"):
         _export(tiny, out, force=True)
     assert (out / "thesis.txt").read_text() == "written meanwhile" and (out / "step_all.onnx").read_bytes() == b"graph"
@@ -478,7 +478,7 @@ def test_engine_entries_as_trt_build_writes_them_load(base, tmp_path):
     """`--target trt` manifests (engines from export.trt_build.plan) pass the stricter schema;
     an engine file outside the directory does not."""
     from dataclasses import asdict
-    from export.trt_build import plan
+    from var_ssg.export.trt_build import plan
     d = tmp_path / "trt"
     shutil.copytree(base, d)
     m = json.loads((d / "manifest.json").read_text())
@@ -564,13 +564,13 @@ def test_report_paths_are_checked_before_the_work(cli, tmp_path, script, args, m
 
 
 def test_out_of_memory_is_one_line_and_a_bug_is_a_traceback(cli, tmp_path, monkeypatch):
-    import runtime.pipeline
+    from var_ssg.runtime import pipeline
     for exc in (MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")):
         def run(*a, exc=exc, **k):
             raise exc
-        monkeypatch.setattr(runtime.pipeline.Pipeline, "run", run)
+        monkeypatch.setattr(pipeline.Pipeline, "run", run)
         one_line_error(cli("generate.py", *MODEL, "--out", tmp_path / "x.png"), "out of memory")
-    monkeypatch.setattr(runtime.pipeline.Pipeline, "run", lambda *a, **k: {}["a bug"])
+    monkeypatch.setattr(pipeline.Pipeline, "run", lambda *a, **k: {}["a bug"])
     with pytest.raises(KeyError, match="a bug"):      # a real bug is not dressed up as a user error
         cli("generate.py", *MODEL, "--out", tmp_path / "x.png")
     assert os.listdir(tmp_path) == []
@@ -581,14 +581,14 @@ def test_disk_full_while_writing_leaves_the_old_files(cli, tmp_path, monkeypatch
     """Disk full while writing the PNG (or the tokens after it): one line, exit 2, the previous
     PNG untouched, no tokens file, no temporary file."""
     import PIL.Image
-    import common.files
+    from var_ssg.common import files
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     if fail == "png":
         monkeypatch.setattr(PIL.Image.Image, "save", full)
     else:
-        monkeypatch.setattr(common.files.json, "dump", full)
+        monkeypatch.setattr(files.json, "dump", full)
     (tmp_path / "x.png").write_bytes(b"old image")
     before = snapshot(tmp_path)
     r = cli("generate.py", *MODEL, "--class", "3", "--top-k", "10", "--out", tmp_path / "x.png",
@@ -628,7 +628,7 @@ def test_numbers_out_of_range(cli, tmp_path, script, args, msg):
 
 
 def test_library_ranges():
-    from graphs.weights import random_state_dicts
+    from var_ssg.graphs.weights import random_state_dicts
     for bad in (1e-300, 1e300, float("nan"), 0.0):
         with pytest.raises(ConfigError, match="--temperature must be in"):
             SamplerConfig(temperature=bad)

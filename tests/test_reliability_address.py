@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from cluster.address import endpoint, reach
-from common.errors import ConfigError
+from var_ssg.cluster.address import endpoint, reach
+from var_ssg.common.errors import ConfigError
 from tests.conftest import TINY, alarm_guard
 from tests.test_reliability_inputs import cli, one_line_error
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import helper as oh, numpy_helper
 
-from contract.manifest import ManifestError, load_manifest, write_manifest
+from var_ssg.contract.manifest import ManifestError, load_manifest, write_manifest
 from tests.test_reliability_inputs import cli, one_line_error
 
 
@@ -83,8 +83,8 @@ def consts_out_of_range(d):
 
 
 def consts_dft_under_dct(d):
-    from graphs.config import get_preset
-    from graphs.io import scale_constants
+    from var_ssg.graphs.config import get_preset
+    from var_ssg.graphs.io import scale_constants
     arrs = _consts(d)
     cfg = get_preset("var-d2-tiny")
     for k in range(cfg.num_scales):
@@ -210,7 +210,7 @@ def test_a_huge_dtype_is_refused_before_reading(base, tmp_path):
 def test_serve_refuses_them_before_ray_starts(capsys, base, tmp_path, monkeypatch, case, files, manifest, msg):
     """serve.py ran only the file hashes before Ray: bad artifacts started Ray and ended ~17 s
     later in "Deploying application var-ssg failed". Now generate's line, and Ray never starts."""
-    from cluster.ray_session import RaySession
+    from var_ssg.cluster.ray_session import RaySession
 
     def no_ray(*a, **kw):
         raise AssertionError("Ray was started for artifacts the driver could have refused")
@@ -222,7 +222,7 @@ def test_serve_refuses_them_before_ray_starts(capsys, base, tmp_path, monkeypatc
 def test_a_replicas_start_up_error_is_its_own_line():
     """What Serve's status says of a replica that raised in its constructor, cut to the line
     generate.py prints."""
-    from serving.launch import user_error_line
+    from var_ssg.serving.launch import user_error_line
     ray_text = ("The deployment failed to start 3 times in a row. This may be due to a problem with its "
                 "constructor or initial health check failing. See controller logs for details. Error:\n"
                 "ray::ServeReplica:var-ssg:Model.initialize_and_get_metadata() (pid=123, ip=127.0.0.1)\n"

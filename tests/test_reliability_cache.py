@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-import runtime.backends.ort_cache as oc
+import var_ssg.runtime.backends.ort_cache as oc
 
 
 class _Options:

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from contract.manifest import FORMAT, FORMAT_VERSION, write_manifest
+from var_ssg.contract.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from tests.conftest import TINY
 from tests.test_reliability_inputs import cli, one_line_error
 
@@ -24,7 +24,7 @@ def snapshot(root) -> dict:
 @pytest.fixture
 def fake_export(monkeypatch):
     """The (slow) graph export replaced by one that writes a tiny artifact set; calls recorded."""
-    from export import onnx_export
+    from var_ssg.export import onnx_export
     calls = []
 
     def export_into(var, vae, src, tmp, ec, key, progress):
@@ -76,8 +76,8 @@ def test_force_never_deletes_what_a_hand_made_manifest_lists(capsys, tmp_path, f
 
 
 def test_force_replaces_real_artifacts(tmp_path, fake_export, tiny):
-    from export.onnx_export import ExportConfig, export_artifacts
-    from graphs.weights import WeightSource
+    from var_ssg.export.onnx_export import ExportConfig, export_artifacts
+    from var_ssg.graphs.weights import WeightSource
     d = tmp_path / "art"
     d.mkdir()
     (d / "step_all.onnx").write_bytes(b"old graph")
@@ -99,7 +99,7 @@ def test_a_users_lock_named_file_is_never_taken(capsys, tmp_path, fake_export):
 
 
 def test_a_killed_exports_lock_is_taken_and_removed(capsys, tmp_path, fake_export):
-    from export.publish import LOCK_MARK
+    from var_ssg.export.publish import LOCK_MARK
     (tmp_path / ".art.lock").write_bytes(LOCK_MARK)
     rc, err = cli(capsys, "export", *MODEL, "--out", tmp_path / "art")
     assert rc == 0, err

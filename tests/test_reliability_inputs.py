@@ -6,17 +6,17 @@ import os
 import pytest
 import torch
 
-from graphs.config import get_preset
-from common.errors import ConfigError
+from var_ssg.graphs.config import get_preset
+from var_ssg.common.errors import ConfigError
 from tests.conftest import TINY
-from tools.cli import run_main
+from var_ssg.tools.cli import run_main
 
 MODEL = ["--model", TINY, "--random-init", "0"]
 
 
 def cli(capsys, name, *args):
     """tools.commands.NAME.main under the CLI's error policy, in this process: (exit code, stderr)."""
-    cmd = importlib.import_module(f"tools.commands.{name}")
+    cmd = importlib.import_module(f"var_ssg.tools.commands.{name}")
     capsys.readouterr()
     with pytest.raises(SystemExit, match=r"^\d*$") as e:        # run_main always exits, with its code
         run_main(lambda: cmd.main([str(a) for a in args]))
@@ -44,7 +44,7 @@ def test_non_finite_numbers_name_the_flag(capsys, tmp_path, flag, value, msg):
 
 
 def test_negative_numbers_still_parse(capsys, tmp_path):
-    from tools.cli import add_sampling_args, parser
+    from var_ssg.tools.cli import add_sampling_args, parser
     p = parser("t")
     add_sampling_args(p)
     a = p.parse_args(["--cfg", "-1e2", "--ssg-beta", "-0.5"])
@@ -67,15 +67,15 @@ def test_a_preset_name_with_a_newline_is_refused(capsys, tmp_path):
 
 
 def test_empty_checkpoint_flags_are_refused_before_any_download(capsys, tmp_path, monkeypatch):
-    import graphs.weights
-    monkeypatch.setattr(graphs.weights, "download_official", lambda cfg: pytest.fail("started a download"))
+    from var_ssg.graphs import weights
+    monkeypatch.setattr(weights, "download_official", lambda cfg: pytest.fail("started a download"))
     one_line_error(cli(capsys, "export", "--model", "var-d16", "--ckpt", "", "--vae-ckpt", "", "--out", tmp_path / "a"),
                    "--ckpt is empty")
 
 
 def test_safetensors_named_pth_is_not_called_pickled(capsys, tmp_path):
     from safetensors.torch import save_file
-    from graphs.weights import random_state_dicts
+    from var_ssg.graphs.weights import random_state_dicts
     var_sd, vae_sd = random_state_dicts(get_preset(TINY), 0)
     save_file({k: v.contiguous() for k, v in var_sd.items()}, str(tmp_path / "var.pth"))
     save_file({k: v.contiguous() for k, v in vae_sd.items()}, str(tmp_path / "vae.pth"))
@@ -90,7 +90,7 @@ def test_safetensors_named_pth_is_not_called_pickled(capsys, tmp_path):
     ("nan", "holds NaN or infinite values"),
 ])
 def test_bad_checkpoint_contents_are_one_line(capsys, tmp_path, case, msg):
-    from graphs.weights import random_state_dicts
+    from var_ssg.graphs.weights import random_state_dicts
     var_sd, vae_sd = random_state_dicts(get_preset(TINY), 0)
     torch.save(vae_sd, tmp_path / "vae.pth")
     if case == "int-key":
@@ -143,8 +143,8 @@ def test_a_huge_value_is_cut_in_the_message(capsys, tmp_path, flag):
 
 
 def test_messages_escape_and_cut_whatever_raises_them(capsys):
-    from common.text import one_line
-    from tools.cli import run_main
+    from var_ssg.common.text import one_line
+    from var_ssg.tools.cli import run_main
 
     def boom():
         raise ConfigError("bad value " + "7" * 5000 + " in x\ny\u2028z")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from graphs.config import SamplerConfig, make_ssg
-from common.errors import ConfigError
-from runtime.backends import open_backend
-from contract.manifest import load_manifest, write_manifest
-from runtime.pipeline import Pipeline
+from var_ssg.graphs.config import SamplerConfig, make_ssg
+from var_ssg.common.errors import ConfigError
+from var_ssg.runtime.backends import open_backend
+from var_ssg.contract.manifest import load_manifest, write_manifest
+from var_ssg.runtime.pipeline import Pipeline
 from tests.conftest import run_cli
 
 
@@ -213,8 +213,8 @@ def test_generate_cli_bad_input(tmp_path):
                    tmp_path / "junk.pth", "--out", tmp_path / "o.png")
     assert r.returncode == 2 and "junk.pth" in r.stderr and not (tmp_path / "o.png").exists()
     # mismatched checkpoint: var-d3 weights for var-d2
-    from graphs.config import get_preset
-    from graphs.weights import random_state_dicts
+    from var_ssg.graphs.config import get_preset
+    from var_ssg.graphs.weights import random_state_dicts
     v3, q = random_state_dicts(get_preset("var-d3-tiny"), 0)
     torch.save(v3, tmp_path / "var_d3.pth")
     torch.save(q, tmp_path / "vae.pth")

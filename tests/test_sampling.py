@@ -1,7 +1,7 @@
 """The sampler: semantics against VAR's sort-based top-k/top-p, greedy, the bisection form."""
 import torch
 
-from graphs.sampling import bisect_candidates, sample_with_support, sorted_candidates
+from var_ssg.graphs.sampling import bisect_candidates, sample_with_support, sorted_candidates
 
 
 def sample_sorted(logits, u, temperature, top_k, top_p, k_max):

@@ -22,8 +22,8 @@ import time
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
-from graphs.config import get_preset
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.config import get_preset
 from tests.conftest import ROOT, TINY
 
 TOP = dict(top_k=900)      # the CLI's default: all 64 tokens of the tiny VQVAE (exported with top-k 64)
@@ -212,8 +212,8 @@ def exposed(socks):
 
 # ------------------------------------------------------------------ requests (no Ray, no server)
 def tiny_checker(k_max=64, batch=4):
-    from runtime.backends.base import BackendInfo
-    from serving.requests import checker
+    from var_ssg.runtime.backends.base import BackendInfo
+    from var_ssg.serving.requests import checker
     info = BackendInfo(name="onnxruntime", cfg=get_preset(TINY), k_max=k_max, transform="dct",
                        kv_dtype="float32", batch=batch)
     return checker(info), info
@@ -251,7 +251,7 @@ BAD = [
 
 @pytest.mark.parametrize("body,msg", BAD, ids=[m[:30] for _, m in BAD])
 def test_bad_request_is_400_with_what_to_fix(body, msg):
-    from serving.requests import RequestError, parse_request
+    from var_ssg.serving.requests import RequestError, parse_request
     pipe, _ = tiny_checker()
     with pytest.raises(RequestError, match=re.escape(msg)) as e:
         parse_request(body if isinstance(body, bytes) else json.dumps(body).encode(), pipe)
@@ -259,7 +259,7 @@ def test_bad_request_is_400_with_what_to_fix(body, msg):
 
 
 def test_good_requests_become_rows():
-    from serving.requests import MAX_BODY, RequestError, parse_request
+    from var_ssg.serving.requests import MAX_BODY, RequestError, parse_request
     pipe, _ = tiny_checker()
     row = parse_request(json.dumps({"class": -1, "seed": 2 ** 63 - 1, "cfg": 3, "ssg_beta": [0.1] * 9, "top_k": 8,
                                     "top_p": 0.5, "temperature": 0.7, "more_smooth": True}).encode(), pipe)
@@ -274,9 +274,9 @@ def test_good_requests_become_rows():
 def test_one_png_note_for_generate_and_the_server(tmp_path):
     """generate.py and the server write the same note for the same request (one function)."""
     from PIL import Image
-    from runtime.pipeline import Row
-    from serving.requests import row_note
-    from tools.commands import generate
+    from var_ssg.runtime.pipeline import Row
+    from var_ssg.serving.requests import row_note
+    from var_ssg.tools.commands import generate
     out = tmp_path / "g.png"
     assert generate.main(["--model", TINY, "--random-init", "0", "--class", "207", "--seed", "3", "--cfg", "2",
                           "--top-k", "9", "--out", str(out)]) == 0
@@ -291,8 +291,8 @@ def test_one_png_note_for_generate_and_the_server(tmp_path):
 
 def test_options_refused_before_ray_starts(capsys):
     """nan CPUs and a negative metrics port: one `error:` line, exit 2, no Ray process."""
-    from tools.cli import run_main
-    from tools.commands import serve
+    from var_ssg.tools.cli import run_main
+    from var_ssg.tools.commands import serve
     before = set(descendants(os.getpid()))
     for flags, msg in ((["--cpus-per-replica", "nan"], "--cpus-per-replica must be a number > 0"),
                        (["--cpus-per-replica", "inf"], "--cpus-per-replica must be a number > 0"),
@@ -332,7 +332,7 @@ class _Client:
 
 
 def _through_limit(headers, messages, stall=False, timeout_s=30.0):
-    from serving.proxy import BodyLimit
+    from var_ssg.serving.proxy import BodyLimit
     seen = {}
 
     async def app(scope, receive, send):
@@ -346,7 +346,7 @@ def _through_limit(headers, messages, stall=False, timeout_s=30.0):
 
 
 def test_proxy_body_limit_413_before_reading_and_408_for_a_stalled_body():
-    from serving.requests import MAX_BODY
+    from var_ssg.serving.requests import MAX_BODY
     c, seen = _through_limit([(b"content-length", b"300000000")], [{"type": "http.request", "body": b"x" * 10}])
     assert c.status == 413 and c.reads == 0 and not seen                 # not a byte read
     chunk = {"type": "http.request", "body": b"x" * 16384, "more_body": True}
@@ -363,7 +363,7 @@ def test_proxy_body_limit_413_before_reading_and_408_for_a_stalled_body():
 
 
 def test_percentile_is_nearest_rank():
-    from serving.loadgen import percentile
+    from var_ssg.serving.loadgen import percentile
     xs = [5, 1, 4, 2, 3]
     assert percentile(xs, 0.5) == 3 and percentile(xs, 0.99) == 5 and percentile(xs, 0.0) == 1
 
@@ -377,7 +377,7 @@ def ray_home():
 
 
 def test_cli_refuses_artifacts_that_fail_verification(artifacts, tmp_path, ray_home):
-    from tools.commands import generate, serve
+    from var_ssg.tools.commands import generate, serve
     bad = tmp_path / "bad"
     shutil.copytree(artifacts(batch=4), bad)
     w = bad / "weights.bin"
@@ -470,7 +470,7 @@ def test_cli_under_load_comes_up_or_says_why_and_sigterm_finishes_requests(artif
 
 
 def test_bench_serve_runs_on_the_tiny_model(artifacts, tmp_path, capsys, ray_home):
-    from tools.commands import bench_serve
+    from var_ssg.tools.commands import bench_serve
     js = tmp_path / "b.json"
     before = set(descendants(os.getpid()))
     rc = bench_serve.main(["--artifacts", artifacts(batch=4), "--baseline-artifacts", artifacts(),
@@ -511,8 +511,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(artifacts, ray_home):
-    from serving.launch import LaunchConfig, running
-    from serving.requests import ServeOptions, code_path
+    from var_ssg.serving.launch import LaunchConfig, running
+    from var_ssg.serving.requests import ServeOptions, code_path
     art = artifacts(batch=4)
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")           # short: Ray's socket paths must fit
@@ -551,9 +551,9 @@ def test_ray_listens_on_loopback_only(server):
 
 
 def test_16_concurrent_requests_batched_and_equal_to_single_runs(server, tmp_path):
-    from runtime.backends import open_backend
-    from runtime.pipeline import Pipeline, Row
-    from tools.commands import generate
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.pipeline import Pipeline, Row
+    from var_ssg.tools.commands import generate
     reqs = [dict(seed=100 + i, **{"class": (37 * i) % 1000}, **TOP) for i in range(16)]
     reqs[3].update(cfg=4.0, ssg_beta="0")
     reqs[5].update(top_k=8, top_p=0.5, temperature=0.7)
@@ -624,7 +624,7 @@ def test_http_errors_are_json_and_a_big_body_is_413_before_it_is_read(server):
     status, data = raw_exchange(server.port, head, chunk * 64, timeout=20)
     assert status == 413, data[:300]
     assert server.post({"class": 1, "seed": 1, **TOP})[0] == 200          # and it still serves
-    logs = subprocess.run(["grep", "-rl", "serving.proxy:middlewares", server.tmp], capture_output=True, text=True)
+    logs = subprocess.run(["grep", "-rl", "var_ssg.serving.proxy:middlewares", server.tmp], capture_output=True, text=True)
     assert "proxy" in logs.stdout, "the HTTP proxy did not load the body bound"   # the bound sits in the proxy
 
 
@@ -674,8 +674,8 @@ def test_full_queue_is_503_with_retry_after_then_recovers(server):
     ingress lets 2 more wait for it, so a burst of 24 requests cannot all be taken: some get 503
     with Retry-After at once, and without the bound every one would be 200."""
     from ray import serve
-    from serving.app import build_app
-    from serving.requests import ServeOptions
+    from var_ssg.serving.app import build_app
+    from var_ssg.serving.requests import ServeOptions
     opts = ServeOptions(**{**server.opts.__dict__, "max_queue": 2, "max_batch_wait_ms": 200})
     serve.run(build_app(opts, 4), name="small", route_prefix="/small")
     try:
@@ -696,8 +696,8 @@ def test_drain_answers_requests_cut_short_with_503(server):
     """Stopping with a drain time shorter than the work: the requests in flight get 503 (not a
     dropped connection), and new ones get 503 at once."""
     from ray import serve
-    from serving.app import build_app
-    from serving.requests import ServeOptions
+    from var_ssg.serving.app import build_app
+    from var_ssg.serving.requests import ServeOptions
     opts = ServeOptions(**{**server.opts.__dict__, "max_batch_wait_ms": 30_000})     # a partial batch waits 30 s
     serve.run(build_app(opts, 4), name="slow", route_prefix="/slow")
     try:
@@ -721,7 +721,7 @@ def test_drain_answers_requests_cut_short_with_503(server):
 
 def test_replica_killed_under_load_is_restarted_and_nothing_hangs(server):
     from ray import serve
-    from serving.requests import APP
+    from var_ssg.serving.requests import APP
     gen = serve.get_deployment_handle("Generator", app_name=APP)
     pid = gen.pid.remote().result(timeout_s=30)
     reqs = [({"class": i, "seed": 500 + i, **TOP},) for i in range(12)]

@@ -24,7 +24,7 @@ async def _app(scope, receive, send):
 def server(monkeypatch):
     """(host, port) of a uvicorn server with HeaderLimitProtocol, 1.5 s header timeout."""
     import uvicorn
-    from serving.headers import ENV_HEADER_TIMEOUT, HeaderLimitProtocol
+    from var_ssg.serving.headers import ENV_HEADER_TIMEOUT, HeaderLimitProtocol
     monkeypatch.setenv(ENV_HEADER_TIMEOUT, "1.5")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -11,10 +11,10 @@ import warnings
 import pytest
 import torch
 
-from common.files import sha256_file
-from contract import stamp
-from contract.manifest import ManifestError, load_manifest
-from common.errors import ConfigError
+from var_ssg.common.files import sha256_file
+from var_ssg.contract import stamp
+from var_ssg.contract.manifest import ManifestError, load_manifest
+from var_ssg.common.errors import ConfigError
 
 EXPORT_STAGES = ["step_export", "write", "decoder", "flush", "check", "manifest"]
 
@@ -35,7 +35,7 @@ def exported(artifacts):
 
 
 def _count_hashes(monkeypatch):
-    import contract.filecheck as m          # load_manifest hashes through contract.filecheck
+    import var_ssg.contract.filecheck as m          # load_manifest hashes through contract.filecheck
     hashed = []
     real = m.sha256_file
 
@@ -124,7 +124,7 @@ def test_load_manifest_refuses_an_unknown_verify_mode(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
 def test_weights_are_written_from_the_tensors_own_memory(dtype):
     from torch.onnx._internal.exporter._core import TorchTensor
-    from export.store import tensor_bytes
+    from var_ssg.export.store import tensor_bytes
     t = TorchTensor((torch.arange(24, dtype=torch.float32) * 1.5).reshape(2, 3, 4).to(dtype))
     view = tensor_bytes(t)
     assert bytes(view) == t.tobytes()
@@ -133,7 +133,7 @@ def test_weights_are_written_from_the_tensors_own_memory(dtype):
 
 
 def test_stage_display_names_each_stage_and_sums_up():
-    from tools.progress import StageDisplay
+    from var_ssg.tools.progress import StageDisplay
     s = io.StringIO()
     with StageDisplay("export x", stream=s) as d:
         d("weights")
@@ -145,7 +145,7 @@ def test_stage_display_names_each_stage_and_sums_up():
 
 
 def test_generate_refuses_a_bad_verify_mode(capsys):
-    from tools.commands import generate
+    from var_ssg.tools.commands import generate
     with pytest.raises(SystemExit, match="^2$") as e:
         generate.main(["--backend", "onnxruntime", "--artifacts", "x", "--verify", "quick"])
     assert e.value.code == 2 and "--verify" in capsys.readouterr().err
@@ -155,9 +155,9 @@ def test_generate_refuses_a_bad_verify_mode(capsys):
 def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
     """export.optimize skips one rewrite rule for speed; the step graph must stay torch's own."""
     import onnx_ir as ir
-    from export.dynamo import export_one
-    from graphs.components import StepComponent
-    from graphs.step import StepSpec
+    from var_ssg.export.dynamo import export_one
+    from var_ssg.graphs.components import StepComponent
+    from var_ssg.graphs.step import StepSpec
     cfg, var, vae = tiny
     step = StepComponent(cfg, 1, StepSpec(transform="dct", k_max=64, dtype=torch.float32))
     m, feeds = step.module(var, vae).eval(), step.example_feeds(step.example_scale())
@@ -175,9 +175,9 @@ def test_optimiser_gives_torchs_graph_byte_for_byte(tiny):
 def test_onnxruntime_sessions_build_while_the_schema_is_checked(exported, tmp_path, monkeypatch):
     """open_artifacts: the files are verified, the sessions start, and only then the schema check
     runs; the backend uses the sessions started early."""
-    import contract.schema as m
-    import runtime.backends.ort as ort_mod
-    from runtime.opener import open_artifacts
+    import var_ssg.contract.schema as m
+    import var_ssg.runtime.backends.ort as ort_mod
+    from var_ssg.runtime.opener import open_artifacts
     order = []
     real_validate, real_init = m.validate, ort_mod.OrtSessions.__init__
 
@@ -200,7 +200,7 @@ def test_a_schema_error_after_an_early_start_is_still_the_error(exported, tmp_pa
     """Files intact, schema wrong (a field the files do not cover): the early sessions are
     dropped and the schema's message comes back, as without an early start."""
     import json
-    from runtime.opener import open_artifacts
+    from var_ssg.runtime.opener import open_artifacts
     out = str(tmp_path / "a")
     shutil.copytree(exported[0], out)
     p = os.path.join(out, "manifest.json")
@@ -216,8 +216,8 @@ def test_a_schema_error_after_an_early_start_is_still_the_error(exported, tmp_pa
 def test_an_early_start_that_fails_leaves_the_error_to_the_ordinary_open(exported, monkeypatch):
     """A problem in the early start (here: no onnxruntime) is not raised there; the ordinary open
     after the schema check reports it with its own message."""
-    import runtime.backends.ort as ort_mod
-    from runtime.opener import open_artifacts
+    import var_ssg.runtime.backends.ort as ort_mod
+    from var_ssg.runtime.opener import open_artifacts
     calls = []
 
     def no_ort():
@@ -268,8 +268,8 @@ def test_session_cache_is_written_once_then_loaded_and_a_changed_entry_is_rebuil
     removes what a killed writer left and entries whose artifacts are gone."""
     import numpy as np
     import onnxruntime as ort
-    from runtime.backends import open_backend
-    from runtime.pipeline import Pipeline, Row
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.pipeline import Pipeline, Row
     opened = []
     real = ort.InferenceSession
 
@@ -323,9 +323,9 @@ def test_session_cache_that_cannot_be_written_is_no_error(exported, tmp_path, mo
     """A cache location that is a file, a folder that cannot be written, a full disk when the
     entry is put in place, another process writing the entry: each time the session is built as
     without the cache, with a warning."""
-    import runtime.backends.ort_cache as oc
-    from runtime.backends import open_backend
-    from runtime.pipeline import Pipeline, Row
+    import var_ssg.runtime.backends.ort_cache as oc
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.pipeline import Pipeline, Row
     rows = [Row(2, 5, top_k=40)]
     want = Pipeline(open_backend("onnxruntime", exported[0])).run_rows(rows)
 

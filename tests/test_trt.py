@@ -17,10 +17,10 @@ import pytest
 import numpy as np
 import torch
 
-from contract.tensorrt import check_compat, engine_cache_key, import_tensorrt, version_ok, version_tuple
-from export.trt_build import engines_stale, plan
-from graphs.config import get_preset
-from common.errors import ConfigError
+from var_ssg.contract.tensorrt import check_compat, engine_cache_key, import_tensorrt, version_ok, version_tuple
+from var_ssg.export.trt_build import engines_stale, plan
+from var_ssg.graphs.config import get_preset
+from var_ssg.common.errors import ConfigError
 from tests.conftest import ROOT, TINY, run_cli, run_script
 from tests.trt_real import VERSIONS, run_under_real_trt, skip_reason
 
@@ -161,7 +161,7 @@ def test_version_guards():
 
 
 def test_profile_order_last_scale_first():
-    from contract.tensorrt import check_profile_scales, profile_scales
+    from var_ssg.contract.tensorrt import check_profile_scales, profile_scales
     assert profile_scales(10) == [9, 0, 1, 2, 3, 4, 5, 6, 7, 8]
     assert check_profile_scales(None, 3) == [0, 1, 2]                      # engines built before the order
     assert check_profile_scales([2, 0, 1], 3) == [2, 0, 1]
@@ -266,7 +266,7 @@ IO = dict(inputs=[dict(name="x", shape=["n", 4], dtype="float16"), dict(name="la
 
 
 def test_engine_io_is_checked_against_the_manifest():
-    from runtime.backends.trt import check_engine_io
+    from var_ssg.runtime.backends.trt import check_engine_io
 
     def engine(**change):
         t = dict(x=("INPUT", "HALF", (-1, 4), [(1, 4), (3, 4)]), label=("INPUT", "INT64", (1,), None),
@@ -288,7 +288,7 @@ def test_engine_io_is_checked_against_the_manifest():
 
 
 def test_failed_cuda_graph_capture_falls_back_without_hiding_the_real_error(monkeypatch, caplog):
-    from runtime.backends.trt import TrtBackend
+    from var_ssg.runtime.backends.trt import TrtBackend
 
     modes = []
 
@@ -319,9 +319,9 @@ def test_failed_cuda_graph_capture_falls_back_without_hiding_the_real_error(monk
 def test_tensorrt_matches_eager_on_gpu(tmp_path):
     if not (torch.cuda.is_available() and _have_trt()):
         pytest.skip("needs an NVIDIA GPU and TensorRT")
-    from graphs.config import SamplerConfig, make_ssg
-    from runtime.backends import open_backend
-    from runtime.pipeline import Pipeline
+    from var_ssg.graphs.config import SamplerConfig, make_ssg
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.pipeline import Pipeline
     out = tmp_path / "a"
     r = run_script("export.py", "--model", TINY, "--random-init", "0", "--out", out, "--target", "trt", "--top-k", "64")
     assert r.returncode == 0, r.stderr

@@ -18,10 +18,10 @@ import re
 import sys
 from typing import Callable, List, Optional
 
-from common.text import one_line, shown
-from graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
+from var_ssg.common.text import one_line, shown
+from var_ssg.graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
                            DSE_TRANSFORMS, GUIDANCE_MAX, SEED_MAX)
-from common.errors import ConfigError
+from var_ssg.common.errors import ConfigError
 
 
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
@@ -35,7 +35,7 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> 
 def note_random_weights(source: str, doing: str = "made with", file=None) -> None:
     """The reminder after a command whose outputs come from random weights (source: the weights
     note; graphs.source words both)."""
-    from graphs.source import RANDOM_HINT, is_random_note
+    from var_ssg.graphs.source import RANDOM_HINT, is_random_note
     if is_random_note(source):
         print(f"note: {doing} {RANDOM_HINT}", file=file or sys.stderr, flush=True)
 
@@ -183,19 +183,10 @@ def _started_for(entry: str) -> bool:
     return entry in getattr(sys, "orig_argv", ())[1:]
 
 
-def _unshadow(script: str) -> None:
-    """Python puts the running script's folder first on sys.path; there `scripts/export.py` would
-    shadow the `export` package for every later import. Take that folder off (whichever checkout
-    the script came from: the packages come from the installation, editable or not)."""
-    d = os.path.dirname(os.path.realpath(script))
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != d]
-
-
 def script_main(script: str) -> None:
     """`scripts/NAME.py`: run tools.commands.NAME.main with the one error policy."""
-    _unshadow(script)
     name = os.path.splitext(os.path.basename(script))[0]
-    cmd = importlib.import_module(f"tools.commands.{name}")
+    cmd = importlib.import_module(f"var_ssg.tools.commands.{name}")
     run_main(lambda: cmd.main(sys.argv[1:]), own_process=name in ONE_SHOT and _started_for(sys.argv[0]))
 
 
@@ -207,6 +198,6 @@ def console(argv: Optional[List[str]] = None) -> None:
         print(f"usage: var-ssg {{{','.join(COMMANDS)}}} [args...]  (var-ssg NAME --help for each)",
               file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    cmd = importlib.import_module(f"tools.commands.{argv[0]}")
+    cmd = importlib.import_module(f"var_ssg.tools.commands.{argv[0]}")
     sys.argv[0] = f"var-ssg {argv[0]}"
     run_main(lambda: cmd.main(argv[1:]), own_process=own and argv[0] in ONE_SHOT)

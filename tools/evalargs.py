@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from graphs.config import BACKENDS
+from var_ssg.graphs.config import BACKENDS
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -39,14 +39,14 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def source_from_args(a: argparse.Namespace, transforms: Sequence[str] = (), artifacts: Optional[str] = None):
-    from runtime.opener import PipelineSource
+    from var_ssg.runtime.opener import PipelineSource
     return PipelineSource(artifacts=artifacts if artifacts is not None else a.artifacts, backend=a.backend,
                           model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt, random_init=a.random_init,
                           transforms=tuple(transforms), top_k=a.top_k, device=a.device)
 
 
 def request_from_args(a: argparse.Namespace):
-    from evaluation.run import JobRequest
+    from var_ssg.evaluation.run import JobRequest
     return JobRequest(classes=tuple(a.classes), class_spec=a.class_spec, per_class=a.per_class, seed=a.seed,
                       guidance=a.guidance, top_k=a.top_k, top_p=a.top_p, temperature=a.temperature,
                       ssg_beta=a.ssg_beta, batch=a.batch, more_smooth=bool(getattr(a, "more_smooth", False)))
@@ -54,13 +54,13 @@ def request_from_args(a: argparse.Namespace):
 
 def pool_from_args(a: argparse.Namespace):
     """None without --address (one process, as always); else the pool's config."""
-    from common.errors import ConfigError
+    from var_ssg.common.errors import ConfigError
     if a.address is None:
         if a.workers is not None or a.chunk is not None:
             raise ConfigError("--workers and --chunk need --address (local, auto or HOST:PORT)")
         return None
-    from cluster import RayConfig
-    from evaluation.distributed import PoolConfig
+    from var_ssg.cluster import RayConfig
+    from var_ssg.evaluation.distributed import PoolConfig
     ray = RayConfig(address=a.address)
     ray.check()                         # --address checked before any work
     return PoolConfig(ray=ray, workers=a.workers, chunk=a.chunk, device=a.device)

@@ -2,8 +2,8 @@
 matters when that backend is asked for."""
 from __future__ import annotations
 
-from graphs.config import BACKENDS
-from common.errors import ConfigError
+from var_ssg.graphs.config import BACKENDS
+from var_ssg.common.errors import ConfigError
 
 
 def open_backend(name: str, artifacts=None, **kw):
@@ -13,7 +13,7 @@ def open_backend(name: str, artifacts=None, **kw):
         raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if artifacts is None:
         raise ConfigError(f"--backend {name} needs --artifacts DIR (made by scripts/export.py)")
-    from contract.manifest import Manifest, load_manifest
+    from var_ssg.contract.manifest import Manifest, load_manifest
     man = artifacts if isinstance(artifacts, Manifest) else load_manifest(artifacts)
     if name == "eager":
         from .eager import EagerBackend

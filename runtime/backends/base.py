@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Protocol, Sequence
 
 import numpy as np
 
-from graphs.config import VARConfig
+from var_ssg.graphs.config import VARConfig
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ import re
 
 import torch
 
-from contract.dtypes import dtype_name_of
-from graphs.config import DEFAULT_TOP_K, VARConfig
-from common.errors import ConfigError
-from graphs.step import StepSpec, build_steps
-from graphs.var import VAR
-from graphs.vqvae import VQVAE
+from var_ssg.contract.dtypes import dtype_name_of
+from var_ssg.graphs.config import DEFAULT_TOP_K, VARConfig
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.step import StepSpec, build_steps
+from var_ssg.graphs.var import VAR
+from var_ssg.graphs.vqvae import VQVAE
 
 from .base import BackendInfo, to_torch, torch_host
 
@@ -46,7 +46,7 @@ class EagerBackend:
     def from_manifest(cls, man, device: str = "cpu", dtype: torch.dtype = torch.float32):
         """The reference for a set of artifacts: same weights (hash-checked), same baked
         sampler K and DSE transform, computed the eager way (torch.fft, F.interpolate)."""
-        from graphs.weights import load_models
+        from var_ssg.graphs.weights import load_models
         var, vae, src = load_models(man.cfg, man.weights.get("ckpt"), man.weights.get("vae_ckpt"),
                                     man.weights.get("seed") if man.weights["kind"] == "random" else None)
         for key in ("ckpt_sha256", "vae_sha256"):

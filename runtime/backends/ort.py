@@ -25,10 +25,10 @@ from typing import Dict, Optional
 import numpy as np
 import onnx
 
-from contract.graphcheck import check_graph, check_values
-from contract.dtypes import dtype_name_of, name_of_onnx, numpy_dtype, torch_dtype
-from contract.manifest import Manifest, ManifestError
-from common.errors import ConfigError
+from var_ssg.contract.graphcheck import check_graph, check_values
+from var_ssg.contract.dtypes import dtype_name_of, name_of_onnx, numpy_dtype, torch_dtype
+from var_ssg.contract.manifest import Manifest, ManifestError
+from var_ssg.common.errors import ConfigError
 
 from .base import BackendInfo, to_torch, torch_host
 

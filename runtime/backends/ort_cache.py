@@ -33,9 +33,9 @@ import stat
 import tempfile
 from typing import Any, Optional
 
-from common.files import open_regular
-from contract import stamp
-from contract.manifest import Manifest
+from var_ssg.common.files import open_regular
+from var_ssg.contract import stamp
+from var_ssg.contract.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from contract.dtypes import name_of_trt, torch_dtype
-from contract.manifest import Manifest
-from contract.tensorrt import check_compat, check_profile_scales, import_tensorrt
-from common.errors import ConfigError
+from var_ssg.contract.dtypes import name_of_trt, torch_dtype
+from var_ssg.contract.manifest import Manifest
+from var_ssg.contract.tensorrt import check_compat, check_profile_scales, import_tensorrt
+from var_ssg.common.errors import ConfigError
 
 from .base import BackendInfo, to_torch, torch_host
 

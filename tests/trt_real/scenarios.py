@@ -33,9 +33,9 @@ def build_every_option(onnx_dir: str, work: str):
     """export.trt_build on the real API: flags, profiles (order, shapes, memory targets), strongly
     typed networks, and the timing cache's life (fresh, reused, from another GPU, from another
     TensorRT version, unreadable)."""
-    from contract.manifest import load_manifest
-    from contract.tensorrt import profile_scales
-    from export.trt_build import TIMING_CACHE, TimingCache, build_engines
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.contract.tensorrt import profile_scales
+    from var_ssg.export.trt_build import TIMING_CACHE, TimingCache, build_engines
     log = _Log()
     man = load_manifest(onnx_dir).data
     step_profiles = man["graphs"]["step"]["profiles"]
@@ -91,15 +91,15 @@ def build_every_option(onnx_dir: str, work: str):
 def pipeline_runs(art_dir: str, work: str):
     """export (engines only: the graphs are up to date) -> TrtBackend: load, I/O checks, three
     full runs (plain, CUDA-graph capture, replay) with the decoder, each against ONNX Runtime."""
-    from contract.manifest import load_manifest
-    from export import onnx_export
-    from export.onnx_export import ExportConfig, export_artifacts
-    from graphs.config import SamplerConfig, get_preset, make_ssg
-    from common.errors import ConfigError
-    from graphs.weights import WeightSource, random_models
-    from runtime.backends import open_backend
-    from runtime.backends.trt import check_engine_io
-    from runtime.pipeline import Pipeline
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.export import onnx_export
+    from var_ssg.export.onnx_export import ExportConfig, export_artifacts
+    from var_ssg.graphs.config import SamplerConfig, get_preset, make_ssg
+    from var_ssg.common.errors import ConfigError
+    from var_ssg.graphs.weights import WeightSource, random_models
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.backends.trt import check_engine_io
+    from var_ssg.runtime.pipeline import Pipeline
     from tests.trt_real import fake_cuda
 
     out = os.path.join(work, "a")
@@ -139,7 +139,7 @@ def pipeline_runs(art_dir: str, work: str):
     assert set(fake_cuda.STATE.capture_modes) == {"thread_local"}
 
     # the engine's I/O against a manifest it does not belong to; a shape outside the profile
-    from runtime.backends.trt import deserialize, make_runtime
+    from var_ssg.runtime.backends.trt import deserialize, make_runtime
     import tensorrt
     sec = man.data["tensorrt"]
     path = man.path("step_all.plan")
@@ -183,8 +183,8 @@ def refusals(work: str):
     """What the runtime refuses before TensorRT sees an engine: another GPU model of the same
     compute capability, and a TensorRT older than 10.8."""
     import tensorrt
-    from contract.tensorrt import check_compat, import_tensorrt
-    from common.errors import ConfigError
+    from var_ssg.contract.tensorrt import check_compat, import_tensorrt
+    from var_ssg.common.errors import ConfigError
     sec = dict(version=tensorrt.__version__, gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0",
                hardware_compatible=False, version_compatible=False)
     out = []
@@ -203,7 +203,7 @@ def refusals(work: str):
     assert import_tensorrt() is tensorrt
 
     # version-compatible plans carry host code: the runtime may load it only for those
-    from runtime.backends.trt import deserialize, make_runtime
+    from var_ssg.runtime.backends.trt import deserialize, make_runtime
     assert make_runtime(tensorrt, dict(sec, version_compatible=True)).engine_host_code_allowed is True
     rt = make_runtime(tensorrt, sec)
     assert rt.engine_host_code_allowed is False
@@ -250,8 +250,8 @@ def build_int8(onnx_dir: str, work: str):
     """export.trt_build on int8 (QDQ) artifacts: a strongly typed network takes its precision from
     the graph's QuantizeLinear/DequantizeLinear, so no precision flag is set (TensorRT 11 has none;
     10's INT8 flag is for weakly typed networks); the step engine keeps one profile per scale."""
-    from contract.manifest import load_manifest
-    from export.trt_build import build_engines
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.export.trt_build import build_engines
     man = load_manifest(onnx_dir).data
     assert man["precision"] == "int8"
     engines, _ = build_engines(onnx_dir, man, out_dir=work)

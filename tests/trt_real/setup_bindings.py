@@ -58,7 +58,7 @@ def _stamp(name: str) -> str:
 def ensure(name: str, quiet: bool = True) -> Tuple[str, str]:
     """Install (once) the bindings of TensorRT `name` (a key of BINDINGS) and their stub
     libraries; (site, lib)."""
-    from common.files import atomic_path
+    from var_ssg.common.files import atomic_path
     site, lib = paths(name)
     stamp_file = os.path.join(CACHE, name, "ready")
     want = _stamp(name)

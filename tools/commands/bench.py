@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tools.cli import add_model_args, finite_float, parser
-from common.files import check_outputs, write_json, write_outputs
-from common.errors import ConfigError
+from var_ssg.tools.cli import add_model_args, finite_float, parser
+from var_ssg.common.files import check_outputs, write_json, write_outputs
+from var_ssg.common.errors import ConfigError
 
 
 def positive_float(s: str) -> float:
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     check_outputs(("--json", a.json, None), ("--plot", a.plot, ".png"), inputs=(a.artifacts, a.ckpt, a.vae_ckpt))
     if a.precisions is not None:
         return _precisions(a)
-    from benchmarks.bench import BenchConfig, per_scale_figure, run_bench
-    from export.ensure import ModelSource
+    from var_ssg.benchmarks.bench import BenchConfig, per_scale_figure, run_bench
+    from var_ssg.export.ensure import ModelSource
     try:
         batches = tuple(int(b) for b in a.batch.split(",") if b.strip()) if a.batch is not None else None
     except ValueError:
@@ -91,8 +91,8 @@ def main(argv=None) -> int:
 
 def _precisions(a) -> int:
     from dataclasses import asdict
-    from benchmarks.precision import PrecisionBenchConfig, run_precision_bench
-    from export.ensure import ModelSource
+    from var_ssg.benchmarks.precision import PrecisionBenchConfig, run_precision_bench
+    from var_ssg.export.ensure import ModelSource
     if not a.model or a.artifacts or a.batch or a.plot:
         raise ConfigError("--precisions needs --model (batch 1; artifacts under --artifacts-root), not --artifacts, "
                           "--batch or --plot")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from tools.cli import add_model_args, parser
-from common.errors import ConfigError
+from var_ssg.tools.cli import add_model_args, parser
+from var_ssg.common.errors import ConfigError
 
 
 def main(argv=None) -> int:
@@ -34,16 +34,16 @@ def main(argv=None) -> int:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per request")
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
-    from common.files import check_outputs, write_json       # output paths checked before any work
+    from var_ssg.common.files import check_outputs, write_json       # output paths checked before any work
     check_outputs(("--json", a.json, ".json"))
     device = a.device or ("cuda" if a.backend == "tensorrt" else "cpu")
     if a.model and a.artifacts:
         raise ConfigError("give --model (exports what is missing) or --artifacts, not both")
 
-    from contract.manifest import load_manifest
-    from serving.loadgen import BenchConfig, run_bench
-    from export.ensure import ModelSource, ensure_artifacts
-    from serving.requests import ServeOptions, code_path
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.serving.loadgen import BenchConfig, run_bench
+    from var_ssg.export.ensure import ModelSource, ensure_artifacts
+    from var_ssg.serving.requests import ServeOptions, code_path
     if a.model:
         src = ModelSource(a.model, a.artifacts_root, a.ckpt, a.vae_ckpt, a.random_init)
         a.artifacts = ensure_artifacts(src, a.batch)

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from tools.cli import parser
+from var_ssg.tools.cli import parser
 
 
 
@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", help="keep the reference's features here (computed once)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
-    from common.files import check_outputs       # output paths checked before any work
+    from var_ssg.common.files import check_outputs       # output paths checked before any work
     check_outputs(("--json", a.json, ".json"))
 
-    from common.errors import ConfigError
+    from var_ssg.common.errors import ConfigError
     if bool(a.features) == bool(a.files):
         raise ConfigError("give SAMPLES.npz REF.npz, or --features SAMPLES.npy REF.npy")
     if a.files and len(a.files) != 2:
@@ -43,14 +43,14 @@ def main(argv=None) -> int:
         res = _from_features(*a.features)
     else:
         from tqdm import tqdm
-        from evaluation.score import evaluate_files, make_extractor
+        from var_ssg.evaluation.score import evaluate_files, make_extractor
         ext = make_extractor(a.extractor, a.inception_weights, a.device)
         with tqdm(desc=f"{ext.name} features", unit="img", file=sys.stderr) as bar:
             res = evaluate_files(a.files[0], a.files[1], ext, a.cache_dir, progress=bar.update)
     for k, v in res.items():
         print(f"{k}: {'n/a' if v is None else f'{v:.6g}'}")
     if a.json:
-        from common.files import atomic_path
+        from var_ssg.common.files import atomic_path
         with atomic_path(a.json) as tmp, open(tmp, "w") as f:
             json.dump(res, f, indent=1)
     return 0
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
 
 def _from_features(samples_path: str, ref_path: str):
     import numpy as np
-    from common.errors import ConfigError
-    from evaluation.metrics import metrics_from_features
+    from var_ssg.common.errors import ConfigError
+    from var_ssg.evaluation.metrics import metrics_from_features
     arrs = []
     for path in (samples_path, ref_path):
         try:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import resource
 import time
 
-from tools.cli import add_model_args, parser
-from graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, get_preset
+from var_ssg.tools.cli import add_model_args, parser
+from var_ssg.graphs.config import DEFAULT_TOP_K, DSE_TRANSFORMS, get_preset
 
 
 def main(argv=None) -> int:
@@ -31,9 +31,9 @@ def main(argv=None) -> int:
                    help="replace --out if it holds other var-ssg artifacts (never a folder of other files)")
     a = p.parse_args(argv)
 
-    from export.onnx_export import ExportConfig, check_out, export_artifacts
-    from graphs.weights import load_models
-    from tools.progress import StageDisplay
+    from var_ssg.export.onnx_export import ExportConfig, check_out, export_artifacts
+    from var_ssg.graphs.weights import load_models
+    from var_ssg.tools.progress import StageDisplay
 
     t0 = time.time()
     cfg = get_preset(a.model)

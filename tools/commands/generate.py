@@ -8,11 +8,11 @@ from __future__ import annotations
 import sys
 import time
 
-from common.proc import process_age_s
-from tools.cli import add_model_args, add_sampling_args, add_session_cache_arg, note_random_weights, parser
-from common.files import check_outputs, json_writer, write_outputs
-from contract.stamp import VERIFY_MODES
-from graphs.config import BACKENDS, SamplerConfig, make_ssg
+from var_ssg.common.proc import process_age_s
+from var_ssg.tools.cli import add_model_args, add_sampling_args, add_session_cache_arg, note_random_weights, parser
+from var_ssg.common.files import check_outputs, json_writer, write_outputs
+from var_ssg.contract.stamp import VERIFY_MODES
+from var_ssg.graphs.config import BACKENDS, SamplerConfig, make_ssg
 
 
 def main(argv=None) -> int:
@@ -37,14 +37,14 @@ def main(argv=None) -> int:
                   inputs=(a.artifacts, a.ckpt, a.vae_ckpt))       # before the run, not after it
     sampler = SamplerConfig(top_k=a.top_k, top_p=a.top_p, temperature=a.temperature)
 
-    from runtime.opener import PipelineSource, open_pipelines
+    from var_ssg.runtime.opener import PipelineSource, open_pipelines
     src = PipelineSource(
         artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt,
         random_init=a.random_init, transforms=(a.dse,) if a.dse else (), top_k=a.top_k, device=a.device,
         verify=a.verify, session_cache=a.session_cache)
     backend = src.backend_name          # the opener's default, named in the progress bar and the note
     (pipe,), source = open_pipelines(src)
-    from runtime.images import png_note, save_grid
+    from var_ssg.runtime.images import png_note, save_grid
     cfg = pipe.info.cfg
     ssg = make_ssg(a.ssg_beta, a.dse or pipe.info.transform, cfg.num_scales)
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 import signal
 
-from tools.cli import parser
-from graphs.config import DEFAULT_TOP_K
-from common.errors import ConfigError
+from var_ssg.tools.cli import parser
+from var_ssg.graphs.config import DEFAULT_TOP_K
+from var_ssg.common.errors import ConfigError
 
 
 def _names(s: str) -> tuple:
@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--artifacts-root", default="build/gpu_check")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     a = p.parse_args(argv)
-    from benchmarks.gpu_check import Budget, GpuCheck, Stopped, markdown_header, probe
-    from benchmarks.gpu_plan import GpuCheckConfig
+    from var_ssg.benchmarks.gpu_check import Budget, GpuCheck, Stopped, markdown_header, probe
+    from var_ssg.benchmarks.gpu_plan import GpuCheckConfig
     budget = Budget(a.budget)
 
     def on_term(signum, frame):

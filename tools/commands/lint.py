@@ -7,8 +7,8 @@ from __future__ import annotations
 import glob
 import os
 
-from tools.cli import parser
-from common.errors import ConfigError
+from var_ssg.tools.cli import parser
+from var_ssg.common.errors import ConfigError
 
 
 MAX_GRAPH_BYTES = 2 << 30      # protobuf's limit: larger files are not ONNX graphs (weights live in external data)
@@ -18,7 +18,7 @@ def load_graph(path: str):
     """The ONNX model at `path` without its external data, or a one-line error."""
     import onnx
     from google.protobuf.message import DecodeError
-    from common.files import open_regular
+    from var_ssg.common.files import open_regular
     try:
         with open_regular(path) as f:          # a FIFO or device is refused, never read
             if os.fstat(f.fileno()).st_size > MAX_GRAPH_BYTES:
@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("paths", nargs="+", help="artifacts directories or .onnx files")
     p.add_argument("--max-opset", type=int, default=20)
     a = p.parse_args(argv)
-    from contract.manifest import MANIFEST, load_manifest
-    from export.lint import lint_model
+    from var_ssg.contract.manifest import MANIFEST, load_manifest
+    from var_ssg.export.lint import lint_model
     files, dynamic = [], {}
     for path in a.paths:
         if os.path.isdir(path) and os.path.lexists(os.path.join(path, MANIFEST)):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import sys
 
-from tools.cli import add_sampling_args, parser
-from common.files import check_outputs, write_json
-from common.errors import ConfigError
+from var_ssg.tools.cli import add_sampling_args, parser
+from var_ssg.common.files import check_outputs, write_json
+from var_ssg.common.errors import ConfigError
 
 
 def parse_seeds(spec: str):
@@ -66,16 +66,16 @@ def main(argv=None) -> int:
     check_outputs(("--json", a.json, None), inputs=(a.artifacts,))
 
     import torch
-    from contract.manifest import load_manifest
-    from graphs.config import parse_ssg_beta
-    from runtime.backends import open_backend
-    from runtime.backends.eager import EagerBackend
-    from runtime.parity import BOUNDS
-    from runtime.quality import run_quality
-    from runtime.parity import run_parity
-    from runtime.pipeline import Pipeline, Row
-    from runtime.sweep import sweep
-    from runtime.weights_check import weights_check
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.graphs.config import parse_ssg_beta
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.backends.eager import EagerBackend
+    from var_ssg.runtime.parity import BOUNDS
+    from var_ssg.runtime.quality import run_quality
+    from var_ssg.runtime.parity import run_parity
+    from var_ssg.runtime.pipeline import Pipeline, Row
+    from var_ssg.runtime.sweep import sweep
+    from var_ssg.runtime.weights_check import weights_check
 
     names = [b.strip() for b in a.backends.split(",") if b.strip()]
     others = [b for b in names if b != "eager"]
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
             print(rep.table())
             reports.append((seed, rep))
     if a.polygraphy:
-        from runtime.poly import polygraphy_check
+        from var_ssg.runtime.poly import polygraphy_check
         lines = polygraphy_check(man)
         print("\n".join(lines))
         fails += [f"polygraphy: {line}" for line in lines if not line.endswith(": OK")]

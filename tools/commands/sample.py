@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
-from tools.evalargs import (add_cluster_args, add_job_args, add_source_args, pool_from_args, print_workers,
+from var_ssg.tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
+from var_ssg.tools.evalargs import (add_cluster_args, add_job_args, add_source_args, pool_from_args, print_workers,
                             request_from_args, source_from_args)
 
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     request.check()
 
     from tqdm import tqdm
-    from evaluation.sampling import sample
+    from var_ssg.evaluation.sampling import sample
     bar = None
 
     def progress(done, total):      # the bar opens only once the run passed its checks

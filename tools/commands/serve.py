@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from tools.cli import add_session_cache_arg, note_random_weights, parser
+from var_ssg.tools.cli import add_session_cache_arg, note_random_weights, parser
 
 
 def main(argv=None) -> int:
@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--metrics-export-port", type=int, help="local Ray: Prometheus metrics port (default: Ray's choice)")
     a = p.parse_args(argv)
 
-    from serving.launch import LaunchConfig, serve_forever
-    from serving.requests import ServeOptions, code_path
+    from var_ssg.serving.launch import LaunchConfig, serve_forever
+    from var_ssg.serving.requests import ServeOptions, code_path
     device = a.device or ("cuda" if a.backend == "tensorrt" else "cpu")
     opts = ServeOptions(artifacts=a.artifacts, backend=a.backend, device=device, replicas=a.replicas,
                         max_batch_wait_ms=a.max_batch_wait_ms, max_queue=a.max_queue, threads=a.threads,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
-from tools.evalargs import add_job_args, add_source_args, request_from_args, source_from_args
+from var_ssg.tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
+from var_ssg.tools.evalargs import add_job_args, add_source_args, request_from_args, source_from_args
 
 
 def main(argv=None) -> int:
@@ -21,25 +21,25 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="PNG")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     a = p.parse_args(argv)
-    from common.files import check_outputs       # output paths checked before any work
+    from var_ssg.common.files import check_outputs       # output paths checked before any work
     check_outputs(("--out", a.out, ".png"), ("--json", a.json, ".json"))
     request = request_from_args(a)
     request.check(betas=(a.compare_beta,))
 
-    from common.errors import ConfigError
+    from var_ssg.common.errors import ConfigError
     ref = None
     if a.ref:
-        from evaluation.samples import NpzBatch
+        from var_ssg.evaluation.samples import NpzBatch
         ref = NpzBatch(a.ref)
         if ref.shape is None:
             raise ConfigError(f"{a.ref} has no images (arr_0)")
 
     from tqdm import tqdm
-    from evaluation import spectrum as sp
-    from evaluation.plots import plot_spectrum
-    from evaluation.run import check_job, run_batches
+    from var_ssg.evaluation import spectrum as sp
+    from var_ssg.evaluation.plots import plot_spectrum
+    from var_ssg.evaluation.run import check_job, run_batches
 
-    from runtime.opener import open_pipelines
+    from var_ssg.runtime.opener import open_pipelines
     (pipe,), source = open_pipelines(source_from_args(a, (a.dse,) if a.dse else ()))
     cfg = pipe.info.cfg
     jobs = {a.ssg_beta: request.job(pipe), a.compare_beta: request.job(pipe, a.compare_beta)}
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     plot_spectrum(a.out, ratios, deltas, nyq,
                   title=f"{cfg.name} [{pipe.info.name}], {n} images per schedule, dse={pipe.info.transform}; {source}")
     if a.json:
-        from common.files import write_json
+        from var_ssg.common.files import write_json
         out = {"settings": jobs[a.ssg_beta].settings(pipe, source), "compare_beta": a.compare_beta,
                "reference": a.ref, "image_bins": list(range(len(next(iter(ratios.values()))))),
                "image_ratio": {k: v.tolist() for k, v in ratios.items()},

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import sys
 
-from tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
-from tools.evalargs import (add_cluster_args, add_job_args, add_source_args, pool_from_args, print_workers,
+from var_ssg.tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
+from var_ssg.tools.evalargs import (add_cluster_args, add_job_args, add_source_args, pool_from_args, print_workers,
                             request_from_args, source_from_args)
 
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", metavar="FILE", help="PNG (default OUT_DIR/sweep.png)")
     a = p.parse_args(argv)
 
-    from evaluation.sweep import SweepConfig, parse_betas, run_sweep, sweep_sources
+    from var_ssg.evaluation.sweep import SweepConfig, parse_betas, run_sweep, sweep_sources
     transforms = tuple(t.strip() for t in a.dse.split(",")) if a.dse else ()
     cfg = SweepConfig(betas=parse_betas(a.betas), out_dir=a.out_dir, transforms=transforms, ref=a.ref,
                       extractor=a.extractor, inception_weights=a.inception_weights, device=a.device,
