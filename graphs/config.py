@@ -35,6 +35,9 @@ BACKENDS = ("eager", "onnxruntime", "tensorrt")
 DSE_TRANSFORMS = ("dct", "dft")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 EAGER_PRECISIONS = ("fp32", "fp16", "bf16")     # what the eager backend computes in (int8: QDQ graphs only)
+# what `--precision` asks of the eager backend over --model (generate, sample, sweep, spectrum;
+# DESIGN.md "Low precision"): the weights' dtype, or fp32 weights under torch.autocast
+RUN_PRECISIONS = EAGER_PRECISIONS + ("bf16-autocast",)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ class PipelineSource:
     verify: str = "stamp"                    # artifacts: "stamp" (hash only what the verified stamp does
                                              # not vouch for) or "full" (DESIGN.md "Start-up")
     session_cache: bool = False              # onnxruntime on the CPU: the saved optimised step session
+    precision: Optional[str] = None          # eager over --model: graphs.config.RUN_PRECISIONS (None: fp32);
+                                             # artifacts carry their own
 
     @property
     def backend_name(self) -> str:
@@ -59,6 +61,9 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
     if src.threads and backend == "eager":      # ONNX Runtime takes its own (its sessions' options)
         import torch
         torch.set_num_threads(src.threads)
+    if src.precision is not None and src.artifacts:
+        raise ConfigError(f"--precision {src.precision}: the artifacts in {src.artifacts} fix the precision "
+                          f"(scripts/export.py --precision); drop --precision, or use --model for the eager backend")
     if src.artifacts:
         _, b = open_artifacts(src.artifacts, backend, device=src.device, threads=src.threads, verify=src.verify,
                               session_cache=src.session_cache)
@@ -78,10 +83,11 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
     from var_ssg.graphs.weights import load_models
     from .backends.eager import EagerBackend
     from .pipeline import Pipeline
+    kw = EagerBackend.run_precision(src.precision or "fp32")          # refused before the weights load
     var, vae, weights = load_models(cfg, src.ckpt, src.vae_ckpt, src.random_init)
     note = weights.describe()
     pipes = [Pipeline(EagerBackend(var, vae, transform=t, k_max=topk_bake(src.top_k, cfg.V), device=src.device,
-                                   source_note=note)) for t in (src.transforms or ("dct",))]
+                                   source_note=note, **kw)) for t in (src.transforms or ("dct",))]
     return pipes, note
 
 

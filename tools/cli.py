@@ -20,7 +20,7 @@ from typing import Callable, List, Optional
 
 from var_ssg.common.text import one_line, shown
 from var_ssg.graphs.config import (DEFAULT_GUIDANCE, DEFAULT_SSG_BETA, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
-                           DSE_TRANSFORMS, GUIDANCE_MAX, SEED_MAX)
+                           DSE_TRANSFORMS, GUIDANCE_MAX, RUN_PRECISIONS, SEED_MAX)
 from var_ssg.common.errors import ConfigError
 
 
@@ -30,6 +30,15 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> 
     g.add_argument("--ckpt", help="VAR checkpoint (.pth or .safetensors, official format)")
     g.add_argument("--vae-ckpt", help="VQVAE checkpoint (vae_ch160v4096z32.pth)")
     g.add_argument("--random-init", type=seed_int, metavar="SEED", help="seeded random weights (no checkpoint)")
+
+
+def add_precision_arg(g) -> None:
+    """--precision of the eager backend over --model (artifacts carry their own)."""
+    g.add_argument("--precision", choices=RUN_PRECISIONS, default=None,
+                   help="eager backend over --model: fp32 (default, the reference); bf16 (weights cast, oneDNN "
+                        "bf16 GEMMs on AVX512-BF16/AMX CPUs; the decoder under bf16 autocast); bf16-autocast (fp32 "
+                        "weights under torch.autocast, as the official code is run); fp16 (GPUs). Artifacts fix "
+                        'their own precision (export.py --precision; README "Low precision")')
 
 
 def note_random_weights(source: str, doing: str = "made with", file=None) -> None:

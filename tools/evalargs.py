@@ -8,6 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from var_ssg.graphs.config import BACKENDS
+from var_ssg.tools.cli import add_precision_arg
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,7 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="default: onnxruntime with --artifacts, eager with --model")
     g.add_argument("--device", default="cpu", help="eager/onnxruntime device: cpu or cuda")
+    add_precision_arg(g)
 
 
 def add_job_args(p: argparse.ArgumentParser, per_class: int) -> None:
@@ -42,7 +44,8 @@ def source_from_args(a: argparse.Namespace, transforms: Sequence[str] = (), arti
     from var_ssg.runtime.opener import PipelineSource
     return PipelineSource(artifacts=artifacts if artifacts is not None else a.artifacts, backend=a.backend,
                           model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt, random_init=a.random_init,
-                          transforms=tuple(transforms), top_k=a.top_k, device=a.device)
+                          transforms=tuple(transforms), top_k=a.top_k, device=a.device,
+                          precision=a.precision)
 
 
 def request_from_args(a: argparse.Namespace):

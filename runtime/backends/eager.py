@@ -21,10 +21,11 @@ from .base import BackendInfo, to_torch, torch_host
 class EagerBackend:
     def __init__(self, var: VAR, vae: VQVAE, transform: str = "dct", k_max: int = DEFAULT_TOP_K,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", source_note: str = "",
-                 autocast: Optional[torch.dtype] = None):
+                 autocast: Optional[torch.dtype] = None, decoder_autocast: Optional[torch.dtype] = None):
         """`dtype`: the transformer's weights and KV cache; `autocast` (with fp32 weights): run each
         step's transformer under torch.autocast in that dtype, as the official code is run in bf16
-        (graphs.step.StepSpec.transformer; DESIGN.md "Low precision")."""
+        (graphs.step.StepSpec.transformer; DESIGN.md "Low precision"); `decoder_autocast`: the
+        VQVAE decoder under torch.autocast in that dtype (fp32 weights, the image returned in fp32)."""
         cfg: VARConfig = var.cfg
         if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", str(device)):
             raise ConfigError(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
@@ -35,6 +36,9 @@ class EagerBackend:
         var, vae = var.to(device), vae.to(device)
         if autocast is not None and (dtype != torch.float32 or autocast not in (torch.bfloat16, torch.float16)):
             raise ConfigError("autocast runs fp32 weights in bf16 or fp16 (dtype float32, autocast bfloat16/float16)")
+        if decoder_autocast not in (None, torch.bfloat16, torch.float16):
+            raise ConfigError("decoder_autocast runs the decoder in bfloat16 or float16")
+        self.decoder_autocast = decoder_autocast
         self.device, self.source_note = device, source_note
         self.var, self.vae = var, vae
         self.spec = StepSpec(transform=transform, k_max=k_max, dtype=dtype, autocast=autocast)
@@ -67,7 +71,24 @@ class EagerBackend:
 
     @torch.inference_mode()
     def decode(self, f_hat) -> torch.Tensor:
-        return self.vae.fhat_to_img(to_torch(f_hat, self.device))
+        f_hat = to_torch(f_hat, self.device)
+        if self.decoder_autocast is None:
+            return self.vae.fhat_to_img(f_hat)
+        with torch.autocast(torch.device(self.device).type, dtype=self.decoder_autocast):
+            return self.vae.fhat_to_img(f_hat).float()
+
+    @classmethod
+    def run_precision(cls, precision: str) -> dict:
+        """EagerBackend's keywords for a graphs.config.RUN_PRECISIONS name: fp32 (the reference);
+        bf16 / fp16 (the transformer's weights and KV cache cast, the decoder under autocast);
+        bf16-autocast (fp32 weights, the transformer and the decoder under torch.autocast, as the
+        official code is run)."""
+        from var_ssg.graphs.config import RUN_PRECISIONS
+        if precision not in RUN_PRECISIONS:
+            raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(RUN_PRECISIONS)}")
+        low = torch.float16 if precision == "fp16" else torch.bfloat16
+        return {"fp32": {}, "bf16-autocast": dict(autocast=low, decoder_autocast=low)}.get(
+            precision, dict(dtype=low, decoder_autocast=low))
 
     def host(self, x):
         return torch_host(x)

@@ -9,7 +9,7 @@ import sys
 import time
 
 from var_ssg.common.proc import process_age_s
-from var_ssg.tools.cli import add_model_args, add_sampling_args, add_session_cache_arg, note_random_weights, parser
+from var_ssg.tools.cli import add_model_args, add_precision_arg, add_sampling_args, add_session_cache_arg, note_random_weights, parser
 from var_ssg.common.files import check_outputs, json_writer, write_outputs
 from var_ssg.contract.stamp import VERIFY_MODES
 from var_ssg.graphs.config import BACKENDS, SamplerConfig, make_ssg
@@ -23,6 +23,7 @@ def main(argv=None) -> int:
                    help="default: onnxruntime with --artifacts, eager with --model (as sample, serve and the opener)")
     p.add_argument("--artifacts", help="artifacts directory (scripts/export.py); required for onnxruntime/tensorrt")
     p.add_argument("--device", default="cpu", help="eager/onnxruntime device: cpu or cuda")
+    add_precision_arg(p)
     p.add_argument("--out", default="out.png", help="PNG file (a grid for several classes)")
     p.add_argument("--save-tokens", metavar="FILE.json", help="also write the per-scale token ids")
     p.add_argument("--verify", choices=VERIFY_MODES, default="stamp",
@@ -41,8 +42,9 @@ def main(argv=None) -> int:
     src = PipelineSource(
         artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt, vae_ckpt=a.vae_ckpt,
         random_init=a.random_init, transforms=(a.dse,) if a.dse else (), top_k=a.top_k, device=a.device,
-        verify=a.verify, session_cache=a.session_cache)
-    backend = src.backend_name          # the opener's default, named in the progress bar and the note
+        verify=a.verify, session_cache=a.session_cache, precision=a.precision)
+    # the opener's default, named in the progress bar and the note (with the eager precision asked for)
+    backend = src.backend_name + (f"-{a.precision}" if a.precision else "")
     (pipe,), source = open_pipelines(src)
     from var_ssg.runtime.images import png_note, save_grid
     cfg = pipe.info.cfg
