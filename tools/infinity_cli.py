@@ -152,3 +152,50 @@ def export(a) -> int:
     print(f"wrote {a.out}: {len(res.manifest['graphs'])} graphs (text, step, decoder), {ext['file']} "
           f"{ext['bytes'] / 2**20:.1f} MiB, {time.time() - t0:.0f} s, peak RSS {peak_gb:.2f} GiB; weights: {src.describe()}")
     return 0
+
+
+def parity(a, seeds: Sequence[int]) -> int:
+    """`scripts/parity.py` on Infinity artifacts: teacher-forced, scale by scale
+    (runtime.infinity_parity); exit 1 on a broken bound or an unexplained flip."""
+    from graphs.infinity_config import parse_aspect_ratio
+    from runtime.infinity import PromptRow, open_infinity
+    from runtime.infinity_parity import run_infinity_parity
+    from common.files import write_json
+    if a.free_running or a.sweep or a.polygraphy:
+        raise ConfigError("Infinity parity is teacher-forced only here: drop --free-running, --sweep and --polygraphy")
+    names = [b.strip() for b in a.backends.split(",") if b.strip()]
+    others = [b for b in names if b != "eager"]
+    if not others:
+        raise ConfigError("--backends needs at least one backend besides eager (e.g. eager,onnxruntime)")
+    if not a.prompt:
+        raise ConfigError("Infinity parity needs --prompt TEXT (and --text-encoder DIR)")
+    ratio = parse_aspect_ratio(a.aspect_ratio)
+    ref, _ = open_infinity(artifacts=a.artifacts, backend="eager", device=a.device)
+    cfg = ref.info.cfg
+    emb, mask, nemb, nmask = encode(a.prompt, a.negative_prompt, a.text_encoder, cfg)
+    guidance = _per_scale(_floats(a.cfg_list, "--cfg-list")) if a.cfg_list else (
+        DEFAULT_CFG if a.guidance is None else a.guidance)
+    tau = _per_scale(_floats(a.tau, "--tau"))
+    top_p = DEFAULT_TOP_P if a.top_p is None else a.top_p
+    runs, fails = [], []
+    for name in others:
+        pipe, _ = open_infinity(artifacts=a.artifacts, backend=name, device=a.device)
+        B = pipe.info.batch or len(a.prompt)
+        for seed in seeds:
+            for i in range(0, len(a.prompt), B):
+                rows = [PromptRow(emb[j], mask[j], seed=seed + j, cfg=guidance, tau=tau, top_k=a.top_k or 0,
+                                  top_p=top_p, ssg_beta=a.ssg_beta, neg_text=None if nemb is None else nemb[j],
+                                  neg_mask=None if nmask is None else nmask[j])
+                        for j in range(i, min(i + B, len(a.prompt)))]
+                rep = run_infinity_parity(ref, pipe, rows, ratio)
+                print(f"seed {seed} prompts {list(a.prompt[i:i + B])!r}")
+                print(rep.table())
+                runs.append(dict(backend=name, seed=seed, scales=[s.__dict__ for s in rep.scales], failures=rep.failures))
+                fails += [f"{name} seed {seed}: {f}" for f in rep.failures]
+    if a.json:
+        write_json(a.json, dict(runs=runs, failures=fails), indent=2)
+    if fails:
+        print("parity FAILED:\n" + "\n".join(fails), file=sys.stderr)
+        return 1
+    print(f"{len(runs)} runs: parity OK")
+    return 0
