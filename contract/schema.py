@@ -107,9 +107,9 @@ def validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     validates before the files are listed."""
     c = Check(path)
     check_header(path, data)
-    c.only(data, TOP_LEVEL, "")
     if "family" in data:        # Infinity's manifests: contract.infinity_schema (contract.manifest dispatches)
         c.choice(data, "family", ("var",), "family")
+    c.only(data, TOP_LEVEL, "")
     preset = c.get(data, "preset", str)
     try:
         cfg = get_preset(preset)
