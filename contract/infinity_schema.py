@@ -1,4 +1,4 @@
-"""The manifest of Infinity artifacts (family "infinity"; DESIGN.md, "Infinity (text-to-image)"):
+"""The manifest of Infinity artifacts (family "infinity"; DESIGN.md, "Infinity"):
 built by `build_infinity_manifest`, checked by `validate_infinity` (which contract.schema.validate
 calls for that family), with VAR's header, weights, files and hashes. It refuses keys it does
 not know, as VAR's schema does.

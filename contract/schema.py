@@ -24,7 +24,7 @@ MIN_OPSET, MAX_OPSET = 17, 20       # LayerNormalization needs 17; TensorRT 10's
 KV_LAYOUT = "(L, depth, 2, 2B, heads, head_dim)"
 SSG_NOTE = dict(beta="graph input per scale (scales 1..K-1)", prior="DSE of the previous scale's CFG logits")
 WEIGHT_KEYS = ("kind", "seed", "ckpt", "vae_ckpt", "ckpt_sha256", "vae_sha256")
-FAMILIES = ("var", "infinity")      # the model family; absent = var (DESIGN.md, "Infinity (text-to-image)")
+FAMILIES = ("var", "infinity")      # the model family; absent = var (DESIGN.md, "Infinity")
 TOP_LEVEL = ("format", "format_version", "family", "preset", "config", "batch", "precision", "opset", "dse", "sampler", "ssg",
              "weights", "kv", "external_data", "graphs", "engines", "tensorrt", "files", "tools", "cache_key",
              "created", "export", "quantization")

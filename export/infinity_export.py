@@ -1,4 +1,4 @@
-"""Turn Infinity + its BSQ VAE into ONNX artifacts (DESIGN.md, "Infinity (text-to-image)"):
+"""Turn Infinity + its BSQ VAE into ONNX artifacts (DESIGN.md, "Infinity"):
 
     text.onnx        graphs.infinity_step.InfinityText: T5 states + mask -> cond, text K/V (once
                      per request; the T5 encoder itself stays eager: graphs.infinity_text)

@@ -1,4 +1,4 @@
-"""Infinity's exported modules and their eager reference (DESIGN.md, "Infinity (text-to-image)").
+"""Infinity's exported modules and their eager reference (DESIGN.md, "Infinity").
 
     InfinityText         per request: T5 states + mask (cond rows, and a negative prompt or the
                          learned empty prompt for the uncond rows) -> cond_BD (2B C), every

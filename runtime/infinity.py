@@ -1,4 +1,4 @@
-"""Infinity's K-scale loop over a backend (DESIGN.md, "Infinity (text-to-image)"), the VAR
+"""Infinity's K-scale loop over a backend (DESIGN.md, "Infinity"), the VAR
 pipeline's design with text in front:
 
     text   = T5 states + mask per row (and a negative prompt's, or the learned empty prompt),

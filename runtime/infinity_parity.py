@@ -1,4 +1,4 @@
-"""Teacher-forced parity for Infinity (DESIGN.md, "Infinity (text-to-image)" and "Parity bounds"):
+"""Teacher-forced parity for Infinity (DESIGN.md, "Infinity" and "Parity bounds"):
 the eager reference runs free with the rows' own noise; the backend under test is driven along
 the reference's bits (forced), with the same noise, so every scale compares like with like:
 

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true",
                    help="replace --out if it holds other var-ssg artifacts (never a folder of other files)")
     a = p.parse_args(argv)
-    if a.model.startswith("infinity-"):         # text-to-image: DESIGN.md "Infinity (text-to-image)"
+    if a.model.startswith("infinity-"):         # text-to-image: DESIGN.md "Infinity"
         from tools.infinity_cli import export as export_infinity
         return export_infinity(a)
 

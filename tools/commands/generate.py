@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p.set_defaults(guidance=None, top_p=None)      # each family's own default (VAR's or Infinity's)
     a = p.parse_args(argv)
     from runtime.infinity import is_infinity
-    if is_infinity(a.model, a.artifacts):       # text-to-image: DESIGN.md "Infinity (text-to-image)"
+    if is_infinity(a.model, a.artifacts):       # text-to-image: DESIGN.md "Infinity"
         if a.session_cache:
             raise ConfigError("--session-cache is for VAR artifacts on onnxruntime; Infinity does not keep one")
         from tools.infinity_cli import generate as generate_infinity

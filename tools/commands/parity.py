@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     seeds = parse_seeds(a.seeds) if a.seeds else [a.seed]
     check_outputs(("--json", a.json, None), inputs=(a.artifacts,))
     from runtime.infinity import is_infinity
-    if is_infinity(artifacts=a.artifacts):     # DESIGN.md "Infinity (text-to-image)": its own teacher-forced check
+    if is_infinity(artifacts=a.artifacts):     # DESIGN.md "Infinity": its own teacher-forced check
         from tools.infinity_cli import parity as parity_infinity
         return parity_infinity(a, seeds)
 
