@@ -196,7 +196,8 @@ def is_infinity(model: Optional[str] = None, artifacts: Optional[str] = None) ->
 
 def open_infinity(artifacts: Optional[str] = None, backend: Optional[str] = None, model: Optional[str] = None,
                   ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, random_init: Optional[int] = None,
-                  transform: str = "dct", device: str = "cpu", threads: int = 0) -> Tuple[InfinityPipeline, str]:
+                  transform: str = "dct", device: str = "cpu", threads: int = 0,
+                  verify: str = "stamp") -> Tuple[InfinityPipeline, str]:
     """(pipeline, weights note): artifacts on onnxruntime (default) or eager (the weights the
     manifest names), or a preset's weights on eager."""
     name = backend or ("onnxruntime" if artifacts else "eager")
@@ -206,7 +207,7 @@ def open_infinity(artifacts: Optional[str] = None, backend: Optional[str] = None
         raise ConfigError("Infinity on onnxruntime runs on --device cpu here (CUDA is not wired for it yet)")
     if artifacts:
         from contract.manifest import load_manifest
-        man = load_manifest(artifacts)
+        man = load_manifest(artifacts, verify=verify)
         if man.family != "infinity":
             raise ConfigError(f"{artifacts} holds {man.cfg.name} artifacts (VAR), not Infinity: give Infinity "
                               f"artifacts (scripts/export.py --model infinity-...)")

@@ -80,7 +80,7 @@ def generate(a, backend: Optional[str]) -> int:
                   inputs=(a.artifacts, a.ckpt, a.vae_ckpt, a.text_encoder))
     pipe, source = open_infinity(artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt,
                                  vae_ckpt=a.vae_ckpt, random_init=a.random_init, transform=a.dse or "dct",
-                                 device=a.device)
+                                 device=a.device, verify=a.verify)
     cfg = pipe.info.cfg
     if a.dse and a.dse != pipe.info.transform:
         raise ConfigError(f"--dse {a.dse} but the artifacts bake DSE transform {pipe.info.transform}: "
