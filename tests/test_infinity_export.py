@@ -229,6 +229,11 @@ def test_cli_generate_both_backends_and_parity(inf_art, t5_dir, tmp_path, capsys
         gen(["--artifacts", inf_art, "--out", str(tmp_path / "x.png")])
     with pytest.raises(ConfigError, match="for Infinity"):
         gen(["--model", "var-d2-tiny", "--random-init", "0", "--prompt", "a cat", "--out", str(tmp_path / "x.png")])
+    from tools.commands.export import main as export
     with pytest.raises(ConfigError, match="fp32 only"):
-        from tools.commands.export import main as export
         export(["--model", TINY, "--random-init", "0", "--precision", "fp16", "--out", str(tmp_path / "y")])
+    capsys.readouterr()
+    assert export(["--model", TINY, "--random-init", "0", "--out", inf_art]) == 0       # reused, verified
+    assert "is up to date" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="holds other artifacts; pass --force"):
+        export(["--model", TINY, "--random-init", "1", "--out", inf_art])
