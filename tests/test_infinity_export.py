@@ -190,6 +190,12 @@ def test_manifest_family_hashes_and_lint(inf_art, tmp_path):
     ops = {n.op_type for n in onnx.load(os.path.join(inf_art, "step_all.onnx"), load_external_data=False).graph.node}
     assert "MatMul" in ops and not ops & {"DFT", "STFT", "Loop", "If", "RandomUniform", "Multinomial"}
     assert lint_files([os.path.join(inf_art, "step_all.onnx")], dynamic=set(man.graph("step")["dynamic_inputs"])) == []
+    from runtime.backends import open_backend
+    from runtime.opener import PipelineSource, open_pipelines
+    with pytest.raises(ConfigError, match="family infinity.*runs VAR artifacts"):      # sample, sweep, serve...
+        open_backend("onnxruntime", inf_art)
+    with pytest.raises(ConfigError, match="--model infinity-tiny: this command runs VAR"):
+        open_pipelines(PipelineSource(model=TINY, random_init=0))
     bad = tmp_path / "bad"
     shutil.copytree(inf_art, bad)
     data = json.loads((bad / "manifest.json").read_text())
