@@ -79,6 +79,11 @@ def test_unified_step_equals_reference_and_eager_loop(preset, ratio):
                 assert (lg - ref.logits[k]).abs().max() <= 1e-5 * ref.logits[k].abs().max(), (unified, k)
             got = summed.transpose(1, 2).reshape(B, cfg.vae.bits, fh, fw)
             assert (got - ref.summed).abs().max() <= 1e-5
+    from graphs.infinity import rope_tables
+    from graphs.infinity_io import rope_cos_sin
+    for k in range(K):                      # the runtime's numpy tables are the model's
+        for a, b in zip(rope_tables(cfg, sched, k), rope_cos_sin(cfg, sched, k)):
+            assert np.abs(a.numpy() - b).max() <= 1e-6
 
 
 def test_eager_pipeline_follows_the_loop_and_checks_rows():
