@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from var_ssg.common.errors import ConfigError
-from var_ssg.graphs.config import VARConfig, get_preset
+from var_ssg.graphs.config import VARConfig
+from var_ssg.graphs.presets import get_model_preset
 from var_ssg.graphs.source import WeightSource
 from var_ssg.contract import schema, stamp
 from .dtypes import DTYPE_NAMES, DTYPES, PRECISION_DTYPES, dtype_name, dtype_name_of, torch_dtype  # noqa: F401
@@ -42,11 +43,27 @@ from .schema import (FILE_NAME, FORMAT, FORMAT_VERSION, KV_LAYOUT, MANIFEST, MAX
 from .writer import build_manifest, write_manifest  # noqa: F401
 
 
+def validate_any(path: str, data: Any):
+    """The schema of the manifest's family: VAR's (contract.schema) or Infinity's
+    (contract.infinity_schema). -> the preset's config (VARConfig or InfinityConfig)."""
+    family = schema.family_of(data)
+    if family == "infinity":
+        from .infinity_schema import validate_infinity
+        return validate_infinity(path, data)
+    if family not in schema.FAMILIES:
+        Check(path).fail("family", f"is {family!r:.40}, expected one of {', '.join(schema.FAMILIES)}")
+    return schema.validate(path, data)
+
+
 @dataclass
 class Manifest:
     root: str
     data: Dict[str, Any]
-    cfg: VARConfig
+    cfg: VARConfig              # an InfinityConfig for family "infinity"
+
+    @property
+    def family(self) -> str:
+        return schema.family_of(self.data)
 
     # ---- what the artifacts are
     @property
@@ -181,12 +198,12 @@ def load_manifest(root: str, verify_hashes: bool = True, verify: str = "full",
             raise ManifestError(f"{fp} {why}; artifacts must be plain files inside {root}: re-export with --force")
     if on_files is not None:
         try:
-            early = get_preset(data.get("preset"))
+            early = get_model_preset(data.get("preset"))
         except (ConfigError, TypeError):
             early = None            # _validate names the problem
         if early is not None:
             on_files(Manifest(root=os.path.abspath(root), data=data, cfg=early))
-    cfg = schema.validate(path, data)
+    cfg = validate_any(path, data)
     if hashed:
         stamp.record(root, MANIFEST, verified)      # only for a manifest that passed the schema
     return Manifest(root=os.path.abspath(root), data=data, cfg=cfg)

@@ -5,7 +5,8 @@ import os
 from typing import Optional
 
 from .filecheck import file_problem, read_manifest
-from .schema import FILE_NAME, FORMAT, MANIFEST, SHA256, ManifestError, validate
+from .infinity_schema import validate_infinity
+from .schema import FILE_NAME, FORMAT, MANIFEST, SHA256, ManifestError, family_of, validate
 
 
 def artifacts_dir_problem(root: str) -> Optional[str]:
@@ -23,7 +24,8 @@ def artifacts_dir_problem(root: str) -> Optional[str]:
         return "holds files that are not var-ssg artifacts (no var-ssg manifest.json)"
     listed = data.get("files") if isinstance(data.get("files"), dict) else {}
     try:        # a complete manifest as an export writes it: a file of the listed size whose hash
-        validate(MANIFEST, data)       # differs is a damaged artifact, which re-exporting repairs
+        (validate_infinity if family_of(data) == "infinity" else validate)(MANIFEST, data)   # differs is a damaged
+        # artifact, which re-exporting repairs
         complete = True
     except ManifestError:
         complete = False

@@ -24,7 +24,8 @@ MIN_OPSET, MAX_OPSET = 17, 20       # LayerNormalization needs 17; TensorRT 10's
 KV_LAYOUT = "(L, depth, 2, 2B, heads, head_dim)"
 SSG_NOTE = dict(beta="graph input per scale (scales 1..K-1)", prior="DSE of the previous scale's CFG logits")
 WEIGHT_KEYS = ("kind", "seed", "ckpt", "vae_ckpt", "ckpt_sha256", "vae_sha256")
-TOP_LEVEL = ("format", "format_version", "preset", "config", "batch", "precision", "opset", "dse", "sampler", "ssg",
+FAMILIES = ("var", "infinity")      # the model family; absent = var (DESIGN.md, "Infinity")
+TOP_LEVEL = ("format", "format_version", "family", "preset", "config", "batch", "precision", "opset", "dse", "sampler", "ssg",
              "weights", "kv", "external_data", "graphs", "engines", "tensorrt", "files", "tools", "cache_key",
              "created", "export", "quantization")
 
@@ -106,6 +107,8 @@ def validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     validates before the files are listed."""
     c = Check(path)
     check_header(path, data)
+    if "family" in data:        # Infinity's manifests: contract.infinity_schema (contract.manifest dispatches)
+        c.choice(data, "family", ("var",), "family")
     c.only(data, TOP_LEVEL, "")
     preset = c.get(data, "preset", str)
     try:
@@ -128,17 +131,7 @@ def validate(path: str, data: Any, listed: bool = True) -> VARConfig:
         c.fail("sampler.k_max", f"is {k_max}, but top-k {top_k} with V = {cfg.V} bakes {topk_bake(top_k, cfg.V)}")
     if c.get(data, "ssg", dict) != SSG_NOTE:
         c.fail("ssg", "is not this format's note")
-    w = c.get(data, "weights", dict)
-    c.only(w, WEIGHT_KEYS, "weights")
-    if c.choice(w, "kind", ("random", "checkpoint"), "weights.kind") == "random":
-        c.int_in(w, "seed", 0, 2 ** 63 - 1, "weights.seed")
-    else:       # the eager reference reloads these files and compares their hashes
-        for key in ("ckpt", "vae_ckpt"):
-            if not c.get(w, key, str, f"weights.{key}"):
-                c.fail(f"weights.{key}", "is empty")
-        for key in ("ckpt_sha256", "vae_sha256"):
-            if not SHA256.fullmatch(c.get(w, key, str, f"weights.{key}")):
-                c.fail(f"weights.{key}", "is not a sha256 hex digest")
+    validate_weights(c, data)
     kv = PRECISION_DTYPES[precision]
     kvd = c.get(data, "kv", dict)
     c.only(kvd, ("layout", "dtype"), "kv")
@@ -206,6 +199,26 @@ def validate(path: str, data: Any, listed: bool = True) -> VARConfig:
     if files[ext["file"]]["bytes"] != ext["bytes"]:
         c.fail("external_data.bytes", f"is {ext['bytes']}, {ext['file']} is listed with {files[ext['file']]['bytes']}")
     return cfg
+
+
+def validate_weights(c: Check, data: Dict[str, Any]) -> None:
+    """`weights`: random (a seed) or checkpoint files with their sha256 (both families)."""
+    w = c.get(data, "weights", dict)
+    c.only(w, WEIGHT_KEYS, "weights")
+    if c.choice(w, "kind", ("random", "checkpoint"), "weights.kind") == "random":
+        c.int_in(w, "seed", 0, 2 ** 63 - 1, "weights.seed")
+    else:       # the eager reference reloads these files and compares their hashes
+        for key in ("ckpt", "vae_ckpt"):
+            if not c.get(w, key, str, f"weights.{key}"):
+                c.fail(f"weights.{key}", "is empty")
+        for key in ("ckpt_sha256", "vae_sha256"):
+            if not SHA256.fullmatch(c.get(w, key, str, f"weights.{key}")):
+                c.fail(f"weights.{key}", "is not a sha256 hex digest")
+
+
+def family_of(data: Any) -> str:
+    """The model family of a manifest: "infinity" or "var" (manifests without the field are VAR's)."""
+    return data.get("family", "var") if isinstance(data, dict) else "var"
 
 
 def _declared_shapes(c: Check, g: Dict[str, Any], ins: list, outs: list, field: str) -> None:

@@ -26,7 +26,7 @@ def build_manifest(cfg: VARConfig, *, batch: int, precision: str, opset: int, tr
     comp = StepIO(cfg, batch, PRECISION_DTYPES[precision])
     io = ("file", "inputs", "outputs")
     data = dict(
-        format=FORMAT, format_version=FORMAT_VERSION, preset=cfg.name, config=config_to_json(cfg),
+        format=FORMAT, format_version=FORMAT_VERSION, family="var", preset=cfg.name, config=config_to_json(cfg),
         batch=batch, precision=precision, opset=opset, dse=dict(transform=transform),
         sampler=dict(k_max=k_max, top_k_requested=top_k), ssg=dict(SSG_NOTE), weights=dict(weights),
         kv=dict(layout=KV_LAYOUT, dtype=PRECISION_DTYPES[precision]),

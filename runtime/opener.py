@@ -79,6 +79,9 @@ def open_pipelines(src: PipelineSource) -> Tuple[List[Pipeline], str]:
         raise ConfigError(f"--backend {backend} needs --artifacts DIR (run scripts/export.py first)")
     if not src.model:
         raise ConfigError("give --model (e.g. var-d16) or --artifacts DIR")
+    if src.model.startswith("infinity-"):
+        raise ConfigError(f"--model {src.model}: this command runs VAR; Infinity runs through scripts/generate.py "
+                          f"--prompt and scripts/parity.py")
     cfg = get_preset(src.model)
     from var_ssg.graphs.weights import load_models
     from .backends.eager import EagerBackend

@@ -15,6 +15,9 @@ def open_backend(name: str, artifacts=None, **kw):
         raise ConfigError(f"--backend {name} needs --artifacts DIR (made by scripts/export.py)")
     from var_ssg.contract.manifest import Manifest, load_manifest
     man = artifacts if isinstance(artifacts, Manifest) else load_manifest(artifacts)
+    if man.family != "var":
+        raise ConfigError(f"{man.root} holds {man.cfg.name} artifacts (family {man.family}): this command runs VAR "
+                          f"artifacts; Infinity's run through scripts/generate.py --prompt and scripts/parity.py")
     if name == "eager":
         from .eager import EagerBackend
         return EagerBackend.from_manifest(man, **kw)

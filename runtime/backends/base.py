@@ -26,6 +26,17 @@ class BackendInfo:
     device: str = "cpu"        # where the backend keeps the KV cache and f_hat
 
 
+@dataclass(frozen=True)
+class InfinityInfo:
+    """An Infinity backend (runtime.infinity drives it): encode(text feeds), step(sched, k, feeds,
+    kv_out), decode(summed), alloc_kv(shape), host(x)."""
+    name: str
+    cfg: Any                   # graphs.infinity_config.InfinityConfig
+    transform: str
+    batch: Optional[int]       # None: any (eager)
+    device: str = "cpu"
+
+
 class Backend(Protocol):
     info: BackendInfo
     source_note: str           # where the weights came from (written into PNGs and reports)

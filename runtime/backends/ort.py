@@ -34,6 +34,7 @@ from .base import BackendInfo, to_torch, torch_host
 
 log = logging.getLogger(__name__)
 GRAPHS = ("step", "decoder")
+GRAPHS_OF = {"var": GRAPHS, "infinity": ("text", "step", "decoder")}     # by the manifest's family
 
 
 def import_ort():
@@ -54,6 +55,7 @@ class OrtSessions:
                  trt_provider: bool = False, session_cache: bool = False):
         ort = import_ort()
         self.ort, self.man, self.device = ort, man, device
+        self.graphs = GRAPHS_OF[man.family]
         self.options = (device, threads, prepack, trt_provider, session_cache)
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
@@ -94,7 +96,7 @@ class OrtSessions:
         # killing it inside ONNX Runtime (which aborts the process).
         values: list = []
         self._todo = {name: self._options(name, prepack=(name == "step" and prepack), values=values)
-                      for name in GRAPHS}
+                      for name in self.graphs}
         self._job = threading.Thread(target=self._build, name="ort-sessions")
         self._job.start()
         # the stored values (the weights: ~0.3 s per GB) are checked while the sessions build;
@@ -133,7 +135,7 @@ class OrtSessions:
             self._done[name] = e
 
     def _build(self) -> None:
-        for name in GRAPHS:
+        for name in self.graphs:
             if not self._claim(name):
                 return
             self._build_one(name)
@@ -157,17 +159,17 @@ class OrtSessions:
 
     def result(self) -> Dict[str, object]:
         if self._values_error is None and not any(isinstance(v, BaseException) for v in self._done.values()):
-            for name in GRAPHS:          # what the build thread has not started yet: built here
+            for name in self.graphs:     # what the build thread has not started yet: built here
                 if self._claim(name):
                     self._build_one(name)
         self._job.join()
         if self._values_error is not None:
             raise self._values_error
-        for name in GRAPHS:
+        for name in self.graphs:
             got = self._done.get(name)
             if isinstance(got, BaseException):
                 raise got
-        return {name: self._done[name] for name in GRAPHS}
+        return {name: self._done[name] for name in self.graphs}
 
     def _share(self, so, path: str, name: str, values: list) -> list:
         """Point this session's external initializers at the shared memory map of the weights

@@ -1,7 +1,8 @@
-"""`scripts/export.py`: Export VAR + SSG to ONNX artifacts (and TensorRT engines with --target trt).
+"""`scripts/export.py`: Export VAR + SSG (or Infinity) to ONNX artifacts (and TensorRT engines with --target trt).
 
   python scripts/export.py --model var-d24 --random-init 0 --out build/var-d24
   python scripts/export.py --model var-d16 --ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth --out build/d16
+  python scripts/export.py --model infinity-tiny --random-init 0 --out build/inf-tiny
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true",
                    help="replace --out if it holds other var-ssg artifacts (never a folder of other files)")
     a = p.parse_args(argv)
+    if a.model.startswith("infinity-"):         # text-to-image: DESIGN.md "Infinity"
+        from var_ssg.tools.infinity_cli import export as export_infinity
+        return export_infinity(a)
 
     from var_ssg.export.onnx_export import ExportConfig, check_out, export_artifacts
     from var_ssg.graphs.weights import load_models

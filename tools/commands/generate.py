@@ -2,6 +2,7 @@
 
   python scripts/generate.py --model var-d16 --random-init 0 --class 207 88 --out grid.png
   python scripts/generate.py --backend onnxruntime --artifacts build/var-d16 --class 207 --out a.png
+  python scripts/generate.py --artifacts build/inf-tiny --prompt "a cat" --text-encoder t5/ --out cat.png
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from var_ssg.common.proc import process_age_s
 from var_ssg.tools.cli import add_model_args, add_precision_arg, add_sampling_args, add_session_cache_arg, note_random_weights, parser
 from var_ssg.common.files import check_outputs, json_writer, write_outputs
 from var_ssg.contract.stamp import VERIFY_MODES
-from var_ssg.graphs.config import BACKENDS, SamplerConfig, make_ssg
+from var_ssg.common.errors import ConfigError
+from var_ssg.graphs.config import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_TOP_P, SamplerConfig, make_ssg
+from var_ssg.tools.infinity_cli import add_infinity_args
 
 
 def main(argv=None) -> int:
@@ -30,7 +33,22 @@ def main(argv=None) -> int:
                    help="artifacts check at start: stamp (default) re-hashes only files changed since they were "
                         'last verified; full re-hashes every file (DESIGN.md "Start-up")')
     add_session_cache_arg(p)
+    add_infinity_args(p)
+    p.set_defaults(guidance=None, top_p=None)      # each family's own default (VAR's or Infinity's)
     a = p.parse_args(argv)
+    from var_ssg.runtime.infinity import is_infinity
+    if is_infinity(a.model, a.artifacts):       # text-to-image: DESIGN.md "Infinity"
+        if a.session_cache:
+            raise ConfigError("--session-cache is for VAR artifacts on onnxruntime; Infinity does not keep one")
+        if a.precision:
+            raise ConfigError("--precision is for VAR's eager backend; Infinity runs in fp32")
+        from var_ssg.tools.infinity_cli import generate as generate_infinity
+        return generate_infinity(a, a.backend)
+    if a.prompt or a.negative_prompt or a.text_encoder or a.cfg_list:
+        raise ConfigError("--prompt, --negative-prompt, --text-encoder and --cfg-list are for Infinity "
+                          "(--model infinity-* or Infinity artifacts); VAR takes --class")
+    a.guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
+    a.top_p = DEFAULT_TOP_P if a.top_p is None else a.top_p
 
     from tqdm import tqdm
 

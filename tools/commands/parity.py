@@ -2,6 +2,7 @@
 
   python scripts/parity.py --artifacts build/var-d2 --backends eager,onnxruntime --class 1 2 --seeds 0-5
   python scripts/parity.py --artifacts build/var-d2 --free-running        (a report: images equal, PSNR)
+  python scripts/parity.py --artifacts build/inf-tiny --prompt "a cat" --text-encoder t5/ --seeds 0-3
 
 Teacher-forced by default: the backend follows the reference's tokens, so every scale compares
 like with like; every token the backend draws must follow from its own logits, and the number
@@ -13,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from var_ssg.tools.cli import add_sampling_args, parser
+from var_ssg.tools.infinity_cli import add_infinity_args
 from var_ssg.common.files import check_outputs, write_json
 from var_ssg.common.errors import ConfigError
 
@@ -60,10 +62,15 @@ def main(argv=None) -> int:
                         "optimizations and with none, and compare them (a fusion that changes numerics); "
                         "a MISMATCH fails")
     add_sampling_args(p)
+    add_infinity_args(p)
     p.set_defaults(classes=None)
     a = p.parse_args(argv)
     seeds = parse_seeds(a.seeds) if a.seeds else [a.seed]
     check_outputs(("--json", a.json, None), inputs=(a.artifacts,))
+    from var_ssg.runtime.infinity import is_infinity
+    if is_infinity(artifacts=a.artifacts):     # DESIGN.md "Infinity": its own teacher-forced check
+        from var_ssg.tools.infinity_cli import parity as parity_infinity
+        return parity_infinity(a, seeds)
 
     import torch
     from var_ssg.contract.manifest import load_manifest
