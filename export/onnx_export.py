@@ -170,8 +170,9 @@ def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: Expo
     key = cache_key(var.cfg, ec, weights_id(src))
     machine = None
     if ec.target == "trt":            # fail before a long export, not after it; engines are for this machine
-        from .trt_build import this_machine
+        from .trt_build import check_precision, this_machine
         machine = this_machine()
+        check_precision(ec.precision, machine)
     try:
         with Transaction(out) as txn:
             out = txn.out

@@ -7,6 +7,9 @@
       │                                       calibration on the model's own runs: every activation
       │                                       gets a symmetric int8 scale s8 = amax / 127
       │ to_fp8
+      │   outputs       the Q/DQ pairs the int8 quantizer puts on the MatMuls' outputs (for ONNX
+      │                 Runtime's QLinearMatMul) are dropped: TensorRT's fp8 GEMMs take fp8 inputs
+      │                 and give a high-precision output, as ModelOpt places them
       │   activations   scale amax / 448 (= s8 * 127 / 448), zero point float8 0: QuantizeLinear
       │                 now writes float8 e4m3fn, per tensor
       │   weights       re-quantized from the fp32 parameter by contract.quantization.requantize
@@ -73,6 +76,7 @@ def to_fp8(model, weights: Dict[str, np.ndarray]) -> None:
     def put(name: str, arr: np.ndarray) -> None:
         inits[name].CopyFrom(numpy_helper.from_array(np.array(arr, copy=True, order="C"), name))   # 0-d stays 0-d
 
+    drop_output_qdq(g)
     zero = np.zeros((), ml_dtypes.float8_e4m3fn)
     done = set()
     for name, w_nk in weights.items():
@@ -110,3 +114,41 @@ def to_fp8(model, weights: Dict[str, np.ndarray]) -> None:
     left = [t.name for t in g.initializer if t.data_type == onnx.TensorProto.INT8]
     if left:
         raise ConfigError(f"int8 tensors left in the fp8 graph: {', '.join(left[:5])}")
+
+
+def drop_output_qdq(g) -> int:
+    """Remove each QuantizeLinear -> DequantizeLinear pair on a MatMul's output that feeds no
+    quantized input: the MatMul writes the pair's output name itself. Returns how many."""
+    producer = {o: n for n in g.node for o in n.output}
+    readers: Dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    drop = set()
+    for q in g.node:
+        mm = producer.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+        if mm is None or mm.op_type != "MatMul" or q.input[0] in outputs:
+            continue
+        dqs = readers.get(q.output[0], [])
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+            continue
+        dq = dqs[0]
+        if any(r.op_type in ("MatMul", "QuantizeLinear") for r in readers.get(dq.output[0], [])):
+            continue                                # a quantized input reads it: keep the pair
+        old, new = q.input[0], dq.output[0]
+        mm.output[list(mm.output).index(old)] = new
+        for r in readers.get(old, []):
+            if r is not q:
+                for i, name in enumerate(r.input):
+                    if name == old:
+                        r.input[i] = new
+        drop.update((id(q), id(dq)))
+    keep = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input}
+    unused = [t for t in g.initializer if t.name not in used]
+    for t in unused:
+        g.initializer.remove(t)
+    return len(drop) // 2
