@@ -12,8 +12,8 @@
       │                 and give a high-precision output, as ModelOpt places them
       │   activations   scale amax / 448 (= s8 * 127 / 448), zero point float8 0: QuantizeLinear
       │                 now writes float8 e4m3fn, per tensor
-      │   weights       re-quantized from the fp32 parameter by contract.quantization.requantize
-      ▼                 (one scale per tensor, max|B| / 448), the DequantizeLinear's axis dropped
+      │   weights       re-quantized from the fp32 parameter (one scale per tensor, max|B| / 448;
+      ▼                 ONNX Runtime's QuantizeLinear kernel), the DequantizeLinear's axis dropped
     QDQ step graph: float8 e4m3fn (opset >= 19; TensorRT on compute capability >= 8.9 only)
 
 Why not onnxruntime.quantization's own float8 mode: it calibrates float8 only with histograms,
@@ -30,7 +30,7 @@ from typing import Dict, Sequence
 import numpy as np
 
 from common.errors import ConfigError
-from contract.quantization import FP8_MAX, QMAX, requantize
+from contract.quantization import FP8_MAX, QMAX
 
 from .quantize import Quantized, quantize_step
 
@@ -64,6 +64,29 @@ def quantize_step_fp8(src: str, dst: str, params: Dict[str, np.ndarray], feeds: 
     return q
 
 
+def quantize_weight(b: np.ndarray):
+    """A MatMul weight B (K, N), float32 -> (B in float8 e4m3fn, its scale): s = max|B| / 448 (1 for
+    an all-zero B), the values by ONNX Runtime's QuantizeLinear kernel (opset 19, saturating), the
+    tool's own rounding. contract.quantization.requantize derives the same independently (ml_dtypes),
+    which is what the weights check compares."""
+    import ml_dtypes
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper as oh, numpy_helper
+    amax = np.float32(np.abs(b).max())
+    s = np.float32(amax / np.float32(FP8_MAX)) if amax > 0 else np.float32(1.0)
+    x = oh.make_tensor_value_info("b", onnx.TensorProto.FLOAT, list(b.shape))
+    y = oh.make_tensor_value_info("q", onnx.TensorProto.FLOAT8E4M3FN, list(b.shape))
+    node = oh.make_node("QuantizeLinear", ["b", "s", "z"], ["q"], saturate=1)
+    inits = [numpy_helper.from_array(np.array(s, np.float32), "s"),
+             numpy_helper.from_array(np.zeros((), ml_dtypes.float8_e4m3fn), "z")]
+    m = oh.make_model(oh.make_graph([node], "q", [x], [y], inits), opset_imports=[oh.make_opsetid("", MIN_OPSET)],
+                      ir_version=10)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    q = sess.run(None, {"b": b})[0]
+    return np.asarray(q).view(ml_dtypes.float8_e4m3fn).reshape(b.shape), np.array(s, np.float32)
+
+
 def to_fp8(model, weights: Dict[str, np.ndarray]) -> None:
     """The int8 QDQ graph `model` -> fp8, in place. `weights`: {stored int8 weight: its fp32
     parameter W (N, K)}; every other QuantizeLinear/DequantizeLinear pair is an activation's."""
@@ -81,7 +104,7 @@ def to_fp8(model, weights: Dict[str, np.ndarray]) -> None:
     done = set()
     for name, w_nk in weights.items():
         base = name[:-len("_quantized")]
-        qw, s = requantize(w_nk, PRECISION)
+        qw, s = quantize_weight(np.ascontiguousarray(np.asarray(w_nk, np.float32).T))
         put(name, qw)
         put(base + "_scale", s)
         put(base + "_zero_point", zero)

@@ -36,6 +36,10 @@ def test_requantize_fp8_is_one_scale_per_tensor_and_the_e4m3_cast():
     back = q.astype(np.float32) * s
     normal = np.abs(w.T) >= s * 2.0 ** -6                                   # E4M3's normal range
     assert np.all(np.abs(back - w.T)[normal] <= np.abs(w.T)[normal] * 2.0 ** -4)   # 3 mantissa bits
+    # max |B| = 448 gives s = 1: ties round to the even mantissa, the tail is E4M3's subnormals
+    b = np.array([448, 1.0625, 1.1875, 17, 19, 1.5 * 2.0 ** -9, 2.0 ** -10, -3 * 2.0 ** -10, 300], np.float32)
+    q1, s1 = requantize(b[:, None], "fp8")
+    assert s1 == 1.0 and q1.astype(np.float32).ravel().tolist() == [448, 1, 1.25, 16, 20, 2.0 ** -8, 0, -2.0 ** -8, 288]
     q0, s0 = requantize(np.zeros((4, 4), np.float32), "fp8")
     assert s0 == 1.0 and not q0.astype(np.float32).any()
     with pytest.raises(ValueError, match="no quantization scheme for precision 'int4'"):
@@ -210,5 +214,7 @@ def test_fp8_engine_builds_under_real_bindings(version, fp8_tiny, tmp_path):
     r = run_under_real_trt(version, "tests.trt_real.scenarios:build_fp8", fp8_tiny, str(tmp_path))
     assert r["version"].startswith(version) and r["step"] == "step_all.plan"
     assert set(r["refused"]) == {"8.0", "8.6"}
+    # TensorRT 10 has the FP8/INT8 flags (for weakly typed networks) and our build sets neither; 11 has none
+    assert r["precision_flags"] == ([] if version == "11" else ["BF16", "FP16", "FP8", "INT8"]), r["precision_flags"]
     for cc, msg in r["refused"].items():
-        assert f"compute capability 8.9 or later" in msg and f"is {cc}" in msg, msg
+        assert "compute capability 8.9 or later" in msg and f"is {cc}" in msg, msg
