@@ -146,6 +146,19 @@ def test_fp8_export_quantizes_the_int8_layers_in_float8(fp8_tiny):
                    if not (n.input[0] in dq_out and n.input[1] in dq_out))
 
 
+def test_fp8_manifest_schema_holds_the_fp8_layout(fp8_tiny):
+    from contract.manifest import ManifestError, check_manifest
+    data = load_manifest(fp8_tiny).data
+    check_manifest(data)
+    for key, value, msg in (("weight_axis", 1, "weight_axis.*must be null"),
+                            ("weight_granularity", "per-channel", "weight_granularity"),
+                            ("weight_type", "QInt8", "weight_type")):
+        bad = json.loads(json.dumps(data))
+        bad["quantization"][key] = value
+        with pytest.raises(ManifestError, match=msg):
+            check_manifest(bad)
+
+
 def test_fp8_artifacts_are_refused_by_onnxruntime(fp8_tiny):
     from runtime.backends import open_backend
     with pytest.raises(ConfigError, match="fp8 artifacts are TensorRT-only.*--backend tensorrt.*8.9"):
