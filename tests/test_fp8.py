@@ -231,3 +231,44 @@ def test_fp8_engine_builds_under_real_bindings(version, fp8_tiny, tmp_path):
     assert r["precision_flags"] == ([] if version == "11" else ["BF16", "FP16", "FP8", "INT8"]), r["precision_flags"]
     for cc, msg in r["refused"].items():
         assert "compute capability 8.9 or later" in msg and f"is {cc}" in msg, msg
+
+
+# ------------------------------------------------------------------ the CPU emulation (benchmarks.fp8_emulation)
+def test_fp8_emulation_equals_the_qdq_graph_run_as_written(tmp_path):
+    """The emulated graph gives what ONNX Runtime computes from the QDQ graph with its fusions off
+    (QuantizeLinear/DequantizeLinear run as the operators they are), to fp32 summation order."""
+    import onnxruntime as ort
+    from benchmarks.fp8_emulation import emulate_step_graph
+    from export.quantize_fp8 import quantize_step_fp8
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((16, 32)) * 0.1).astype(np.float32)
+    feeds = [{"x": (rng.standard_normal((n, 32)) * 3).astype(np.float32)} for n in (1, 4)]
+    dst = str(tmp_path / "q.onnx")
+    quantize_step_fp8(_one_matmul(tmp_path, w, 19), dst, {"var.lin.weight": w}, feeds, str(tmp_path))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = (rng.standard_normal((5, 32)) * 4).astype(np.float32)              # past the calibrated range: saturates
+    want = ort.InferenceSession(dst, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    m = onnx.load(dst)
+    assert emulate_step_graph(m) == 3                                       # weight DQ, input Q and DQ
+    assert not {n.op_type for n in m.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # the same float8 values: only the MatMul kernels' summation order differs (a constant weight
+    # is pre-packed); one input a float8 step off would move its outputs by ~1e-2
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6), np.abs(got - want).max()
+    q8 = np.clip(x / np.float32(np.abs(np.concatenate([f["x"] for f in feeds])).max() / 448), -448, 448)
+    assert not np.array_equal(got, x @ w.T) and np.abs(q8).max() == 448      # quantized, and saturated
+
+
+def test_fp8_emulation_takes_fp8_artifacts_only(tmp_path):
+    from types import SimpleNamespace
+    from benchmarks.fp8_emulation import emulated_backend
+    with pytest.raises(ConfigError, match="fp8 emulation takes fp8 artifacts; these are int8"):
+        emulated_backend(SimpleNamespace(precision="int8"), str(tmp_path))
+
+
+def test_fp8_emulated_backend_runs_the_pipeline(fp8_tiny, tmp_path):
+    from benchmarks.fp8_emulation import emulated_backend
+    from runtime.pipeline import Pipeline
+    res = Pipeline(emulated_backend(load_manifest(fp8_tiny), str(tmp_path))).run([3], 0)
+    assert res.images.shape[0] == 1 and np.isfinite(res.images).all()
