@@ -37,9 +37,9 @@ DTYPES: Dict[str, DType] = {d.name: d for d in (
 )}
 DTYPE_NAMES = tuple(DTYPES)
 # a precision's dtype (its KV cache, its transformer weights)
-# int8 quantizes the transformer's weight MatMuls in the graph (QDQ: contract.quantization); the
-# tensors between them, the KV cache included, stay float32
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
+# int8 and fp8 quantize the transformer's weight MatMuls in the graph (QDQ: contract.quantization);
+# the tensors between them, the KV cache included, stay float32
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32", "fp8": "float32"}
 FLOAT_NAMES = tuple(n for n, d in DTYPES.items() if d.floating)
 _BY_ONNX = {d.onnx: d.name for d in DTYPES.values()}
 _BY_TRT = {d.trt: d.name for d in DTYPES.values()}

@@ -43,10 +43,21 @@ from .decoder_job import DecoderJob, DecoderSpec
 from .dynamo import export_one
 from .lint import lint_files
 from .quantize import SCHEMES, CalibrationConfig
+from .quantize_fp8 import MIN_OPSET as FP8_MIN_OPSET
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
 
 log = logging.getLogger(__name__)
+# precisions whose step graph is quantized (QDQ) and calibrated: int8 (export.quantize), fp8
+# (export.quantize_fp8: TensorRT only)
+QUANTIZED = (*SCHEMES, "fp8")
+DEFAULT_OPSET = 18
+
+
+def default_opset(precision: str) -> int:
+    """The opset a precision exports at unless --opset says otherwise: 18, fp8 19 (QuantizeLinear
+    takes float8 from opset 19)."""
+    return FP8_MIN_OPSET if precision == "fp8" else DEFAULT_OPSET
 
 
 @dataclass(frozen=True)
@@ -55,18 +66,14 @@ class ExportConfig:
     batch: int = 1
     transform: str = "dct"
     top_k: int = DEFAULT_TOP_K                  # baked TopK K (runtime top_k <= this); 0 = no top-k
-    opset: int = 18
+    opset: int = DEFAULT_OPSET          # fp8 needs >= 19 (default_opset)
     target: str = "onnx"              # "onnx" | "trt"
     trt_hardware_compatible: bool = False   # engines run on Ampere and newer, not only this GPU
     trt_version_compatible: bool = False    # engines run on later TensorRT (same major, or 10 -> 11)
     trt_tf32: bool = False                  # let TensorRT run fp32 MatMuls in TF32 (opt-in; off keeps fp32)
-    calibration: CalibrationConfig = CalibrationConfig()    # int8: the runs that set activation ranges
+    calibration: CalibrationConfig = CalibrationConfig()    # int8/fp8: the runs that set activation ranges
 
     def __post_init__(self):
-        if self.precision == "fp8":
-            raise ConfigError("--precision fp8 is not available yet: onnxruntime.quantization calibrates float8 "
-                              "only with histograms, which do not take the step graph's per-scale token counts; "
-                              "use --precision int8 (ONNX Runtime and TensorRT) or bf16")
         if self.precision not in PRECISION_DTYPES:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISION_DTYPES)}, got {self.precision!r}")
         if not 1 <= self.batch <= MAX_BATCH:
@@ -82,13 +89,16 @@ class ExportConfig:
             raise ConfigError(f"--top-k must be >= 0 (0 = no top-k), got {self.top_k}")
         if self.top_k > TRT_TOPK_LIMIT:
             raise ConfigError(f"--top-k {self.top_k} exceeds TensorRT's TopK limit {TRT_TOPK_LIMIT}; use <= {TRT_TOPK_LIMIT} or 0 (no top-k)")
+        if self.precision == "fp8" and self.opset < FP8_MIN_OPSET:
+            raise ConfigError(f"--precision fp8 needs --opset {FP8_MIN_OPSET} or {MAX_OPSET} (QuantizeLinear takes float8 "
+                              f"from opset {FP8_MIN_OPSET}), got {self.opset}; leave --opset out to get {FP8_MIN_OPSET}")
 
 
 def cache_key(cfg: VARConfig, ec: ExportConfig, weights_id: str) -> str:
     """The graphs' key. The TensorRT options (target, trt_*) are left out: they, the TensorRT
     version and the GPU make the engines' key (contract.tensorrt.engine_cache_key)."""
     graph_opts = {k: v for k, v in asdict(ec).items() if k != "target" and not k.startswith("trt_")}
-    if ec.precision not in SCHEMES:
+    if ec.precision not in QUANTIZED:
         del graph_opts["calibration"]            # only quantized graphs depend on it
     blob = json.dumps(dict(config=config_to_json(cfg), export=graph_opts, weights=weights_id,
                            format=FORMAT_VERSION, torch=torch.__version__), sort_keys=True)
@@ -160,8 +170,9 @@ def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: Expo
     key = cache_key(var.cfg, ec, weights_id(src))
     machine = None
     if ec.target == "trt":            # fail before a long export, not after it; engines are for this machine
-        from .trt_build import this_machine
+        from .trt_build import check_precision, this_machine
         machine = this_machine()
+        check_precision(ec.precision, machine)
     try:
         with Transaction(out) as txn:
             out = txn.out
@@ -253,7 +264,7 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         job.start()
         model = export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
                            step.inputs, step.outputs, ec.opset, dynamic_shapes=step.dynamic_shapes())
-        if ec.precision in SCHEMES:
+        if ec.precision in QUANTIZED:
             model, quant = _quantize(model, var, vae, ec, k_max, scratch, clock)
         clock.start("write")
         graphs["step"] = _save(model, store, tmp, step.file, step.name)
@@ -320,11 +331,17 @@ def _quantize(model, var, vae, ec: ExportConfig, k_max: int, scratch: str, clock
     clock.start("quantize")
     params = {"var." + n: p.detach().float().numpy() for n, p in var.named_parameters()}
     dst = os.path.join(qdir, "quant.onnx")
-    q = quantize_step(src, dst, ec.precision, params, feeds, qdir, ec.calibration.keep_fp32)
+    if ec.precision == "fp8":
+        from .quantize_fp8 import quantize_step_fp8, scheme as fp8_scheme
+        q = quantize_step_fp8(src, dst, params, feeds, qdir, ec.calibration.keep_fp32)
+        recipe = fp8_scheme()
+    else:
+        q = quantize_step(src, dst, ec.precision, params, feeds, qdir, ec.calibration.keep_fp32)
+        recipe = scheme(ec.precision)
     del feeds
     import onnxruntime
     record["keep_fp32"] = list(ec.calibration.keep_fp32)
-    info = dict(scheme(ec.precision), tool_version=onnxruntime.__version__, calibration=record, nodes=q.nodes,
+    info = dict(recipe, tool_version=onnxruntime.__version__, calibration=record, nodes=q.nodes,
                 weights=q.weights)
     return ir.load(dst), info
 

@@ -18,6 +18,10 @@ logits and the sampler stay fp32 because the graph says so. BuilderFlag.TF32 is 
 in TensorRT ("Allow (but not require) computations on tensors of type DataType.FLOAT to use
 TF32 ... Enabled by default", the flag's docstring), strongly typed or not: it is cleared unless
 the plan asks for it (`tf32=True`, an opt-in), so fp32 stays fp32 (DESIGN.md "Precision").
+Quantized graphs (int8, fp8) need no INT8/FP8 flag either: a strongly typed network takes its
+precision from the graph's QuantizeLinear/DequantizeLinear (those flags are for weakly typed
+networks, and TensorRT 11 has none). fp8 needs FP8 tensor cores: compute capability 8.9 (Ada) or
+later; `check_precision` refuses it on older GPUs before anything is built (DESIGN.md "Low precision").
 
 `plan` and `engines_stale` are plain Python over the manifest, so they are tested without
 TensorRT; the version rules live in contract.tensorrt.
@@ -52,6 +56,21 @@ def this_machine(device: int = 0) -> Tuple[str, str, str]:
     import torch
     p = torch.cuda.get_device_properties(device)
     return trt.__version__, p.name, f"{p.major}.{p.minor}"
+
+
+# precision -> the lowest compute capability whose GPUs run it in TensorRT
+MIN_COMPUTE_CAPABILITY = {"fp8": (8, 9)}
+
+
+def check_precision(precision: str, machine: Tuple[str, str, str]) -> None:
+    """A clear error if this GPU (machine: TensorRT version, GPU name, compute capability) cannot
+    run `precision`'s engines."""
+    need = MIN_COMPUTE_CAPABILITY.get(precision)
+    have = tuple(int(x) for x in machine[2].split("."))
+    if need is not None and have < need:
+        raise ConfigError(f"--precision {precision} engines need a GPU of compute capability "
+                          f"{need[0]}.{need[1]} or later (FP8 tensor cores: Ada, Hopper, Blackwell); {machine[1]} "
+                          f"is {machine[2]}: export --precision int8, fp16 or bf16 for it")
 
 
 @dataclass(frozen=True)
@@ -205,6 +224,7 @@ def build_engines(onnx_dir: str, man_data: Dict, out_dir: Optional[str] = None, 
     same), reusing `out_dir`'s timing cache; returns the manifest's `engines` and `tensorrt`."""
     trt = require_gpu()
     machine = this_machine(device)
+    check_precision(man_data["precision"], machine)
     out_dir = out_dir or onnx_dir
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -33,8 +33,8 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_GUIDANCE = 1.5          # classifier-free guidance weight (`--cfg`), ramped k/(K-1)
 BACKENDS = ("eager", "onnxruntime", "tensorrt")
 DSE_TRANSFORMS = ("dct", "dft")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-EAGER_PRECISIONS = ("fp32", "fp16", "bf16")     # what the eager backend computes in (int8: QDQ graphs only)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+EAGER_PRECISIONS = ("fp32", "fp16", "bf16")     # what the eager backend computes in (int8, fp8: QDQ graphs only)
 # what `--precision` asks of the eager backend over --model (generate, sample, sweep, spectrum;
 # DESIGN.md "Low precision"): the weights' dtype, or fp32 weights under torch.autocast
 RUN_PRECISIONS = EAGER_PRECISIONS + ("bf16-autocast",)

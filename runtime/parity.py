@@ -50,6 +50,7 @@ BOUNDS = {
     "fp16": 4e-3,
     "bf16": 3e-2,
     "int8": None,     # quantized: no logit bound; judged by runtime.quality's gate (TV against bf16 autocast)
+    "fp8": None,      # the same (TensorRT only: DESIGN.md "Low precision")
 }
 PRIOR_BOUND = 2e-5       # the DSE prior: fp32 in every artifact set, from the backend's own logits
 FHAT_BOUND = 2e-5        # f_hat, teacher-forced: same tokens, fp32 update

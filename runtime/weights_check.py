@@ -6,8 +6,9 @@ allows), and every parameter the graphs use must be accounted for:
   copied      an initializer named after the parameter, or holding its bytes (reshaped, or a
               2-D weight transposed, as the exporter folds them), in the graph's dtype: the
               reference parameter cast to that dtype must give the same bytes;
-  quantized   (int8 artifacts) the stored weight, its per-channel scale and zero point must
-              equal contract.quantization.requantize of the reference parameter, bit for bit;
+  quantized   (int8, fp8 artifacts) the stored weight, its scale (per channel for int8, one per
+              tensor for fp8) and zero point must equal contract.quantization.requantize of the
+              reference parameter, bit for bit;
   derived     the few small tensors the exporter folds into other constants (DERIVED below:
               q/v biases concatenated, the attention scale through exp/clamp); they reach the
               logits, which the parity bounds compare.
@@ -113,7 +114,7 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
             if t.name in quant:
                 rep.compared += _check_quantized(rep, gname, t, inits, quant[t.name], params, reader, man.precision,
                                                  requantize)
-                _check_dequantize(rep, gname, g.graph, t.name, quant[t.name])
+                _check_dequantize(rep, gname, g.graph, t.name, quant[t.name], man.precision)
                 seen.add(quant[t.name])
                 continue
             if t.name in companions:
@@ -143,10 +144,13 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
     return rep
 
 
-def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: str) -> None:
+def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: str, precision: str) -> None:
     """The stored values are used as the scheme says: one DequantizeLinear reads the weight with its
-    own scale and zero point along axis 1 (the output channels), and feeds a MatMul's B input."""
+    own scale and zero point along axis 1 (the output channels; fp8's one scale per tensor has no
+    axis: its shape is compared with the scheme's), and feeds a MatMul's B input."""
     import onnx
+    from var_ssg.contract.quantization import LAYOUT
+    want_axis = LAYOUT[precision][2]
     base = name[:-len("_quantized")]
     dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input and n.input[0] == name]
     why = None
@@ -157,8 +161,8 @@ def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: s
         axis = next((onnx.helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1)
         if list(dq.input[1:3]) != [base + "_scale", base + "_zero_point"]:
             why = f"its DequantizeLinear reads {list(dq.input[1:3])}, not its own scale and zero point"
-        elif axis != 1:
-            why = f"its DequantizeLinear runs along axis {axis}, the scheme's output channels are axis 1"
+        elif want_axis is not None and axis != want_axis:
+            why = f"its DequantizeLinear runs along axis {axis}, the scheme's output channels are axis {want_axis}"
         elif not any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] == dq.output[0] for n in graph.node):
             why = "its DequantizeLinear does not feed a MatMul's weight input"
     if why:

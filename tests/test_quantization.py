@@ -69,12 +69,6 @@ def test_requantize_axis_and_rounding():
     assert q[:, 0].tolist() == [64, -127, 32] and not q[:, 1].any()         # 63.5 -> 64 (half to even), 31.75 -> 32
 
 
-def test_fp8_is_refused_with_the_reason():
-    from var_ssg.export.onnx_export import ExportConfig
-    with pytest.raises(ConfigError, match="fp8 is not available yet.*per-scale token counts"):
-        ExportConfig(precision="fp8")
-
-
 def test_cpu_features_are_read_from_cpuinfo(tmp_path):
     from var_ssg.benchmarks.precision import cpu_features
     f = tmp_path / "cpuinfo"

@@ -59,6 +59,11 @@ class OrtSessions:
         self.options = (device, threads, prepack, trt_provider, session_cache)
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
+        if man.precision == "fp8":
+            raise ConfigError("fp8 artifacts are TensorRT-only (ONNX Runtime's CPU provider rejects their float8 "
+                              "QDQ MatMuls; no other provider is a tested path): run them with --backend tensorrt "
+                              "on a GPU of compute capability >= 8.9, or export --precision int8 or fp32 for "
+                              "onnxruntime")
         self.providers = ["CPUExecutionProvider"]
         if device == "cuda":
             import torch

@@ -259,3 +259,40 @@ def build_int8(onnx_dir: str, work: str):
     assert step["flags"] == [] and dec["flags"] == [] and step["strongly_typed"] and dec["strongly_typed"], step
     assert len(step["profiles"]) == len(man["graphs"]["step"]["profiles"])
     return dict(version=MACHINE.version, builds=len(MACHINE.builds), step=engines["step"]["file"])
+
+
+def build_fp8(onnx_dir: str, work: str):
+    """export.trt_build on fp8 (float8 e4m3fn QDQ) artifacts. Our builder makes every network
+    strongly typed (TensorRT 10: the STRONGLY_TYPED creation flag; 11: always), which takes its
+    precision from the graph's QuantizeLinear/DequantizeLinear: no FP8 or INT8 builder flag is set,
+    and none may be (TensorRT 10 keeps those flags for weakly typed networks only). On a GPU of
+    compute capability < 8.9 (no FP8 tensor cores) the build is refused before anything is parsed."""
+    import tensorrt as trt
+    from var_ssg.common.errors import ConfigError
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.export.trt_build import build_engines
+    man = load_manifest(onnx_dir).data
+    assert man["precision"] == "fp8"
+    precision_flags = sorted(f for f in ("FP8", "INT8", "FP16", "BF16") if hasattr(trt.BuilderFlag, f))
+    engines, sec = build_engines(onnx_dir, man, out_dir=work)
+    step, dec = MACHINE.builds[-2:]
+    assert step["strongly_typed"] and dec["strongly_typed"], step
+    assert step["flags"] == [] and dec["flags"] == [], step["flags"]       # no precision flag, TF32 cleared
+    assert len(step["profiles"]) == len(man["graphs"]["step"]["profiles"])
+    assert sec["compute_capability"] == "9.0"
+    n = len(MACHINE.builds)
+    props = torch.cuda.get_device_properties(0)
+    refused = {}
+    for name, (major, minor) in (("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA A10", (8, 6))):
+        props.name, props.major, props.minor = name, major, minor
+        try:
+            build_engines(onnx_dir, man, out_dir=work)
+            raise AssertionError(f"fp8 engines were built for compute capability {major}.{minor}")
+        except ConfigError as e:
+            refused[f"{major}.{minor}"] = str(e)
+    assert len(MACHINE.builds) == n                 # nothing was built for them
+    props.name, props.major, props.minor = "NVIDIA L4", 8, 9          # Ada: FP8 tensor cores
+    build_engines(onnx_dir, man, out_dir=work)
+    assert len(MACHINE.builds) == n + 2 and MACHINE.builds[-1]["flags"] == []
+    return dict(version=MACHINE.version, step=engines["step"]["file"], refused=refused,
+                precision_flags=precision_flags)

@@ -19,11 +19,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="artifacts directory (written atomically)")
     p.add_argument("--precision", default="fp32",
                    help="fp32 | fp16 | bf16 (transformer + KV) | int8 (QDQ weight MatMuls, calibrated: ONNX Runtime "
-                        "CPU and TensorRT); DSE, SSG and sampling stay fp32")
+                        "CPU and TensorRT) | fp8 (the same in float8 e4m3fn: TensorRT on compute capability >= 8.9 "
+                        "only); DSE, SSG and sampling stay fp32")
     p.add_argument("--batch", type=int, default=1, help="images per run, fixed at export (2x rows with CFG)")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="TopK K baked in; runs may use any top-k <= it; 0 = none")
     p.add_argument("--dse", choices=DSE_TRANSFORMS, default="dct")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 19 for fp8)")
     p.add_argument("--target", choices=("onnx", "trt"), default="onnx")
     p.add_argument("--trt-hardware-compatible", action="store_true", help="engines for Ampere and newer GPUs")
     p.add_argument("--trt-version-compatible", action="store_true", help="engines for later TensorRT of this major")
@@ -35,14 +36,14 @@ def main(argv=None) -> int:
         from var_ssg.tools.infinity_cli import export as export_infinity
         return export_infinity(a)
 
-    from var_ssg.export.onnx_export import ExportConfig, check_out, export_artifacts
+    from var_ssg.export.onnx_export import ExportConfig, check_out, default_opset, export_artifacts
     from var_ssg.graphs.weights import load_models
     from var_ssg.tools.progress import StageDisplay
 
     t0 = time.time()
     cfg = get_preset(a.model)
     ec = ExportConfig(precision=a.precision, batch=a.batch, transform=a.dse,
-                      top_k=a.top_k, opset=a.opset, target=a.target,
+                      top_k=a.top_k, opset=default_opset(a.precision) if a.opset is None else a.opset, target=a.target,
                       trt_hardware_compatible=a.trt_hardware_compatible, trt_version_compatible=a.trt_version_compatible,
                       trt_tf32=a.trt_tf32)
     check_out(a.out)                  # user files, a file, a bad name: refused before loading weights
