@@ -96,7 +96,6 @@ class PrecisionBenchResult:
 
 
 def _ours(row: str, cfg: PrecisionBenchConfig, models) -> Runner:
-    import torch
     from var_ssg.runtime.backends.eager import EagerBackend
     from var_ssg.runtime.opener import open_artifacts
     from var_ssg.runtime.pipeline import Pipeline
@@ -111,8 +110,7 @@ def _ours(row: str, cfg: PrecisionBenchConfig, models) -> Runner:
         _, b = open_artifacts(out, "onnxruntime")
     else:
         var, vae, note = models()
-        kw = {"bf16": dict(dtype=torch.bfloat16), "bf16-autocast": dict(autocast=torch.bfloat16)}.get(prec, {})
-        b = EagerBackend(var, vae, source_note=note, **kw)
+        b = EagerBackend(var, vae, source_note=note, **EagerBackend.run_precision(prec))    # as --precision runs it
     pipe, ssg = Pipeline(b), make_ssg(DEFAULT_SSG_BETA, b.info.transform)
     return lambda: timed_run(pipe, [cfg.class_id], cfg.seed, ssg)
 
