@@ -41,6 +41,7 @@ class ServeOptions:
     body_timeout_s: float = 30.0        # a client must send its whole body within this (else 408)
     drain_s: float = 30.0               # on stop: how long requests in flight may finish (then 503)
     pythonpath: Tuple[str, ...] = field(default_factory=tuple)   # where the replicas import this code from
+    text_encoder: Optional[str] = None  # Infinity artifacts: the local T5 folder (tokenizer + encoder)
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
@@ -239,7 +240,14 @@ def preflight(opts: ServeOptions):
     from var_ssg.contract.artifacts_check import check_artifacts
     from var_ssg.contract.manifest import load_manifest
     man = load_manifest(opts.artifacts, verify="stamp")
-    check_artifacts(man)            # what a replica checks when it opens them: generate's one line, now
+    if man.family == "infinity":    # prompts: DESIGN.md "Infinity (text-to-image)"
+        from var_ssg.serving.prompts import check_text_encoder
+        check_text_encoder(opts, man)
+    else:
+        if opts.text_encoder:
+            raise ConfigError(f"--text-encoder is for Infinity artifacts; {opts.artifacts} holds {man.cfg.name} (VAR, "
+                              f"class-conditional): drop it")
+        check_artifacts(man)        # what a replica checks when it opens them: generate's one line, now
     if opts.backend == "tensorrt":
         from var_ssg.contract.tensorrt import import_tensorrt
         import_tensorrt()
