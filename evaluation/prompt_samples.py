@@ -1,4 +1,4 @@
-"""Infinity samples from a prompt list (DESIGN.md, "Infinity (text-to-image)"): `scripts/sample.py
+"""Infinity samples from a prompt list (DESIGN.md, "Samples from a prompt list"): `scripts/sample.py
 --prompts FILE` and `scripts/sweep.py --prompts FILE` on Infinity artifacts or presets write the
 same .npz layout as VAR's samples (evaluation.samples), so CLIP score, ImageReward or GenEval can
 be run on them with the user's own tools, beta = 0 against beta > 0.

@@ -9,6 +9,8 @@
                   Generator × replicas (1 GPU each, or CPU)
                      serve.batch: up to the artifacts' batch B rows, or what arrived within
                      --max-batch-wait-ms → Pipeline.run_rows (pads a partial batch) → PNGs
+                     Infinity artifacts (serving.prompts): prompts checked in the Frontend, encoded
+                     by the replica's T5, the batch split by aspect template (one run each)
 
 Every error is JSON {"error": "..."}: 400 bad request, 408 body too slow, 413 body too large,
 503 + Retry-After for a full queue, a replica that died under the request or a server that is
@@ -59,7 +61,7 @@ class Generator:
                 torch.set_num_threads(opts.threads or os.cpu_count() or 1)   # Ray sets OMP_NUM_THREADS to the reserved CPUs
         from var_ssg.runtime.infinity import is_infinity
         self.prompts = None              # Infinity artifacts: serving.prompts.InfinityReplica
-        if is_infinity(artifacts=opts.artifacts):     # DESIGN.md "Infinity (text-to-image)"
+        if is_infinity(artifacts=opts.artifacts):     # DESIGN.md "Serving prompts"
             from var_ssg.contract.manifest import load_manifest
             from var_ssg.serving.prompts import InfinityReplica
             clock("manifest")
@@ -180,7 +182,7 @@ class Frontend:
         self.opts, self.gen = opts, generator
         man = load_manifest(opts.artifacts, verify_hashes=False)   # the driver and every Generator verify them
         self.man = man
-        if man.family == "infinity":     # prompts: DESIGN.md "Infinity (text-to-image)"
+        if man.family == "infinity":     # prompts: DESIGN.md "Serving prompts"
             from var_ssg.serving.prompts import (describe_infinity, infinity_summary, load_tokenizer,
                                                  parse_prompt_request, prompt_checker)
             self.pipe = prompt_checker(describe_infinity(man, opts.backend, opts.device))

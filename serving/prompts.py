@@ -1,4 +1,4 @@
-"""Infinity over HTTP (DESIGN.md, "Infinity (text-to-image)"): one prompt request → one checked
+"""Infinity over HTTP (DESIGN.md, "Serving prompts"): one prompt request → one checked
 PromptRequest, with no Ray import (unit-tested without a server), and what the replicas do
 with a batch of them.
 

@@ -240,7 +240,7 @@ def preflight(opts: ServeOptions):
     from var_ssg.contract.artifacts_check import check_artifacts
     from var_ssg.contract.manifest import load_manifest
     man = load_manifest(opts.artifacts, verify="stamp")
-    if man.family == "infinity":    # prompts: DESIGN.md "Infinity (text-to-image)"
+    if man.family == "infinity":    # prompts: DESIGN.md "Serving prompts"
         from var_ssg.serving.prompts import check_text_encoder
         check_text_encoder(opts, man)
     else:

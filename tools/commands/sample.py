@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from var_ssg.runtime.infinity import is_infinity
     infinity = is_infinity(a.model, a.artifacts)
     check_prompts_args(a, infinity)
-    if infinity:                        # prompts: DESIGN.md "Infinity (text-to-image)"
+    if infinity:                        # prompts: DESIGN.md "Samples from a prompt list"
         from var_ssg.tools import infinity_cli
         return infinity_cli.sample(a)
     a.guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from var_ssg.runtime.infinity import is_infinity
     infinity = is_infinity(a.model, a.artifacts)
     check_prompts_args(a, infinity)
-    if infinity:                        # prompts: DESIGN.md "Infinity (text-to-image)"
+    if infinity:                        # prompts: DESIGN.md "Samples from a prompt list"
         from var_ssg.tools import infinity_cli
         from var_ssg.evaluation.sweep import parse_betas
         return infinity_cli.sweep(a, parse_betas(a.betas))
