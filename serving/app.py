@@ -183,8 +183,9 @@ class Frontend:
         man = load_manifest(opts.artifacts, verify_hashes=False)   # the driver and every Generator verify them
         self.man = man
         if man.family == "infinity":     # prompts: DESIGN.md "Serving prompts"
-            from var_ssg.serving.prompts import (describe_infinity, infinity_summary, load_tokenizer,
-                                                 parse_prompt_request, prompt_checker)
+            from var_ssg.serving.prompts import (describe_infinity, infinity_summary, parse_prompt_request,
+                                                 prompt_checker)
+            from var_ssg.serving.requests import load_tokenizer
             self.pipe = prompt_checker(describe_infinity(man, opts.backend, opts.device))
             tok = load_tokenizer(opts.text_encoder)
             self.parse = lambda body: parse_prompt_request(body, self.pipe, tok)

@@ -21,8 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from var_ssg.common.errors import ConfigError
 
-from .requests import (MAX_BODY, RequestError, ServeOptions, _beta, _int, _LongInt, _num, _parse_int, _show,
-                       too_large)
+from .requests import MAX_BODY, RequestError, ServeOptions, _beta, _int, _LongInt, _num, _parse_int, _show, too_large
 
 log = logging.getLogger(__name__)
 
@@ -135,43 +134,6 @@ def prompt_checker(info):
     """An InfinityPipeline that validates rows for `info` and runs nothing."""
     from var_ssg.runtime.infinity import InfinityPipeline
     return InfinityPipeline(_InfoOnly(info))
-
-
-def load_tokenizer(text_encoder: str):
-    """The tokenizer of --text-encoder DIR (what the Frontend counts prompt tokens with)."""
-    from var_ssg.graphs.infinity_text import _transformers
-    tf = _transformers()
-    try:
-        return tf.AutoTokenizer.from_pretrained(text_encoder)
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"--text-encoder {text_encoder}: cannot load its tokenizer: {first}") from None
-
-
-def check_text_encoder(opts: ServeOptions, man) -> None:
-    """Before Ray starts: Infinity artifacts need --text-encoder DIR, a tokenizer that loads and an
-    encoder whose width is the model's (read from its config, the weights stay on disk)."""
-    cfg = man.cfg
-    if not opts.text_encoder:
-        raise ConfigError(f"{man.root} holds Infinity artifacts ({cfg.name}): serving prompts needs its T5 text "
-                          f"encoder, pass --text-encoder DIR (a local folder with the tokenizer and encoder, "
-                          f"{cfg.t5 or 'width ' + str(cfg.text_dim)}); nothing is downloaded")
-    if opts.backend not in ("onnxruntime", "eager"):
-        raise ConfigError(f"--backend {opts.backend}: Infinity runs on eager and onnxruntime (TensorRT is not "
-                          f"built for it yet)")
-    if opts.backend == "onnxruntime" and opts.device != "cpu":
-        raise ConfigError("Infinity on onnxruntime runs on --device cpu here (CUDA is not wired for it yet)")
-    if opts.session_cache:
-        raise ConfigError("--session-cache is for VAR artifacts on onnxruntime; Infinity does not keep one")
-    load_tokenizer(opts.text_encoder)
-    from var_ssg.graphs.infinity_text import _transformers
-    try:
-        width = _transformers().AutoConfig.from_pretrained(opts.text_encoder).d_model
-    except (OSError, ValueError, AttributeError) as e:
-        raise ConfigError(f"--text-encoder {opts.text_encoder}: no T5 encoder config there ({type(e).__name__})") from None
-    if width != cfg.text_dim:
-        raise ConfigError(f"--text-encoder {opts.text_encoder} gives states of width {width}; {cfg.name} takes "
-                          f"{cfg.text_dim} (the encoder it was trained with: {cfg.t5 or 'see its preset'})")
 
 
 def infinity_summary(man, opts: ServeOptions) -> Dict[str, Any]:

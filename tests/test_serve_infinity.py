@@ -72,15 +72,15 @@ LONG = " ".join(["cat"] * 40)          # 41 tokens with </s>; infinity-tiny read
     (b"{", "malformed JSON"),
 ])
 def test_bad_prompt_request_is_400_with_what_to_fix(t5_dir, body, msg):
-    from var_ssg.serving.prompts import load_tokenizer
-    from var_ssg.serving.requests import RequestError
+    from var_ssg.serving.requests import RequestError, load_tokenizer
     with pytest.raises(RequestError) as e:
         _parse(body, load_tokenizer(t5_dir))
     assert e.value.status == 400 and msg in str(e.value), str(e.value)
 
 
 def test_good_prompt_requests_and_schedule_groups(t5_dir):
-    from var_ssg.serving.prompts import load_tokenizer, schedule_groups
+    from var_ssg.serving.prompts import schedule_groups
+    from var_ssg.serving.requests import load_tokenizer
     tok = load_tokenizer(t5_dir)
     a = _parse({"prompt": "a cat", "seed": 3}, tok)
     assert (a.prompt, a.negative_prompt, a.template, a.row.seed, a.row.cfg, a.row.text) == ("a cat", None, 1.0, 3, 3.0, None)
