@@ -93,7 +93,7 @@ def test_good_prompt_requests_and_schedule_groups(t5_dir):
 
 
 @pytest.mark.slow
-def test_options_refused_before_ray_starts(inf_art, artifacts, t5_dir, tmp_path):
+def test_options_refused_before_ray_starts(inf_art, artifacts, t5_dir, tmp_path, capsys):
     from var_ssg.serving.requests import ServeOptions, preflight
     with pytest.raises(ConfigError, match="pass --text-encoder DIR"):
         preflight(ServeOptions(artifacts=inf_art))
@@ -106,6 +106,22 @@ def test_options_refused_before_ray_starts(inf_art, artifacts, t5_dir, tmp_path)
         preflight(ServeOptions(artifacts=inf_art, text_encoder=wide))
     with pytest.raises(ConfigError, match="--text-encoder is for Infinity artifacts"):
         preflight(ServeOptions(artifacts=artifacts(batch=4), text_encoder=t5_dir))
+    # scripts/serve.py: one `error:` line, exit 2, no Ray process
+    import os
+    import sys
+    from var_ssg.tools.cli import run_main
+    from var_ssg.tools.commands import serve
+    before = set(descendants(os.getpid()))
+    capsys.readouterr()
+    for flags, msg in (([], "pass --text-encoder DIR"), (["--text-encoder", wide], "width 64"),
+                       (["--text-encoder", t5_dir, "--session-cache"], "--session-cache is for VAR")):
+        with pytest.raises(SystemExit, match="^2$"):
+            run_main(lambda: serve.main(["--artifacts", inf_art, *flags]))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+    assert set(descendants(os.getpid())) <= before
+    if "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized()
 
 
 @pytest.fixture(scope="module")
