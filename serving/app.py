@@ -9,6 +9,8 @@
                   Generator × replicas (1 GPU each, or CPU)
                      serve.batch: up to the artifacts' batch B rows, or what arrived within
                      --max-batch-wait-ms → Pipeline.run_rows (pads a partial batch) → PNGs
+                     Infinity artifacts (serving.prompts): prompts checked in the Frontend, encoded
+                     by the replica's T5, the batch split by aspect template (one run each)
 
 Every error is JSON {"error": "..."}: 400 bad request, 408 body too slow, 413 body too large,
 503 + Retry-After for a full queue, a replica that died under the request or a server that is
@@ -57,13 +59,23 @@ class Generator:
             if stage == "manifest" and opts.backend != "onnxruntime":    # a torch backend (ONNX Runtime on
                 import torch                                                 # the CPU needs no torch)
                 torch.set_num_threads(opts.threads or os.cpu_count() or 1)   # Ray sets OMP_NUM_THREADS to the reserved CPUs
-        # verify="stamp", and ONNX Runtime's sessions built while the rest is checked: DESIGN.md "Start-up"
-        man, self.backend = open_artifacts(opts.artifacts, opts.backend, device=opts.device, threads=opts.threads,
-                                           session_cache=opts.session_cache,
-                                           verify="stamp", clock=clock)
-        t_verify = marks.get("files", marks["manifest"])
-        from var_ssg.runtime.pipeline import Pipeline
-        self.pipe = Pipeline(self.backend)
+        from var_ssg.runtime.infinity import is_infinity
+        self.prompts = None              # Infinity artifacts: serving.prompts.InfinityReplica
+        if is_infinity(artifacts=opts.artifacts):     # DESIGN.md "Serving prompts"
+            from var_ssg.contract.manifest import load_manifest
+            from var_ssg.serving.prompts import InfinityReplica
+            clock("manifest")
+            t_verify = marks["manifest"]
+            self.prompts = InfinityReplica(opts)
+            man, self.backend = load_manifest(opts.artifacts, verify_hashes=False), self.prompts.pipe.backend
+        else:
+            # verify="stamp", and ONNX Runtime's sessions built while the rest is checked: DESIGN.md "Start-up"
+            man, self.backend = open_artifacts(opts.artifacts, opts.backend, device=opts.device,
+                                               threads=opts.threads, session_cache=opts.session_cache,
+                                               verify="stamp", clock=clock)
+            t_verify = marks.get("files", marks["manifest"])
+            from var_ssg.runtime.pipeline import Pipeline
+            self.pipe = Pipeline(self.backend)
         self.man = man
         self.B = man.batch
         self._run_batch.set_max_batch_size(self.B)
@@ -109,26 +121,43 @@ class Generator:
             self.waiting.discard(token)
         self.m_queue.set(len(self.waiting))
         rows = [row for _, row in items]
-        self.seq += 1
-        batch_id = f"{self.replica}:{self.seq}"
-        t0 = time.perf_counter()
-        try:
-            images = await asyncio.to_thread(self._images, rows)
-        except Exception:
-            self.failures += 1
-            raise
-        self.failures = 0
-        ms = (time.perf_counter() - t0) * 1e3
-        self.m_fill.observe(len(rows) / self.B)
-        self.m_batch.observe(ms)
-        log.info("batch %s: %d/%d rows in %.0f ms", batch_id, len(rows), self.B, ms)
-        info = self.backend.info
-        return [dict(png=png_bytes(img, row_note(r, info, self.source)), batch_id=batch_id, batch_size=len(rows),
-                     batch_capacity=self.B, batch_ms=round(ms, 1))
-                for r, img in zip(rows, images)]
+        out: List[Optional[Dict[str, Any]]] = [None] * len(rows)
+        for group in self._groups(rows):     # VAR: one; Infinity: one per scale schedule (aspect template)
+            sub = [rows[i] for i in group]
+            self.seq += 1
+            batch_id = f"{self.replica}:{self.seq}"
+            t0 = time.perf_counter()
+            try:
+                images, notes = await asyncio.to_thread(self._images, sub)
+            except Exception:
+                self.failures += 1
+                raise
+            self.failures = 0
+            ms = (time.perf_counter() - t0) * 1e3
+            self.m_fill.observe(len(sub) / self.B)
+            self.m_batch.observe(ms)
+            log.info("batch %s: %d/%d rows in %.0f ms", batch_id, len(sub), self.B, ms)
+            for i, img, note in zip(group, images, notes):
+                out[i] = dict(png=png_bytes(img, note), batch_id=batch_id, batch_size=len(sub),
+                              batch_capacity=self.B, batch_ms=round(ms, 1))
+        return out
+
+    def _groups(self, rows) -> List[List[int]]:
+        """Which rows run together: all of them (VAR), or those of one aspect template (Infinity:
+        one scale schedule per pipeline run)."""
+        if self.prompts is None:
+            return [list(range(len(rows)))]
+        from var_ssg.serving.prompts import schedule_groups
+        return schedule_groups(rows)
 
     def _images(self, rows):
-        return self.pipe.run_rows(rows).images
+        """(images, PNG notes) of one pipeline run."""
+        if self.prompts is not None:
+            from var_ssg.serving.prompts import prompt_note
+            images, sched = self.prompts.run(rows)
+            return images, [prompt_note(r, self.backend.info, sched, self.source) for r in rows]
+        info = self.backend.info
+        return self.pipe.run_rows(rows).images, [row_note(r, info, self.source) for r in rows]
 
     def pid(self) -> int:
         return os.getpid()
@@ -153,8 +182,18 @@ class Frontend:
         self.opts, self.gen = opts, generator
         man = load_manifest(opts.artifacts, verify_hashes=False)   # the driver and every Generator verify them
         self.man = man
-        self.pipe = checker(describe(man, opts.backend, opts.device))
-        self.summary = model_summary(man, opts)
+        if man.family == "infinity":     # prompts: DESIGN.md "Serving prompts"
+            from var_ssg.serving.prompts import (describe_infinity, infinity_summary, parse_prompt_request,
+                                                 prompt_checker)
+            from var_ssg.serving.requests import load_tokenizer
+            self.pipe = prompt_checker(describe_infinity(man, opts.backend, opts.device))
+            tok = load_tokenizer(opts.text_encoder)
+            self.parse = lambda body: parse_prompt_request(body, self.pipe, tok)
+            self.summary = infinity_summary(man, opts)
+        else:
+            self.pipe = checker(describe(man, opts.backend, opts.device))
+            self.parse = lambda body: parse_request(body, self.pipe)
+            self.summary = model_summary(man, opts)
         self.starts: Dict[str, Dict[str, Any]] = {}     # replica id -> its start_info
         self.latency_s = 1.0             # running estimate of a request's time: the Retry-After hint
         self.inflight = 0
@@ -229,7 +268,7 @@ class Frontend:
         if self.draining:
             return self._busy("the server is stopping; retry on another server or after the Retry-After seconds")
         try:
-            row = parse_request(await self._body(request), self.pipe)
+            row = self.parse(await self._body(request))
         except RequestError as e:
             return _json(e.status, {"error": str(e)})
         resp = self.gen.generate.remote(row)

@@ -41,6 +41,7 @@ class ServeOptions:
     body_timeout_s: float = 30.0        # a client must send its whole body within this (else 408)
     drain_s: float = 30.0               # on stop: how long requests in flight may finish (then 503)
     pythonpath: Tuple[str, ...] = field(default_factory=tuple)   # where the replicas import this code from
+    text_encoder: Optional[str] = None  # Infinity artifacts: the local T5 folder (tokenizer + encoder)
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
@@ -239,7 +240,13 @@ def preflight(opts: ServeOptions):
     from var_ssg.contract.artifacts_check import check_artifacts
     from var_ssg.contract.manifest import load_manifest
     man = load_manifest(opts.artifacts, verify="stamp")
-    check_artifacts(man)            # what a replica checks when it opens them: generate's one line, now
+    if man.family == "infinity":    # prompts: DESIGN.md "Serving prompts"
+        check_text_encoder(opts, man)
+    else:
+        if opts.text_encoder:
+            raise ConfigError(f"--text-encoder is for Infinity artifacts; {opts.artifacts} holds {man.cfg.name} (VAR, "
+                              f"class-conditional): drop it")
+        check_artifacts(man)        # what a replica checks when it opens them: generate's one line, now
     if opts.backend == "tensorrt":
         from var_ssg.contract.tensorrt import import_tensorrt
         import_tensorrt()
@@ -249,3 +256,41 @@ def preflight(opts: ServeOptions):
             raise ConfigError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
                               "pip install onnxruntime-gpu (and a CUDA 12 runtime)")
     return man
+
+
+# ---------------------------------------------------------------- Infinity (serving.prompts)
+def load_tokenizer(text_encoder: str):
+    """The tokenizer of --text-encoder DIR (what the Frontend counts prompt tokens with)."""
+    from var_ssg.graphs.infinity_text import _transformers
+    tf = _transformers()
+    try:
+        return tf.AutoTokenizer.from_pretrained(text_encoder)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"--text-encoder {text_encoder}: cannot load its tokenizer: {first}") from None
+
+
+def check_text_encoder(opts: ServeOptions, man) -> None:
+    """Before Ray starts: Infinity artifacts need --text-encoder DIR, a tokenizer that loads and an
+    encoder whose width is the model's (read from its config, the weights stay on disk)."""
+    cfg = man.cfg
+    if not opts.text_encoder:
+        raise ConfigError(f"{man.root} holds Infinity artifacts ({cfg.name}): serving prompts needs its T5 text "
+                          f"encoder, pass --text-encoder DIR (a local folder with the tokenizer and encoder, "
+                          f"{cfg.t5 or 'width ' + str(cfg.text_dim)}); nothing is downloaded")
+    if opts.backend not in ("onnxruntime", "eager"):
+        raise ConfigError(f"--backend {opts.backend}: Infinity runs on eager and onnxruntime (TensorRT is not "
+                          f"built for it yet)")
+    if opts.backend == "onnxruntime" and opts.device != "cpu":
+        raise ConfigError("Infinity on onnxruntime runs on --device cpu here (CUDA is not wired for it yet)")
+    if opts.session_cache:
+        raise ConfigError("--session-cache is for VAR artifacts on onnxruntime; Infinity does not keep one")
+    load_tokenizer(opts.text_encoder)
+    from var_ssg.graphs.infinity_text import _transformers
+    try:
+        width = _transformers().AutoConfig.from_pretrained(opts.text_encoder).d_model
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"--text-encoder {opts.text_encoder}: no T5 encoder config there ({type(e).__name__})") from None
+    if width != cfg.text_dim:
+        raise ConfigError(f"--text-encoder {opts.text_encoder} gives states of width {width}; {cfg.name} takes "
+                          f"{cfg.text_dim} (the encoder it was trained with: {cfg.t5 or 'see its preset'})")

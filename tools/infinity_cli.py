@@ -199,3 +199,124 @@ def parity(a, seeds: Sequence[int]) -> int:
         return 1
     print(f"{len(runs)} runs: parity OK")
     return 0
+
+
+# ---------------------------------------------------------------- sample.py / sweep.py --prompts FILE
+def add_prompts_args(p) -> None:
+    """scripts/sample.py and sweep.py: prompts from a file, for Infinity artifacts or presets."""
+    g = p.add_argument_group("Infinity (text-to-image: --model infinity-* or Infinity artifacts)")
+    g.add_argument("--prompts", metavar="FILE", help="one prompt a line (e.g. GenEval's or COCO's prompt list); blank "
+                                                     "lines are skipped")
+    g.add_argument("--per-prompt", type=int, default=None, metavar="N", help="images per prompt (default 1)")
+    g.add_argument("--negative-prompt", metavar="TEXT", help="one negative prompt for every image (default: the "
+                                                             "model's learned empty prompt)")
+    g.add_argument("--aspect-ratio", default="1:1", help="height:width (e.g. 1:1, 3:4) or h/w; the nearest template")
+    g.add_argument("--text-encoder", metavar="DIR", help="local folder with the T5 tokenizer and encoder the weights "
+                                                         "expect")
+    g.add_argument("--cfg-list", metavar="W1,W2,...", help="classifier-free guidance per scale (overrides --cfg)")
+    g.add_argument("--tau", default="1.0", metavar="T or T1,T2,...",
+                   help="Infinity's temperature: one value or one per scale (default 1.0)")
+
+
+VAR_ONLY = (("class_spec", "--classes"), ("per_class", "--per-class"), ("more_smooth", "--more-smooth"),
+            ("address", "--address"), ("workers", "--workers"), ("chunk", "--chunk"), ("precision", "--precision"),
+            ("ref", "--ref"), ("max_batches", "--max-batches"))
+
+
+def check_prompts_args(a, infinity: bool) -> None:
+    """Infinity takes --prompts and refuses VAR's class and cluster flags; VAR refuses the prompt flags."""
+    if not infinity:
+        given = [f for f, v in (("--prompts", a.prompts), ("--per-prompt", a.per_prompt),
+                                ("--negative-prompt", a.negative_prompt), ("--text-encoder", a.text_encoder),
+                                ("--cfg-list", a.cfg_list)) if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} is for Infinity (--model infinity-* or Infinity artifacts); VAR samples "
+                              f"classes (--classes, --per-class)")
+        return
+    if not a.prompts:
+        raise ConfigError("Infinity samples from text: give --prompts FILE (one prompt a line) and --text-encoder DIR")
+    for attr, flag in VAR_ONLY:
+        v = getattr(a, attr, None)
+        if v not in (None, False):
+            extra = (" FID needs a class-conditional reference: score the samples with CLIP score, ImageReward or "
+                     "GenEval" if flag == "--ref" else (" use --per-prompt" if flag == "--per-class" else ""))
+            raise ConfigError(f"{flag} is VAR's; Infinity runs from --prompts FILE in this process.{extra}".rstrip())
+
+
+def _prompt_job(a, betas=None):
+    from var_ssg.evaluation.prompt_samples import PromptJob, read_prompts
+    from var_ssg.graphs.infinity_config import parse_aspect_ratio
+    parse_aspect_ratio(a.aspect_ratio)
+    guidance = _per_scale(_floats(a.cfg_list, "--cfg-list")) if a.cfg_list else (
+        DEFAULT_CFG if a.guidance is None else a.guidance)
+    return PromptJob(prompts=read_prompts(a.prompts), per_prompt=a.per_prompt or 1, seed=a.seed,
+                     aspect_ratio=a.aspect_ratio, negative_prompt=a.negative_prompt, cfg=guidance,
+                     tau=_per_scale(_floats(a.tau, "--tau")), top_k=0 if a.top_k is None else a.top_k,
+                     top_p=DEFAULT_TOP_P if a.top_p is None else a.top_p, ssg_beta=a.ssg_beta, batch=a.batch,
+                     prompts_file=a.prompts)
+
+
+def _open(a, transform: Optional[str]):
+    from var_ssg.runtime.infinity import open_infinity
+    pipe, source = open_infinity(artifacts=a.artifacts, backend=a.backend, model=a.model, ckpt=a.ckpt,
+                                 vae_ckpt=a.vae_ckpt, random_init=a.random_init, transform=transform or "dct",
+                                 device=a.device)
+    if transform and transform != pipe.info.transform:
+        raise ConfigError(f"--dse {transform} but the artifacts bake DSE transform {pipe.info.transform}: "
+                          f"use --dse {pipe.info.transform} or re-export with --dse {transform}")
+    return pipe, source
+
+
+def _bar(desc: str):
+    from tqdm import tqdm
+    bar = tqdm(desc=desc, unit="img", file=sys.stderr, smoothing=0.1)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+    return bar, progress
+
+
+def sample(a) -> int:
+    """`scripts/sample.py --prompts FILE` on Infinity: the ADM-format .npz (and PNGs)."""
+    from var_ssg.evaluation.prompt_samples import TextEncoder, check_prompt_job, sample_prompts
+    job = _prompt_job(a)
+    pipe, source = _open(a, a.dse)
+    check_prompt_job(pipe, job)                      # before the text encoder loads
+    enc = TextEncoder(a.text_encoder, pipe.info.cfg)
+    bar, progress = _bar("sample")
+    with bar:
+        res = sample_prompts(pipe, source, enc, job, a.out, png_dir=a.png_dir, resume=a.resume, progress=progress)
+    what = "already complete (same settings)" if res.reused else f"{res.num_images} images"
+    print(f"wrote {a.out}: {what}, {len(job.prompts)} prompts x {job.per_prompt}, aspect {job.aspect_ratio}, "
+          f"ssg={job.ssg_beta} dse={pipe.info.transform}; {source}")
+    from var_ssg.tools.cli import note_random_weights
+    note_random_weights(source)
+    return 0
+
+
+def sweep(a, betas: Sequence[str]) -> int:
+    """`scripts/sweep.py --prompts FILE` on Infinity: samples per beta schedule and the latency;
+    the metrics are the user's."""
+    from var_ssg.evaluation.prompt_samples import TextEncoder, check_prompt_job, sweep_prompts
+    transforms = [t.strip() for t in a.dse.split(",")] if a.dse else []
+    if len(transforms) > 1:
+        raise ConfigError("--dse: one transform per Infinity sweep here (artifacts bake one); run the sweep once "
+                          "per transform")
+    if a.artifacts and "," in a.artifacts:
+        raise ConfigError("--artifacts: one Infinity artifacts directory per sweep")
+    job = _prompt_job(a)
+    pipe, source = _open(a, transforms[0] if transforms else None)
+    check_prompt_job(pipe, job)
+    enc = TextEncoder(a.text_encoder, pipe.info.cfg)
+    bar, progress = _bar("sweep")
+    with bar:
+        res = sweep_prompts(pipe, source, enc, job, betas, a.out_dir, json_path=a.json, plot_path=a.plot,
+                            progress=progress)
+    for r in res.rows:
+        print(f"dse={r['dse']} beta={r['beta']}: {r['n_images']} images, {r['s_per_img']:.4g} s/img -> {r['samples']}")
+    print(f"wrote {res.json_path} and {res.plot_path}; score each samples.npz with CLIP score, ImageReward or GenEval "
+          f"(FID needs a class-conditional reference: not for Infinity)")
+    from var_ssg.tools.cli import note_random_weights
+    note_random_weights(source)
+    return 0

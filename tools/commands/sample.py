@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import sys
 
+from var_ssg.graphs.config import DEFAULT_GUIDANCE, DEFAULT_TOP_P
 from var_ssg.tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
+from var_ssg.tools.infinity_cli import add_prompts_args, check_prompts_args
 from var_ssg.tools.evalargs import (add_cluster_args, add_job_args, add_source_args, pool_from_args, print_workers,
                             request_from_args, source_from_args)
 
@@ -31,7 +33,18 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (same settings)")
     p.add_argument("--png-dir", help="also write every image as a PNG into this existing folder")
     p.add_argument("--max-batches", type=int, help="stop after this many new batches (time-sliced jobs)")
+    add_prompts_args(p)
+    p.set_defaults(guidance=None, top_p=None, per_class=None)   # each family's own default (VAR's or Infinity's)
     a = p.parse_args(argv)
+    from var_ssg.runtime.infinity import is_infinity
+    infinity = is_infinity(a.model, a.artifacts)
+    check_prompts_args(a, infinity)
+    if infinity:                        # prompts: DESIGN.md "Samples from a prompt list"
+        from var_ssg.tools import infinity_cli
+        return infinity_cli.sample(a)
+    a.guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
+    a.top_p = DEFAULT_TOP_P if a.top_p is None else a.top_p
+    a.per_class = 50 if a.per_class is None else a.per_class
     request, pool = request_from_args(a), pool_from_args(a)
     request.check()
 

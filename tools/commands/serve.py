@@ -3,6 +3,8 @@
   python scripts/serve.py --artifacts build/var-d16-b4 --backend onnxruntime --port 8000
   curl -s localhost:8000/v1/generate -d '{"class": 207, "seed": 0}' -o dog.png
   python scripts/serve.py --artifacts build/var-d16-b4-trt --backend tensorrt --address auto   (a Ray cluster)
+  python scripts/serve.py --artifacts build/inf-2b-b4 --text-encoder flan-t5-xl/          (Infinity: prompts)
+  curl -s localhost:8000/v1/generate -d '{"prompt": "a red chair", "seed": 0, "aspect_ratio": "3:4"}' -o chair.png
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
                                                              "each replica holds; more get 503")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per CPU replica (0 = all cores)")
     add_session_cache_arg(p)
+    p.add_argument("--text-encoder", metavar="DIR", help="Infinity artifacts: local folder with the T5 tokenizer and "
+                                                         "encoder the weights expect (prompts are encoded in the "
+                                                         "replicas)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per CPU replica")
     p.add_argument("--request-timeout-s", type=float, default=600.0, help="a request waiting longer gets 504")
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="a request body not complete within this "
@@ -45,7 +50,8 @@ def main(argv=None) -> int:
                         max_batch_wait_ms=a.max_batch_wait_ms, max_queue=a.max_queue, threads=a.threads,
                         session_cache=a.session_cache,
                         cpus_per_replica=a.cpus_per_replica, request_timeout_s=a.request_timeout_s,
-                        body_timeout_s=a.body_timeout_s, drain_s=a.drain_s, pythonpath=code_path())
+                        body_timeout_s=a.body_timeout_s, drain_s=a.drain_s, pythonpath=code_path(),
+                        text_encoder=a.text_encoder)
     launch = LaunchConfig(host=a.host, port=a.port, address=a.address, metrics_export_port=a.metrics_export_port)
 
     def announce(srv) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import sys
 
+from var_ssg.graphs.config import DEFAULT_GUIDANCE, DEFAULT_TOP_P
 from var_ssg.tools.cli import add_model_args, add_sampling_args, note_random_weights, parser
+from var_ssg.tools.infinity_cli import add_prompts_args, check_prompts_args
 from var_ssg.tools.evalargs import (add_cluster_args, add_job_args, add_source_args, pool_from_args, print_workers,
                             request_from_args, source_from_args)
 
@@ -37,7 +39,19 @@ def main(argv=None) -> int:
     p.add_argument("--metric", help="the metric plotted (default fid; fd_pixels with --extractor pixels)")
     p.add_argument("--json", metavar="FILE", help="table as JSON (default OUT_DIR/sweep.json)")
     p.add_argument("--plot", metavar="FILE", help="PNG (default OUT_DIR/sweep.png)")
+    add_prompts_args(p)
+    p.set_defaults(guidance=None, top_p=None, per_class=None)   # each family's own default (VAR's or Infinity's)
     a = p.parse_args(argv)
+    from var_ssg.runtime.infinity import is_infinity
+    infinity = is_infinity(a.model, a.artifacts)
+    check_prompts_args(a, infinity)
+    if infinity:                        # prompts: DESIGN.md "Samples from a prompt list"
+        from var_ssg.tools import infinity_cli
+        from var_ssg.evaluation.sweep import parse_betas
+        return infinity_cli.sweep(a, parse_betas(a.betas))
+    a.guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
+    a.top_p = DEFAULT_TOP_P if a.top_p is None else a.top_p
+    a.per_class = 50 if a.per_class is None else a.per_class
 
     from var_ssg.evaluation.sweep import SweepConfig, parse_betas, run_sweep, sweep_sources
     transforms = tuple(t.strip() for t in a.dse.split(",")) if a.dse else ()
