@@ -262,12 +262,7 @@ def validate_files(c: Check, data: Any) -> Dict[str, Any]:
     return files
 
 def check_manifest(data: Dict[str, Any]) -> None:
-    """The schema's check of a manifest being written (before write_manifest lists the files),
-    by its family's schema."""
-    if family_of(data) == "infinity":
-        from .infinity_schema import validate_infinity
-        validate_infinity("the manifest being written", data, listed=False)
-        return
+    """The schema's check of a manifest being written (before write_manifest lists the files)."""
     validate("the manifest being written", data, listed=False)
 
 def _validate_engines(c: Check, data: Dict[str, Any], step, cfg: VARConfig) -> set:

@@ -8,7 +8,7 @@ Layout:
                   profile's weight layouts are unconstrained); the others get
                   extra_memory_target = 0, a hint to add no weight memory (not a promise).
   decoder.plan    the decoder (static shapes).
-Infinity artifacts (manifest family "infinity", DESIGN.md "Infinity (text-to-image)") get three:
+Infinity artifacts (manifest family "infinity", DESIGN.md "Infinity") get three:
   text.plan       text.onnx (static: prompts are padded to the preset's text length, masked)
   step_all.plan   one profile per scale as VAR's, last scale first, but every aspect ratio shares
                   the graph: profile k spans (min, max) the shapes of scale k over every template's

@@ -2,7 +2,7 @@
 infinity-tiny artifacts (the graph or the weights it reads, the manifest's hashes rewritten so
 the artifacts load), are each caught by `parity.py --artifacts DIR --backends eager,onnxruntime
 --prompt ...` with the scale and the measure named; the unmodified artifacts pass on 6 seeds
-(DESIGN.md "Infinity (text-to-image)")."""
+(DESIGN.md "Infinity")."""
 import json
 import re
 import shutil
