@@ -347,6 +347,17 @@ def infinity_engines(art_dir: str, work: str):
     assert all(b["flags"] == ["TF32"] for b in MACHINE.builds[-3:])
     assert "reusing the timing cache" in log.take()
     assert load_manifest(out).data["engines"]["step"]["tf32"]
+    # a profile that does not span every aspect ratio is refused when the artifacts load
+    import json
+    from var_ssg.contract.manifest import ManifestError, write_manifest
+    data = json.load(open(os.path.join(out, "manifest.json")))
+    data["engines"]["step"]["profile_max"][K - 1]["noise"][1] -= 1
+    write_manifest(out, {k: v for k, v in data.items() if k != "files"})
+    try:
+        load_manifest(out)
+        raise AssertionError("a step profile narrower than the templates was taken")
+    except ManifestError as e:
+        assert "engines.step.profile_max" in str(e) and "every aspect ratio" in str(e), str(e)
     return dict(version=MACHINE.version, builds=len(MACHINE.builds), shapes_taken=taken, K=K)
 
 
