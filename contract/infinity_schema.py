@@ -6,8 +6,9 @@ not know, as VAR's schema does.
     family "infinity", preset + config (the InfinityConfig), batch, precision (fp32), opset,
     dse.transform, sampler.k_max = 2 (TopK over the two values of a bit), ssg (a fixed note),
     text (the T5 encoder the weights expect: eager, on the host; text.onnx takes its states),
-    weights, kv, external_data, graphs {text, step, decoder}, files, tools, cache_key, created,
-    export
+    weights, kv, external_data, graphs {text, step, decoder}, [engines {text, step, decoder},
+    tensorrt: written by export.trt_build with --target trt; each step profile spans every
+    aspect ratio's shapes at its scale], files, tools, cache_key, created, export
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .schema import (FORMAT, FORMAT_VERSION, MAX_BATCH, MAX_OPSET, MIN_OPSET, SH
 
 FAMILY = "infinity"
 TOP_LEVEL = ("format", "format_version", "family", "preset", "config", "batch", "precision", "opset", "dse", "sampler",
-             "ssg", "text", "weights", "kv", "external_data", "graphs", "files", "tools", "cache_key", "created", "export")
+             "ssg", "text", "weights", "kv", "external_data", "graphs", "engines", "tensorrt", "files", "tools", "cache_key", "created", "export")
 SSG_NOTE = dict(beta="graph input per scale (scales 1..K-1)",
                 prior="DSE of the previous scale's CFG bit logits, every one of the V channels alike")
 TEXT_NOTE = "prompts -> T5 encoder states (eager, transformers, on the host) -> text.onnx"
@@ -148,6 +149,7 @@ def validate_infinity(path: str, data: Any, listed: bool = True) -> InfinityConf
     needed = {graphs[n]["file"] for n in GRAPH_KEYS} | {ext["file"]}
     if len(needed) != 4:
         c.fail("graphs", "names one file for two roles (the three graphs and external_data.file are four files)")
+    needed |= _validate_engines(c, data, cfg, B)
     if not listed:
         return cfg
     files = validate_files(c, data)
@@ -156,3 +158,37 @@ def validate_infinity(path: str, data: Any, listed: bool = True) -> InfinityConf
     if files[ext["file"]]["bytes"] != ext["bytes"]:
         c.fail("external_data.bytes", f"is {ext['bytes']}, {ext['file']} is listed with {files[ext['file']]['bytes']}")
     return cfg
+
+
+def _validate_engines(c: Check, data: Dict[str, Any], cfg: InfinityConfig, B: int) -> set:
+    """`engines` and `tensorrt` (--target trt): the files, and the profiles export.trt_build
+    gives them (graphs.infinity_io spans: every aspect ratio's shapes at each scale)."""
+    if not data.get("engines"):
+        if data.get("tensorrt"):
+            c.fail("tensorrt", "is there without engines")
+        return set()
+    engines = c.get(data, "engines", dict)
+    c.only(engines, tuple(GRAPH_KEYS), "engines")
+    K = cfg.schedule(1.0).num_scales
+    step = [InfinityStepIO(cfg, B).profile_span(k) for k in range(K)]
+    want = dict(text=[], step=step, decoder=[InfinityDecoderIO(cfg, B).summed_span()])
+    files = set()
+    for name, spans in want.items():
+        field = f"engines.{name}"
+        e = c.get(engines, name, dict, field)
+        files.add(c.file(e, "file", f"{field}.file"))
+        if c.get(e, "onnx", str, f"{field}.onnx") != data["graphs"][name]["file"]:
+            c.fail(f"{field}.onnx", f"is not graphs.{name}.file")
+        for key, i in (("profiles", 1), ("profile_min", 0), ("profile_max", 2)):
+            got = e.get(key, []) if key != "profiles" else c.get(e, key, list, f"{field}.{key}")
+            if got != [{n: v[i] for n, v in s.items()} for s in spans]:
+                c.fail(f"{field}.{key}", f"are not the {'per-scale ' if name == 'step' else ''}shapes of every "
+                                         f"aspect ratio's schedule; re-export with --target trt --force")
+    t = c.get(data, "tensorrt", dict)
+    for key in ("version", "gpu", "compute_capability"):
+        c.get(t, key, str, f"tensorrt.{key}")
+    for key in ("hardware_compatible", "version_compatible"):
+        c.get(t, key, bool, f"tensorrt.{key}")
+    if len(files) != 3 or files & {data["graphs"][n]["file"] for n in GRAPH_KEYS}:
+        c.fail("engines", "must name three engine files of their own")
+    return files

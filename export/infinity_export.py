@@ -8,6 +8,8 @@
     decoder.onnx     summed codes (B d H W, H and W dynamic) -> image in [0, 1]
     weights.bin      every initializer once (export.store)
     manifest.json    family "infinity" (contract.infinity_schema)
+    text.plan, step_all.plan, decoder.plan, timing.cache   with --target trt (export.trt_build:
+                     one step profile per scale spanning every aspect ratio's shapes)
 
 Published as VAR's artifacts are (export.publish: lock, temporary directory, swap, --force rules).
 The decoder is exported in this process (VAR's runs in a child beside the step export: the
@@ -19,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional
 
@@ -26,7 +29,7 @@ import torch
 
 from var_ssg.common.errors import ConfigError
 from var_ssg.contract import stamp
-from var_ssg.contract.infinity_schema import build_infinity_manifest, infinity_config_to_json
+from var_ssg.contract.infinity_schema import build_infinity_manifest, infinity_config_to_json, validate_infinity
 from var_ssg.contract.manifest import MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET, FORMAT_VERSION, load_manifest, write_manifest
 from var_ssg.graphs.config import DSE_TRANSFORMS
 from var_ssg.graphs.infinity import Infinity
@@ -39,7 +42,7 @@ from var_ssg.graphs.weights import WeightSource
 
 from .dynamo import export_one
 from .lint import lint_files
-from .onnx_export import ExportResult, StageClock, _existing, _save, _versions, weights_id
+from .onnx_export import ExportResult, StageClock, _existing, _rebuild_engines, _save, _trt_options, _versions, weights_id
 from .publish import ExportError, Transaction, split_out
 from .store import SharedWeights
 
@@ -54,6 +57,10 @@ class InfinityExportConfig:
     batch: int = 1
     transform: str = "dct"
     opset: int = 18
+    target: str = "onnx"                    # "onnx" | "trt" (as VAR's ExportConfig)
+    trt_hardware_compatible: bool = False
+    trt_version_compatible: bool = False
+    trt_tf32: bool = False
 
     def __post_init__(self):
         if self.precision != "fp32":
@@ -65,10 +72,14 @@ class InfinityExportConfig:
             raise ConfigError(f"--dse must be dct or dft, got {self.transform!r}")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ConfigError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}")
+        if self.target not in ("onnx", "trt"):
+            raise ConfigError(f"--target must be onnx or trt, got {self.target!r}")
 
 
 def infinity_cache_key(cfg: InfinityConfig, ec: InfinityExportConfig, wid: str) -> str:
-    blob = json.dumps(dict(family="infinity", config=infinity_config_to_json(cfg), export=asdict(ec), weights=wid,
+    """The graphs' key; the TensorRT options make the engines' key (as VAR's cache_key)."""
+    graph_opts = {k: v for k, v in asdict(ec).items() if k != "target" and not k.startswith("trt_")}
+    blob = json.dumps(dict(family="infinity", config=infinity_config_to_json(cfg), export=graph_opts, weights=wid,
                            format=FORMAT_VERSION, torch=torch.__version__), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -87,15 +98,29 @@ def export_infinity(model: Infinity, vae: BSQVAE, src: WeightSource, out: str, e
                     force: bool = False, progress: Optional[Callable[[str], None]] = None) -> ExportResult:
     """Export everything into `out` atomically; reuses up-to-date artifacts unless `force`."""
     key = infinity_cache_key(model.cfg, ec, weights_id(src))
+    machine = None
+    if ec.target == "trt":            # TensorRT and a GPU, or a clear error before a long export
+        from .trt_build import this_machine
+        machine = this_machine()
     try:
         with Transaction(out) as txn:
             out = txn.out
             data = _existing(out, key, force)
             if data is not None:
                 txn.keep()
-                log.info("%s is up to date (cache key %s); nothing to do", out, key[:12])
-                return ExportResult(data, reused=True)
+                why = None
+                if machine is not None:
+                    from .trt_build import engines_stale
+                    why = engines_stale(data, machine, **_trt_options(ec))
+                if why is None:
+                    log.info("%s is up to date (cache key %s); nothing to do", out, key[:12])
+                    return ExportResult(data, reused=True)
+                log.info("%s: %s; building new engines (the ONNX graphs are reused)", out, why)
+                return ExportResult(_rebuild_engines(out, ec), reused=False)
             tmp = txn.tmp_dir()
+            old_cache = os.path.join(out, "timing.cache")
+            if ec.target == "trt" and os.path.isfile(old_cache):     # reuse the TensorRT timing cache
+                shutil.copyfile(old_cache, os.path.join(tmp, "timing.cache"))
             man = _export_into(model, vae, src, tmp, ec, key, progress)
             txn.commit(tmp)
             return ExportResult(man, reused=False)
@@ -153,6 +178,11 @@ def _export_into(model, vae, src, tmp, ec: InfinityExportConfig, key, progress) 
         external_data=dict(file=store.filename, bytes=store.bytes_written, referenced_bytes=store.bytes_referenced,
                            parameter_bytes=param_bytes),
         graphs=graphs, tools=_versions(), cache_key=key, export=asdict(ec))
+    if ec.target == "trt":
+        from .trt_build import build_engines
+        clock.start("engines")
+        data["engines"], data["tensorrt"] = build_engines(tmp, data, **_trt_options(ec))
+        validate_infinity("the manifest being written", data, listed=False)
     clock.stop()
     data["export"]["stage_seconds"] = dict(clock.seconds)
     written = write_manifest(tmp, data, hashed={store.filename: store.sha256})

@@ -15,7 +15,7 @@ from var_ssg.contract.manifest import MANIFEST, artifacts_dir_problem
 
 # Every name an export (onnx_export, trt_build, infinity_export) writes into --out; nothing else is ever ours.
 EXPORT_FILES = frozenset({MANIFEST, "step_all.onnx", "decoder.onnx", "weights.bin", "scale_consts.npz",
-                          "step_all.plan", "decoder.plan", "timing.cache", "text.onnx"})
+                          "step_all.plan", "decoder.plan", "timing.cache", "text.onnx", "text.plan"})
 
 
 def replace_problem(out: str) -> Optional[str]:

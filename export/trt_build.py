@@ -8,6 +8,12 @@ Layout:
                   profile's weight layouts are unconstrained); the others get
                   extra_memory_target = 0, a hint to add no weight memory (not a promise).
   decoder.plan    the decoder (static shapes).
+Infinity artifacts (manifest family "infinity", DESIGN.md "Infinity") get three:
+  text.plan       text.onnx (static: prompts are padded to the preset's text length, masked)
+  step_all.plan   one profile per scale as VAR's, last scale first, but every aspect ratio shares
+                  the graph: profile k spans (min, max) the shapes of scale k over every template's
+                  schedule, opt = the 1:1 schedule's (`plan_infinity`)
+  decoder.plan    one profile over the final grids of every template (H, W dynamic)
   timing.cache    shared by both builds, saved next to the engines and reused on rebuilds when
                   it was written by this TensorRT version (TensorRT takes only its own version's
                   caches) and TensorRT accepts it for this GPU; else a fresh one replaces it. The
@@ -87,10 +93,29 @@ class EnginePlan:
     hardware_compatible: bool = False     # HardwareCompatibilityLevel.AMPERE_PLUS
     version_compatible: bool = False      # BuilderFlag.VERSION_COMPATIBLE
 
+    def shapes(self, k: int) -> Dict[str, Tuple[List[int], List[int], List[int]]]:
+        """Scale k's profile: dynamic input -> (min, opt, max)."""
+        return {name: (shape, shape, shape) for name, shape in self.profiles[k].items()}
+
+
+@dataclass(frozen=True)
+class RangedEnginePlan(EnginePlan):
+    """An engine whose profiles span shapes (Infinity: every aspect ratio's schedule in one
+    graph): `profiles` holds the opt shapes, `profile_min` / `profile_max` the bounds."""
+    profile_min: List[Dict[str, List[int]]] = ()
+    profile_max: List[Dict[str, List[int]]] = ()
+
+    def shapes(self, k: int) -> Dict[str, Tuple[List[int], List[int], List[int]]]:
+        return {name: (self.profile_min[k][name], opt, self.profile_max[k][name])
+                for name, opt in self.profiles[k].items()}
+
 
 def plan(man_data: Dict, tf32: bool = False, hardware_compat: bool = False,
          version_compat: bool = False) -> List[EnginePlan]:
-    """The engines `--target trt` builds: the all-scales step engine and the decoder."""
+    """The engines `--target trt` builds: the all-scales step engine and the decoder (and for
+    Infinity artifacts the text engine: `plan_infinity`)."""
+    if man_data.get("family") == "infinity":
+        return plan_infinity(man_data, tf32=tf32, hardware_compat=hardware_compat, version_compat=version_compat)
     step, dec = man_data["graphs"]["step"], man_data["graphs"]["decoder"]
     dyn = set(step["dynamic_inputs"])
     profiles = [{name: list(shape) for name, shape in prof.items() if name in dyn} for prof in step["profiles"]]
@@ -100,6 +125,33 @@ def plan(man_data: Dict, tf32: bool = False, hardware_compat: bool = False,
                        extra_memory_target=[1.0] + [0.0] * (len(profiles) - 1), **flags),
             EnginePlan(name="decoder", onnx=dec["file"], file="decoder.plan", profiles=[], profile_scales=[],
                        extra_memory_target=[], **flags)]
+
+
+def plan_infinity(man_data: Dict, tf32: bool = False, hardware_compat: bool = False,
+                  version_compat: bool = False) -> List[EnginePlan]:
+    """Infinity's engines: text (static), step (one profile per scale spanning every aspect
+    ratio's shapes at that scale, graphs.infinity_io.InfinityStepIO.profile_span; the text
+    inputs keep the preset's padded length, static in the graph), decoder (one profile spanning
+    every template's final grid)."""
+    from var_ssg.graphs.infinity_config import get_infinity_preset
+    from var_ssg.graphs.infinity_io import InfinityDecoderIO, InfinityStepIO
+    cfg, B = get_infinity_preset(man_data["preset"]), int(man_data["batch"])
+    g = man_data["graphs"]
+    io = InfinityStepIO(cfg, B)
+    K = cfg.schedule(1.0).num_scales
+    spans = [io.profile_span(k) for k in range(K)]
+    dec = InfinityDecoderIO(cfg, B).summed_span()
+    flags = dict(tf32=tf32, hardware_compatible=hardware_compat, version_compatible=version_compat)
+
+    def ranged(name: str, file: str, sp: List, order: List[int]) -> RangedEnginePlan:
+        return RangedEnginePlan(name=name, onnx=g[name]["file"], file=file, profiles=[{n: v[1] for n, v in s.items()} for s in sp],
+                                profile_scales=order, extra_memory_target=[1.0] + [0.0] * (len(sp) - 1),
+                                profile_min=[{n: v[0] for n, v in s.items()} for s in sp],
+                                profile_max=[{n: v[2] for n, v in s.items()} for s in sp], **flags)
+    return [EnginePlan(name="text", onnx=g["text"]["file"], file="text.plan", profiles=[], profile_scales=[],
+                       extra_memory_target=[], **flags),
+            ranged("step", "step_all.plan", spans, profile_scales(K)),
+            ranged("decoder", "decoder.plan", [dec], [0])]
 
 
 def engines_stale(man_data: Dict, machine: Tuple[str, str, str], tf32: bool = False, hardware_compat: bool = False,
@@ -203,8 +255,8 @@ def _build_one(trt, builder, logger, onnx_dir: str, out_dir: str, p: EnginePlan,
     configure(trt, config, p)
     for i, (k, extra) in enumerate(zip(p.profile_scales, p.extra_memory_target)):
         prof = builder.create_optimization_profile()
-        for name, shape in p.profiles[k].items():
-            prof.set_shape(name, shape, shape, shape)
+        for name, (mn, opt, mx) in p.shapes(k).items():
+            prof.set_shape(name, mn, opt, mx)
         prof.extra_memory_target = extra
         if config.add_optimization_profile(prof) != i:
             raise ConfigError(f"TensorRT refused optimization profile {i} (scale {k}) of {p.onnx}: {p.profiles[k]}")

@@ -15,12 +15,12 @@ matrices come in P2 = 4 slices, one per position of the block (pixel (un)shuffle
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 from .dse import dse_matrix
-from .infinity_config import InfinityConfig, ScaleSchedule
+from .infinity_config import ASPECT_TEMPLATES, InfinityConfig, ScaleSchedule
 from .resample import bilinear_matrix, kron2d
 
 TEXT_FEEDS = ["text", "text_mask", "neg_text", "neg_mask", "use_neg"]
@@ -36,6 +36,21 @@ DYNAMIC_AXES = dict(summed={1: "F"}, noise={1: "n"}, past_kv={0: "Lp"}, prev_log
 INT64 = ("top_k", "forced", "bits", "scale_level")
 KV_LAYOUT = "(L, depth, 2, 2B, heads, head_dim)"
 TEXT_KV_LAYOUT = "(depth, 2, 2B, heads, Lt, head_dim)"
+
+
+def template_schedules(cfg: InfinityConfig) -> List[ScaleSchedule]:
+    """The schedule of every aspect-ratio template (the preset's pixel class): the shapes one
+    exported graph, and one TensorRT profile per scale, must take."""
+    return [cfg.schedule(t) for t in ASPECT_TEMPLATES]
+
+
+Span = Dict[str, Tuple[List[int], List[int], List[int]]]
+
+
+def span(shapes: List[Dict[str, List[int]]], opt: Dict[str, List[int]]) -> Span:
+    """name -> (min, opt, max) over `shapes`, axis by axis."""
+    return {n: ([min(s[n][a] for s in shapes) for a in range(len(v))], list(v),
+                [max(s[n][a] for s in shapes) for a in range(len(v))]) for n, v in opt.items()}
 
 
 def patch_slices(cfg: InfinityConfig) -> int:
@@ -164,6 +179,16 @@ class InfinityStepIO:
     def dynamic_inputs(self) -> List[str]:
         return sorted(DYNAMIC_AXES)
 
+    def profile_span(self, k: int) -> Span:
+        """Scale k's dynamic inputs over every template: (min, opt = the 1:1 schedule's, max);
+        the text inputs are not among them (padded to the preset's text length, static)."""
+        scheds = template_schedules(self.cfg)
+        if len({s.num_scales for s in scheds}) != 1:
+            raise ValueError(f"{self.cfg.name}: the templates' schedules differ in scale count")
+        dyn = set(self.dynamic_inputs)
+        pick = lambda prof: {n: v for n, v in prof.items() if n in dyn}      # noqa: E731
+        return span([pick(self.profile(s, k)) for s in scheds], pick(self.profile(self.cfg.schedule(1.0), k)))
+
 
 @dataclass(frozen=True)
 class InfinityDecoderIO:
@@ -181,3 +206,8 @@ class InfinityDecoderIO:
 
     def image_shape(self, sched: ScaleSchedule) -> List[int]:
         return [self.batch, 3, *self.cfg.image_size(sched)]
+
+    def summed_span(self) -> Span:
+        """`summed` over every template's final grid: (min, opt = 1:1, max)."""
+        return span([dict(summed=self.summed_shape(s)) for s in template_schedules(self.cfg)],
+                    dict(summed=self.summed_shape(self.cfg.schedule(1.0))))

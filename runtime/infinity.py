@@ -202,7 +202,8 @@ def open_infinity(artifacts: Optional[str] = None, backend: Optional[str] = None
     manifest names), or a preset's weights on eager."""
     name = backend or ("onnxruntime" if artifacts else "eager")
     if name not in ("eager", "onnxruntime"):
-        raise ConfigError(f"--backend {name}: Infinity runs on eager and onnxruntime (TensorRT is not built for it yet)")
+        raise ConfigError(f"--backend {name}: Infinity runs on eager and onnxruntime (export --target trt builds its "
+                          f"TensorRT engines; no TensorRT runtime backend runs them yet)")
     if device != "cpu" and name == "onnxruntime":
         raise ConfigError("Infinity on onnxruntime runs on --device cpu here (CUDA is not wired for it yet)")
     if artifacts:

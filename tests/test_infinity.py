@@ -181,18 +181,28 @@ def _off_ca(ca, q_BnC, kv_compact, cu, pool):
     return ca.proj(o.reshape(B, o.shape[1], -1))
 
 
-def official_greedy(model, vae, cfg, sched, emb, mask, cfg_list, tau_list):
+def official_greedy(model, vae, cfg, sched, emb, mask, cfg_list, tau_list, neg=None):
     """FoundationVision/Infinity's autoregressive_infer_cfg (cfg_insertion_layer 0: CFG on
     logits, top_k=1), derived independently: packed text (each row's own tokens, the empty
-    prompt = cfg_uncond[:len]), the fused block path (RoPE read from the scale's offset),
+    prompt = cfg_uncond[:len], or with `neg` = (states, mask) each negative prompt's own tokens
+    at its own length), the fused block path (RoPE read from the scale's offset),
     logits·(1/tau) then cfg·cond + (1−cfg)·uncond, bits = argmax of each pair, codes
-    (2b−1)/sqrt(d) summed with 5-D trilinear interpolation, decoder, clamp."""
+    (2b−1)/sqrt(d) summed with 5-D trilinear interpolation, decoder, clamp. The official
+    branches on cfg: every cfg == 1 runs the B prompt rows alone (no unconditional rows at
+    all); a scale with cfg == 1 among others takes the prompt rows' logits as they are."""
     B, C, eps = emb.shape[0], cfg.width, cfg.norm_eps
     lens = mask.sum(1).tolist()
     kv_c = torch.cat([emb[i, :n] for i, n in enumerate(lens)])
-    kv_u = torch.cat([model.cfg_uncond[:n] for n in lens])
-    kv_compact = torch.cat((kv_c, kv_u))
-    cu = np.concatenate([[0], np.cumsum(lens + lens)])
+    with_uncond = any(c != 1 for c in cfg_list)
+    if neg is None:
+        lens_u = lens
+        kv_u = torch.cat([model.cfg_uncond[:n] for n in lens])
+    else:
+        lens_u = neg[1].sum(1).tolist()
+        kv_u = torch.cat([neg[0][i, :n] for i, n in enumerate(lens_u)])
+    kv_compact = torch.cat((kv_c, kv_u)) if with_uncond else kv_c
+    cu = np.concatenate([[0], np.cumsum(lens + lens_u if with_uncond else lens)])
+    bs = 2 * B if with_uncond else B
     t = kv_compact * torch.rsqrt(kv_compact.pow(2).mean(-1, keepdim=True) + eps) * model.text_norm.weight
     sos = _off_ca(model.text_proj_for_sos.ca, None, t, cu, pool=True).squeeze(1)       # 2B D
     kv_compact = model.text_proj_for_ca(t)
@@ -204,27 +214,27 @@ def official_greedy(model, vae, cfg, sched, emb, mask, cfg_list, tau_list):
     summed, bits_out, start = 0, [], 0
     ln = lambda z: F.layer_norm(z, (C,), eps=eps)
     for si, (h, w) in enumerate(sched.hw):
-        x = x + model.lvl_embed(torch.full((2 * B, h * w), si))
+        x = x + model.lvl_embed(torch.full((bs, h * w), si))
         for i, b in enumerate(model.blocks):
             g1, g2, s1, s2, b1, b2 = (b.ada_gss + gss).unbind(2)
             xs = ln(x) * (s1 + 1) + b1
             sa = b.sa
             qkv = F.linear(xs, sa.mat_qkv.weight, torch.cat((sa.q_bias, torch.zeros_like(sa.q_bias), sa.v_bias)))
-            q, k, v = qkv.view(2 * B, h * w, 3, cfg.num_heads, cfg.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = qkv.view(bs, h * w, 3, cfg.num_heads, cfg.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q = F.normalize(q, dim=-1) * sa.scale_mul_1H11.clamp_max(math.log(100)).exp()
             k = F.normalize(k, dim=-1)
             q, k = _off_rope(q, rope, start), _off_rope(k, rope, start)
             if cache[i] is not None:
                 k, v = torch.cat((cache[i][0], k), 2), torch.cat((cache[i][1], v), 2)
             cache[i] = (k, v)
-            o = F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(2 * B, h * w, C)
+            o = F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(bs, h * w, C)
             x = x + sa.proj(o) * g1
             x = x + _off_ca(b.ca, b.ca_norm(x), kv_compact, cu, pool=False)
             x = x + b.ffn.fc2(F.gelu(b.ffn.fc1(ln(x) * (s2 + 1) + b2), approximate="tanh")) * g2
         start += h * w
         sc, sh = model.head_nm.ada_lin(sos).view(-1, 1, 2, C).unbind(2)
         lg = model.head(ln(x) * (sc + 1) + sh) * (1 / tau_list[si])
-        lg = cfg_list[si] * lg[:B] + (1 - cfg_list[si]) * lg[B:]
+        lg = cfg_list[si] * lg[:B] + (1 - cfg_list[si]) * lg[B:] if cfg_list[si] != 1 else lg[:B]
         idx = lg.reshape(B, -1, 2).argmax(-1).reshape(B, h * w, -1)           # B l d_vae
         bits_out.append(idx)
         idx = idx.reshape(B, h, w, -1)
@@ -237,7 +247,7 @@ def official_greedy(model, vae, cfg, sched, emb, mask, cfg_list, tau_list):
             nxt = F.interpolate(summed, size=vhw[si + 1], mode="trilinear").squeeze(-3)
             if cfg.spatial_patchify:
                 nxt = F.pixel_unshuffle(nxt, 2)
-            x = model.word_embed(nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1)).repeat(2, 1, 1)
+            x = model.word_embed(nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1)).repeat(bs // B, 1, 1)
         else:
             summed = summed + codes
     return bits_out, summed.squeeze(-3), vae.decoder(summed.squeeze(-3)).clamp(-1, 1)
@@ -265,6 +275,51 @@ def test_greedy_beta0_follows_official(preset, ratio):
     assert (out.summed - summed).abs().max() <= 1e-6
     assert (out.image - img).abs().max() <= 1e-4
     assert 0.2 < float(torch.cat([b.float().flatten() for b in bits]).mean()) < 0.8     # both values occur
+
+
+@pytest.mark.parametrize("ratio", [3.0, 0.4])
+def test_greedy_follows_official_on_the_extreme_templates(tiny, ratio):
+    """The tallest and a wide template: RoPE positions round(i·H/h) with H/h not an integer
+    (111/27 at 3.0), non-square grids at every scale but the first two."""
+    cfg, model, vae = tiny
+    sched = cfg.schedule(ratio)
+    assert sched.template == ratio and sched.hw[-1][0] != sched.hw[-1][1]
+    emb, mask = _text(cfg, seed=2)
+    run = _greedy_run(cfg, sched)
+    with torch.no_grad():
+        bits, summed, _ = official_greedy(model, vae, cfg, sched, emb, mask, run.cfg, run.tau)
+    out = generate(model, None, TextCondition(emb, mask), sched, run, _noise(cfg, sched, 2))
+    assert all(torch.equal(a, b) for a, b in zip(out.bits, bits))
+
+
+def test_greedy_follows_official_negative_prompt_and_cfg_one(tiny):
+    """The official branches our loop folds into one graph: a negative prompt (the unconditional
+    rows read its own tokens at its own length: pooled sos and cross-attention), a scale with
+    cfg == 1 (the prompt rows' logits alone), and cfg == 1 everywhere (no unconditional rows
+    at all); each gives the official greedy bits."""
+    cfg, model, vae = tiny
+    sched = cfg.schedule(1.333)
+    K = sched.num_scales
+    emb, mask = _text(cfg, lens=(6, 2), seed=5)
+    nemb, nmask = _text(cfg, lens=(3, 9), seed=6)
+    noise = _noise(cfg, sched, 2)
+    cases = [(tuple(1.0 if k in (0, 3) else 2.5 + 0.25 * k for k in range(K)), None),
+             ((3.0,) * K, (nemb, nmask)), ((1.0,) * K, None), ((1.0,) * K, (nemb, nmask))]
+    official = []
+    for cfgs, neg in cases:
+        run = InfinityRunConfig(cfg=cfgs, tau=tuple(1.0 - 0.05 * k for k in range(K)), top_k=1, top_p=0.0)
+        with torch.no_grad():
+            bits, summed, _ = official_greedy(model, vae, cfg, sched, emb, mask, run.cfg, run.tau, neg=neg)
+        tc = TextCondition(emb, mask) if neg is None else TextCondition(emb, mask, *neg)
+        out = generate(model, None, tc, sched, run, noise)
+        assert all(torch.equal(a, b) for a, b in zip(out.bits, bits)), (cfgs, neg is not None)
+        assert (out.summed - summed).abs().max() <= 1e-6
+        official.append(bits)
+    # the negative prompt matters under guidance, and not at all when cfg == 1 everywhere
+    assert any(not torch.equal(a, b) for a, b in zip(official[1], generate(
+        model, None, TextCondition(emb, mask), sched, InfinityRunConfig(cfg=(3.0,) * K, tau=tuple(
+            1.0 - 0.05 * k for k in range(K)), top_k=1, top_p=0.0), noise).bits))
+    assert all(torch.equal(a, b) for a, b in zip(official[2], official[3]))
 
 
 def test_planted_bugs_are_caught(tiny, monkeypatch):

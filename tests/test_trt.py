@@ -235,6 +235,93 @@ def test_real_bindings_setup_is_cached():
         assert sorted(os.listdir(lib)) == [f"lib{n}.so.{major}" for n in ("nvinfer", "nvinfer_plugin", "nvonnxparser")]
 
 
+# ------------------------------------------------------------------ Infinity's engines
+INF = "infinity-tiny"
+
+
+def _inf_man(batch=1):
+    from var_ssg.graphs.infinity_config import get_infinity_preset
+    from var_ssg.graphs.infinity_io import InfinityStepIO
+    cfg = get_infinity_preset(INF)
+    return cfg, dict(family="infinity", preset=INF, batch=batch, cache_key="k", graphs=dict(
+        text=dict(file="text.onnx"), step=dict(file="step_all.onnx", dynamic_inputs=InfinityStepIO(cfg, batch).dynamic_inputs),
+        decoder=dict(file="decoder.onnx", dynamic_inputs=["summed"])))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_infinity_plan_profiles_span_every_aspect_ratio(batch):
+    """Infinity's step engine: one profile per scale (last first), each spanning that scale's
+    shapes over every aspect-ratio template (one graph serves them all); the text inputs are
+    static at the preset's padded length (not in any profile); the decoder's one profile spans
+    every final grid; the text engine is static."""
+    from var_ssg.graphs.infinity_io import InfinityDecoderIO, InfinityStepIO, template_schedules
+    cfg, man = _inf_man(batch)
+    text, step, dec = plan(man)
+    K = cfg.schedule(1.0).num_scales
+    assert K == 7 and (text.file, step.file, dec.file) == ("text.plan", "step_all.plan", "decoder.plan")
+    assert text.profiles == [] and step.profile_scales == [K - 1] + list(range(K - 1)) and dec.profile_scales == [0]
+    assert step.extra_memory_target == [1.0] + [0.0] * (K - 1)
+    io, wider = InfinityStepIO(cfg, batch), set()
+    for sched in template_schedules(cfg):
+        for k in range(K):
+            prof = step.shapes(k)
+            assert set(prof) == set(man["graphs"]["step"]["dynamic_inputs"])
+            assert not set(prof) & {"cond", "text_kv", "text_mask2"}          # static: padded text
+            for name, shape in io.profile(sched, k).items():
+                if name not in prof:
+                    assert shape == io.profile(cfg.schedule(1.0), k)[name]      # the same for every template
+                    continue
+                mn, opt, mx = prof[name]
+                assert all(a <= s <= b for a, s, b in zip(mn, shape, mx)), (sched.template, k, name)
+                assert opt == io.profile(cfg.schedule(1.0), k)[name]
+                if shape != opt:
+                    wider.add(name)
+        (mn, _, mx), = dec.shapes(0).values()
+        assert all(a <= s <= b for a, s, b in zip(mn, InfinityDecoderIO(cfg, batch).summed_shape(sched), mx))
+    # the spans are real: 1:1's shapes alone would refuse other aspect ratios' n, m, Lp and F
+    assert wider == set(man["graphs"]["step"]["dynamic_inputs"])
+    assert step.shapes(0)["past_kv"][2][0] == 0 and step.shapes(K - 1)["noise"][0][1] < step.shapes(K - 1)["noise"][2][1]
+    assert plan(man, tf32=True)[1].tf32
+
+
+@pytest.fixture(scope="module")
+def inf_onnx(tmp_path_factory):
+    from var_ssg.tools.commands.export import main
+    out = str(tmp_path_factory.mktemp("inf") / "art")
+    assert main(["--model", INF, "--random-init", "0", "--out", out]) == 0
+    return out
+
+
+@pytest.mark.slow
+@real_bindings
+@pytest.mark.parametrize("version", VERSIONS)
+def test_infinity_engines_under_real_bindings(version, inf_onnx, tmp_path):
+    """`export.py --model infinity-tiny --target trt` on up-to-date graphs builds the three
+    engines on the real API; every aspect ratio's shapes at every scale are taken by its profile,
+    the text engine gives ONNX Runtime's outputs, the manifest validates (tests/trt_real/scenarios.py)."""
+    r = run_under_real_trt(version, SCEN + "infinity_engines", inf_onnx, str(tmp_path))
+    assert r["builds"] == 6 and r["version"].startswith(version) and r["K"] == 7
+    assert r["shapes_taken"] == 15 * 7 * 21              # templates x scales x step inputs
+
+
+@pytest.mark.slow
+@real_bindings
+def test_infinity_fresh_export_target_trt_under_real_bindings(tmp_path):
+    r = run_under_real_trt("11", SCEN + "infinity_fresh_export", str(tmp_path))
+    assert {"text.plan", "step_all.plan", "decoder.plan", "timing.cache", "text.onnx"} <= set(r["files"])
+
+
+@pytest.mark.slow
+def test_infinity_export_target_trt_without_tensorrt_is_a_clear_error(tmp_path):
+    if _have_trt() and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present: --target trt would build")
+    from var_ssg.tools.commands.export import main
+    out = tmp_path / "a"
+    with pytest.raises(ConfigError, match="TensorRT is not installed|needs an NVIDIA GPU"):
+        main(["--model", INF, "--random-init", "0", "--out", str(out), "--target", "trt"])
+    assert not out.exists() and not list(tmp_path.iterdir())      # nothing half-written
+
+
 # ------------------------------------------------------------------ the runtime's loading checks
 class FakeEngine:
     """An engine's I/O as TensorRT reports it: name -> (mode, dtype, static shape, per-profile shapes)."""

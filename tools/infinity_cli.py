@@ -132,11 +132,11 @@ def export(a) -> int:
     from var_ssg.graphs.infinity_config import get_infinity_preset
     from var_ssg.graphs.infinity_weights import load_infinity
     from var_ssg.tools.progress import StageDisplay
-    if a.target != "onnx":
-        raise ConfigError("--target trt: TensorRT engines are not built for Infinity yet; export with --target onnx")
     t0 = time.time()
     cfg = get_infinity_preset(a.model)
-    ec = InfinityExportConfig(precision=a.precision, batch=a.batch, transform=a.dse, opset=a.opset)
+    ec = InfinityExportConfig(precision=a.precision, batch=a.batch, transform=a.dse, opset=a.opset, target=a.target,
+                              trt_hardware_compatible=a.trt_hardware_compatible,
+                              trt_version_compatible=a.trt_version_compatible, trt_tf32=a.trt_tf32)
     check_out(a.out)
     with StageDisplay(f"export {cfg.name}") as stages:
         stages("weights")
@@ -149,7 +149,9 @@ def export(a) -> int:
         return 0
     ext = res.manifest["external_data"]
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"wrote {a.out}: {len(res.manifest['graphs'])} graphs (text, step, decoder), {ext['file']} "
+    engines = f", engines {', '.join(e['file'] for e in res.manifest['engines'].values())}" \
+        if res.manifest.get("engines") else ""
+    print(f"wrote {a.out}: {len(res.manifest['graphs'])} graphs (text, step, decoder){engines}, {ext['file']} "
           f"{ext['bytes'] / 2**20:.1f} MiB, {time.time() - t0:.0f} s, peak RSS {peak_gb:.2f} GiB; weights: {src.describe()}")
     return 0
 

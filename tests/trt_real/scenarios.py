@@ -296,3 +296,127 @@ def build_fp8(onnx_dir: str, work: str):
     assert len(MACHINE.builds) == n + 2 and MACHINE.builds[-1]["flags"] == []
     return dict(version=MACHINE.version, step=engines["step"]["file"], refused=refused,
                 precision_flags=precision_flags)
+INF = "infinity-tiny"
+
+
+def infinity_engines(art_dir: str, work: str):
+    """`export.py --model infinity-tiny --target trt` on up-to-date Infinity graphs (DESIGN.md
+    "Infinity (text-to-image)"): only the engines are built (text static; step one profile per
+    scale, last scale first, spanning every aspect ratio's shapes; decoder one profile over the
+    final grids); every template's shapes at every scale are taken by its profile; the text
+    engine runs and gives ONNX Runtime's outputs; the manifest records and validates the engines;
+    a second export is up to date, and --trt-tf32 rebuilds only the engines."""
+    import numpy as np
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.export import infinity_export
+    from var_ssg.export.trt_build import plan
+    from var_ssg.graphs.infinity_config import get_infinity_preset
+    from var_ssg.graphs.infinity_io import InfinityDecoderIO, InfinityStepIO, InfinityTextIO, template_schedules
+    from var_ssg.runtime.backends.trt import deserialize, make_runtime
+    from var_ssg.tools.commands.export import main
+    import tensorrt
+
+    out = os.path.join(work, "a")
+    shutil.copytree(art_dir, out)
+
+    def no_onnx_export(*a, **kw):
+        raise AssertionError("the ONNX graphs are up to date: only the engines may be built")
+    infinity_export._export_into = no_onnx_export
+    log = _Log()
+    args = ["--model", INF, "--random-init", "0", "--out", out, "--target", "trt"]
+    assert main(args) == 0
+    assert "building new engines (the ONNX graphs are reused)" in log.take()
+    man = load_manifest(out)                                         # the schema checks the engines
+    assert {"text.plan", "step_all.plan", "decoder.plan", "timing.cache"} <= set(man.data["files"])
+    cfg, B = get_infinity_preset(INF), man.data["batch"]
+    K = cfg.schedule(1.0).num_scales
+    text, step, dec = MACHINE.builds[-3:]
+    assert len(MACHINE.builds) == 3
+    for b in (text, step, dec):
+        assert b["flags"] == [] and b["hw"] == "NONE" and b["strongly_typed"], b["flags"]
+    assert len(text["profiles"]) == 1 and text["extra_memory_target"] == []         # static: TensorRT's default
+    assert len(step["profiles"]) == K and step["extra_memory_target"] == [1.0] + [0.0] * (K - 1)
+    assert man.data["engines"]["step"]["profile_scales"] == [K - 1] + list(range(K - 1))
+    plans = {p.name: p for p in plan(man.data)}
+    for i, k in enumerate(man.data["engines"]["step"]["profile_scales"]):
+        for name, (mn, op, mx) in plans["step"].shapes(k).items():
+            assert step["profiles"][i][name] == [mn, op, mx], (i, k, name)
+    # every template's shapes at scale k fit engine profile i (set_input_shape as the runtime would)
+    sec = man.data["tensorrt"]
+    rt = make_runtime(tensorrt, sec)
+    e = deserialize(rt, man.path("step_all.plan"), sec)
+    ctx = e.create_execution_context()
+    io = InfinityStepIO(cfg, B)
+    taken = 0
+    for sched in template_schedules(cfg):
+        for i, k in enumerate(man.data["engines"]["step"]["profile_scales"]):
+            assert ctx.set_optimization_profile_async(i, 0)
+            for name, shape in io.profile(sched, k).items():
+                assert ctx.set_input_shape(name, shape), (sched.template, k, name, shape)
+                taken += 1
+            assert not ctx.set_input_shape("noise", [B, 10 ** 6, cfg.d_vae])          # outside: refused
+    d = deserialize(rt, man.path("decoder.plan"), sec).create_execution_context()
+    for sched in template_schedules(cfg):
+        assert d.set_input_shape("summed", InfinityDecoderIO(cfg, B).summed_shape(sched)), sched.template
+    # the text engine runs: its outputs are ONNX Runtime's on text.onnx
+    t = deserialize(rt, man.path("text.plan"), sec)
+    tctx = t.create_execution_context()
+    shapes = InfinityTextIO(cfg, B).shapes()
+    g = torch.Generator().manual_seed(0)
+    feeds = dict(text=torch.randn(*shapes["text"], generator=g), neg_text=torch.zeros(shapes["neg_text"]),
+                 text_mask=(torch.arange(cfg.text_maxlen) < 5).float().expand(*shapes["text_mask"]).contiguous(),
+                 neg_mask=torch.zeros(shapes["neg_mask"]), use_neg=torch.zeros(shapes["use_neg"]))
+    outs = {n: torch.empty(shapes[n]) for n in ("cond", "text_kv", "text_mask2")}
+    for n, v in {**feeds, **outs}.items():
+        assert tctx.set_tensor_address(n, v.data_ptr())
+    assert tctx.execute_async_v3(0)
+    import onnxruntime as ort
+    ref = ort.InferenceSession(os.path.join(out, "text.onnx"), providers=["CPUExecutionProvider"]).run(
+        list(outs), {n: v.numpy() for n, v in feeds.items()})
+    for (n, v), r in zip(outs.items(), ref):
+        assert np.array_equal(v.numpy(), r), n
+
+    n = len(MACHINE.builds)
+    assert main(args) == 0 and len(MACHINE.builds) == n               # up to date on this machine
+    assert main(args + ["--trt-tf32"]) == 0 and len(MACHINE.builds) == n + 3
+    assert all(b["flags"] == ["TF32"] for b in MACHINE.builds[-3:])
+    assert "reusing the timing cache" in log.take()
+    assert load_manifest(out).data["engines"]["step"]["tf32"]
+    # a profile that does not span every aspect ratio is refused when the artifacts load
+    import json
+    from var_ssg.contract.manifest import ManifestError, write_manifest
+    data = json.load(open(os.path.join(out, "manifest.json")))
+    data["engines"]["step"]["profile_max"][K - 1]["noise"][1] -= 1
+    write_manifest(out, {k: v for k, v in data.items() if k != "files"})
+    try:
+        load_manifest(out)
+        raise AssertionError("a step profile narrower than the templates was taken")
+    except ManifestError as e:
+        assert "engines.step.profile_max" in str(e) and "every aspect ratio" in str(e), str(e)
+    return dict(version=MACHINE.version, builds=len(MACHINE.builds), shapes_taken=taken, K=K)
+
+
+def infinity_fresh_export(work: str):
+    """A fresh `export.py --model infinity-tiny --random-init 0 --target trt`: graphs and engines
+    in one transaction, the manifest lists and validates them. The graphs are traced with the
+    faked CUDA device hidden (this torch is CPU-only: torch.export would try to initialise it)."""
+    from var_ssg.contract.manifest import load_manifest
+    from var_ssg.export import infinity_export
+    from var_ssg.tools.commands.export import main
+    traced = infinity_export.export_one
+
+    def export_one_on_cpu(*a, **kw):
+        avail = torch.cuda.is_available
+        torch.cuda.is_available = lambda: False
+        try:
+            return traced(*a, **kw)
+        finally:
+            torch.cuda.is_available = avail
+    infinity_export.export_one = export_one_on_cpu
+    out = os.path.join(work, "fresh")
+    assert main(["--model", INF, "--random-init", "0", "--out", out, "--target", "trt"]) == 0
+    man = load_manifest(out, verify="full")
+    assert [b["profiles"] and len(b["profiles"]) for b in MACHINE.builds] == [1, len(man.data["engines"]["step"]
+                                                                                        ["profiles"]), 1]
+    assert "engines" in man.data["export"]["stage_seconds"]
+    return dict(version=MACHINE.version, files=sorted(man.data["files"]))
