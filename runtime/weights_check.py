@@ -7,7 +7,9 @@ allows), and every parameter the graphs use must be accounted for:
               2-D weight transposed, as the exporter folds them), in the graph's dtype: the
               reference parameter cast to that dtype must give the same bytes;
   quantized   (int8 artifacts) the stored weight, its per-channel scale and zero point must
-              equal contract.quantization.requantize of the reference parameter, bit for bit;
+              equal contract.quantization.requantize of the reference parameter, bit for bit:
+              the step's MatMul weights (channels on axis 1) and the decoder's Conv weights
+              (channels on axis 0);
   derived     the few small tensors the exporter folds into other constants (DERIVED below:
               q/v biases concatenated, the attention scale through exp/clamp); they reach the
               logits, which the parity bounds compare.
@@ -90,7 +92,9 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
     params = {f"{m}.{k}": v.detach().cpu() for m, mod in models.items() for k, v in mod.state_dict().items()}
     required = {k for m, mod in models.items() for k, _ in mod.named_parameters(prefix=m)
                 if not k.startswith(UNUSED) and not k.endswith(DERIVED)}
-    quant = (man.data.get("quantization") or {}).get("weights", {})
+    qsec = man.data.get("quantization") or {}
+    quant = {w: (p, "MatMul") for w, p in qsec.get("weights", {}).items()}          # stored -> (parameter, op)
+    quant.update({w: (p, "Conv") for w, p in (qsec.get("decoder") or {}).get("weights", {}).items()})
     companions = {q[:-len("_quantized")] + s for q in quant for s in ("_scale", "_zero_point")}
     rep, seen = WeightsReport(), set()
     reader = _Reader(man)
@@ -111,10 +115,11 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
         inits = {t.name: t for t in g.graph.initializer}
         for t in g.graph.initializer:
             if t.name in quant:
-                rep.compared += _check_quantized(rep, gname, t, inits, quant[t.name], params, reader, man.precision,
+                param, op = quant[t.name]
+                rep.compared += _check_quantized(rep, gname, t, inits, param, op, params, reader, man.precision,
                                                  requantize)
-                _check_dequantize(rep, gname, g.graph, t.name, quant[t.name])
-                seen.add(quant[t.name])
+                _check_dequantize(rep, gname, g.graph, t.name, param, op)
+                seen.add(param)
                 continue
             if t.name in companions:
                 continue                    # compared with their weight
@@ -143,10 +148,12 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
     return rep
 
 
-def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: str) -> None:
+def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: str, op: str) -> None:
     """The stored values are used as the scheme says: one DequantizeLinear reads the weight with its
-    own scale and zero point along axis 1 (the output channels), and feeds a MatMul's B input."""
+    own scale and zero point along the output channels' axis (MatMul: 1, Conv: 0), and feeds the
+    weight input of a node of that op."""
     import onnx
+    from contract.quantization import WEIGHT_AXIS
     base = name[:-len("_quantized")]
     dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input and n.input[0] == name]
     why = None
@@ -157,15 +164,16 @@ def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: s
         axis = next((onnx.helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1)
         if list(dq.input[1:3]) != [base + "_scale", base + "_zero_point"]:
             why = f"its DequantizeLinear reads {list(dq.input[1:3])}, not its own scale and zero point"
-        elif axis != 1:
-            why = f"its DequantizeLinear runs along axis {axis}, the scheme's output channels are axis 1"
-        elif not any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] == dq.output[0] for n in graph.node):
-            why = "its DequantizeLinear does not feed a MatMul's weight input"
+        elif axis != WEIGHT_AXIS[op]:
+            why = (f"its DequantizeLinear runs along axis {axis}, the scheme's output channels are axis "
+                   f"{WEIGHT_AXIS[op]}")
+        elif not any(n.op_type == op and len(n.input) > 1 and n.input[1] == dq.output[0] for n in graph.node):
+            why = f"its DequantizeLinear does not feed a {op}'s weight input"
     if why:
         rep.failures.append(f"weights: {gname} graph's {name} ({param}): {why}")
 
 
-def _check_quantized(rep: WeightsReport, gname: str, t, inits, param: str, params, reader, precision: str,
+def _check_quantized(rep: WeightsReport, gname: str, t, inits, param: str, op: str, params, reader, precision: str,
                      requantize) -> int:
     base = t.name[:-len("_quantized")]
     if param not in params:
@@ -176,7 +184,7 @@ def _check_quantized(rep: WeightsReport, gname: str, t, inits, param: str, param
         rep.failures.append(f"weights: {gname} graph's {t.name} has no {missing[0]}")
         return 0
     q, s, z = reader.read(t), reader.read(inits[base + "_scale"]), reader.read(inits[base + "_zero_point"])
-    want_q, want_s = requantize(params[param].float().numpy(), precision)
+    want_q, want_s = requantize(params[param].float().numpy(), precision, op)
     what = None
     if q.shape != want_q.shape or s.shape != want_s.shape:
         what = f"shape {list(q.shape)} / scale {list(s.shape)}, the scheme gives {list(want_q.shape)} / {list(want_s.shape)}"
