@@ -42,7 +42,7 @@ from graphs.weights import WeightSource
 from .decoder_job import DecoderJob, DecoderSpec
 from .dynamo import export_one
 from .lint import lint_files
-from .quantize import SCHEMES, CalibrationConfig
+from .quantize import QUANTIZED_GRAPHS, SCHEMES, CalibrationConfig
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
 
@@ -90,6 +90,8 @@ def cache_key(cfg: VARConfig, ec: ExportConfig, weights_id: str) -> str:
     graph_opts = {k: v for k, v in asdict(ec).items() if k != "target" and not k.startswith("trt_")}
     if ec.precision not in SCHEMES:
         del graph_opts["calibration"]            # only quantized graphs depend on it
+    else:
+        graph_opts["quantized"] = list(QUANTIZED_GRAPHS)    # int8 artifacts of before the int8 decoder are stale
     blob = json.dumps(dict(config=config_to_json(cfg), export=graph_opts, weights=weights_id,
                            format=FORMAT_VERSION, torch=torch.__version__), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 # precision -> (weight type, activation type) in onnxruntime.quantization's QuantType names
 SCHEMES = {"int8": ("QInt8", "QInt8")}
+QUANTIZED_GRAPHS = ("step", "decoder")      # what a quantized precision quantizes (part of the cache key)
 
 
 @dataclass(frozen=True)
