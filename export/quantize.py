@@ -1,5 +1,5 @@
-"""Low-precision step graphs: the transformer's weight MatMuls in QDQ form (DESIGN.md
-"Low precision"), through onnxruntime.quantization.
+"""Low-precision graphs: the transformer's weight MatMuls and the decoder's convs in QDQ form
+(DESIGN.md "Low precision"), through onnxruntime.quantization.
 
     fp32 step graph (scratch copy, own external data)
       │ prepare      value_info dropped (the quantizer's rewrites contradict it); every Gemm with a
