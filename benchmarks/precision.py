@@ -177,9 +177,14 @@ def run_precision_bench(cfg: PrecisionBenchConfig, progress: Optional[Callable[[
             times[row].append(runners[row]())
     res = PrecisionBenchResult(model=src.model, cpu=cpu_features(), threads=torch.get_num_threads())
     for row, ts in times.items():
-        total = [t for t, _ in ts]
-        scales = [statistics.median(s[k] for _, s in ts) for k in range(len(ts[0][1]))] if ts[0][1] else []
-        # the run's time after its last scale: the decoder (and the host copies of the result)
-        dec = statistics.median(t - sum(s) for t, s in ts) if ts[0][1] else None
-        res.rows[row] = PrecisionRow(row, statistics.median(total), scales, total, dec)
+        res.rows[row] = precision_row(row, ts)
     return res
+
+
+def precision_row(name: str, ts: List[Tuple[float, List[float]]]) -> PrecisionRow:
+    """Medians of the rounds' (seconds, per-scale seconds): per image, per scale, and the decoder's
+    time, which is what follows the last scale (the decoder and the host copies of the result)."""
+    total = [t for t, _ in ts]
+    scales = [statistics.median(s[k] for _, s in ts) for k in range(len(ts[0][1]))] if ts[0][1] else []
+    dec = statistics.median(t - sum(s) for t, s in ts) if ts[0][1] else None
+    return PrecisionRow(name, statistics.median(total), scales, total, dec)

@@ -157,6 +157,20 @@ def test_cpu_features_are_read_from_cpuinfo(tmp_path):
     assert cpu_features(str(tmp_path / "none")) == dict(model="unknown", features=[])
 
 
+def test_precision_bench_splits_off_the_decoder():
+    """bench.py --precisions: each of our rows shows the decoder's time (what follows the last
+    scale), the official code's (no per-scale hook) none."""
+    from benchmarks.precision import PrecisionBenchResult, precision_row
+    ours = precision_row("onnxruntime-int8", [(5.0, [0.5, 1.5]), (4.0, [0.5, 1.0]), (6.0, [1.0, 1.0])])
+    assert ours.per_image_s == 5.0 and ours.per_scale_s == [0.5, 1.0] and ours.decoder_s == 3.0
+    off = precision_row("official-bf16-autocast", [(5.0, []), (4.0, [])])
+    assert off.decoder_s is None
+    res = PrecisionBenchResult(model="var-d2", cpu=dict(model="x", features=[]), threads=2,
+                               rows={"onnxruntime-int8": ours, "official-bf16-autocast": off})
+    lines = res.table().splitlines()
+    assert "decoder s" in lines[1] and "3.000" in lines[2] and "3.000" not in lines[3]
+
+
 def test_eager_autocast_runs_the_transformer_in_bf16_and_the_tail_in_fp32(tiny):
     """The baseline of the quality gate: fp32 weights, the transformer under bf16 autocast; the
     logits come out fp32 and differ from fp32's by bf16's error, not more."""
