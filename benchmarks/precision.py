@@ -1,7 +1,8 @@
 """Precisions side by side in one process (DESIGN.md "Low precision"): per image and per scale,
 eager fp32 / bf16 (weights cast) / bf16 autocast, ONNX Runtime fp32 / int8 (QDQ), and, given a
 checkout of FoundationVision/VAR, the official code in fp32 and under bf16 autocast on the same
-weights. Every row is opened and warmed up once, then the rows alternate for `repeats` rounds;
+weights; our rows also split off the decoder's time (what follows the last scale; int8
+artifacts quantize its convs). Every row is opened and warmed up once, then the rows alternate for `repeats` rounds;
 medians. The CPU's features are detected and printed: the ratios depend on them (AVX2 vs
 AVX-512 / AVX512-BF16 / AMX).
 
@@ -74,6 +75,8 @@ class PrecisionRow:
     per_image_s: float
     per_scale_s: List[float]            # empty for the official code (one call, no per-scale hook)
     runs_s: List[float]
+    decoder_s: Optional[float] = None   # after the last scale: the decoder (int8 artifacts: its int8 convs);
+                                        # None for the official code
 
 
 @dataclass
@@ -88,10 +91,12 @@ class PrecisionBenchResult:
             next(iter(self.rows.values()))
         lines = [f"{self.model}, batch 1, {self.threads} threads; CPU: {self.cpu['model']}; "
                  f"features: {' '.join(self.cpu['features']) or 'none of ' + ', '.join(FEATURES)}",
-                 f"{'row':<24} {'s/image':>8} {'vs ' + ref.name:>28}  per scale (ms)"]
+                 f"{'row':<24} {'s/image':>8} {'vs ' + ref.name:>28} {'decoder s':>9}  per scale (ms)"]
         for r in self.rows.values():
             scales = " ".join(f"{s * 1e3:.0f}" for s in r.per_scale_s)
-            lines.append(f"{r.name:<24} {r.per_image_s:>8.3f} {r.per_image_s / ref.per_image_s:>28.2f}  {scales}")
+            dec = "" if r.decoder_s is None else f"{r.decoder_s:.3f}"
+            lines.append(f"{r.name:<24} {r.per_image_s:>8.3f} {r.per_image_s / ref.per_image_s:>28.2f} {dec:>9}  "
+                         f"{scales}")
         return "\n".join(lines)
 
 
@@ -170,7 +175,14 @@ def run_precision_bench(cfg: PrecisionBenchConfig, progress: Optional[Callable[[
             times[row].append(runners[row]())
     res = PrecisionBenchResult(model=src.model, cpu=cpu_features(), threads=torch.get_num_threads())
     for row, ts in times.items():
-        total = [t for t, _ in ts]
-        scales = [statistics.median(s[k] for _, s in ts) for k in range(len(ts[0][1]))] if ts[0][1] else []
-        res.rows[row] = PrecisionRow(row, statistics.median(total), scales, total)
+        res.rows[row] = precision_row(row, ts)
     return res
+
+
+def precision_row(name: str, ts: List[Tuple[float, List[float]]]) -> PrecisionRow:
+    """Medians of the rounds' (seconds, per-scale seconds): per image, per scale, and the decoder's
+    time, which is what follows the last scale (the decoder and the host copies of the result)."""
+    total = [t for t, _ in ts]
+    scales = [statistics.median(s[k] for _, s in ts) for k in range(len(ts[0][1]))] if ts[0][1] else []
+    dec = statistics.median(t - sum(s) for t, s in ts) if ts[0][1] else None
+    return PrecisionRow(name, statistics.median(total), scales, total, dec)

@@ -6,16 +6,24 @@ of a quantized weight from its fp32 parameter (DESIGN.md "Low precision").
                     weight_axis: 1 (int8) | null (fp8), weight_symmetric: true,
                     activation_granularity: "per-tensor", activation_symmetric: true,
                     calibration_method, op_types, nodes, calibration: {...},
-                    weights: {stored int8 initializer: VAR parameter}}
+                    weights: {stored int8 initializer: VAR parameter},
+                    decoder: {op_types: ["Conv"], weight_axis: 0, nodes, weights: {...: vae.*},
+                              keep_fp32: {vae.* conv weight: why}, calibration: {latents},
+                              image_psnr_db, image_psnr_latents, image_psnr_bound}}
+                                                       (absent: the decoder is fp32)
 
-`requantize(w)` is what the weights check compares the stored weights against, bit for bit:
-a MatMul weight B = W^T (K, N), one scale per output channel n: s_n = max_k |B[k, n]| / QMAX
-(QMAX = 127), q = round-half-even(B / s) clipped to [-127, 127], the zero point 0. This is the recipe onnxruntime.quantization applies with
-WeightSymmetric per channel; a quantizer bug (a scale off, the wrong axis, a zero point that is
-not 0) makes some stored value differ.
-fp8 (float8 e4m3fn, TensorRT only): one scale for the whole weight, s = max |B| / 448 (E4M3's
-largest finite value), q = B / s rounded to the nearest float8_e4m3fn (ties to even, ml_dtypes'
-cast: what ONNX's QuantizeLinear to float8 does with saturate=1), the zero point 0 in float8.
+`requantize(w, precision, op)` is what the weights check compares the stored weights against,
+bit for bit, one scale per output channel, s = max |W| over the channel / QMAX (QMAX = 127),
+q = round-half-even(W / s) clipped to [-127, 127], the zero point 0:
+  MatMul   the stored B = W^T (K, N) of a parameter W (N, K); its channels are B's axis 1;
+  Conv     the stored W (O, I, kh, kw) is the parameter as it is; its channels are axis 0.
+This is the recipe onnxruntime.quantization applies with WeightSymmetric per channel; a
+quantizer bug (a scale off, the wrong axis, a zero point that is not 0) makes some stored value
+differ.
+fp8 (float8 e4m3fn, TensorRT only; MatMul weights): one scale for the whole weight,
+s = max |B| / 448 (E4M3's largest finite value), q = B / s rounded to the nearest
+float8_e4m3fn (ties to even, ml_dtypes' cast: what ONNX's QuantizeLinear to float8 does with
+saturate=1), the zero point 0 in float8.
 """
 from __future__ import annotations
 
@@ -31,8 +39,19 @@ FP8_MAX = 448.0                 # float8 e4m3fn's largest finite value
 LAYOUT = {"int8": ("QInt8", "per-channel", 1), "fp8": ("QFLOAT8E4M3FN", "per-tensor", None)}
 QUANT_KEYS = ("tool", "tool_version", "format", "weight_type", "activation_type", "weight_granularity", "weight_axis",
               "weight_symmetric", "activation_granularity", "activation_symmetric", "calibration_method", "op_types",
-              "nodes", "calibration", "weights")
+              "nodes", "calibration", "weights", "decoder")
 CALIBRATION_KEYS = ("method", "rows", "ssg_beta", "batch", "scales", "feeds", "keep_fp32")
+DECODER_KEYS = ("op_types", "weight_axis", "nodes", "weights", "keep_fp32", "calibration", "image_psnr_db",
+                "image_psnr_latents", "image_psnr_bound")
+# the op a quantized weight feeds -> the stored weight's output-channel axis (DequantizeLinear's axis)
+WEIGHT_AXIS = {"MatMul": 1, "Conv": 0}
+# The image error an int8 decoder may add, teacher-forced (the same latent into both decoders):
+# PSNR >= 30 dB against the fp32 decoder's image. Why 30: it is the low end of what lossy 8-bit
+# image and video codecs are run at (30-50 dB), i.e. an error of the size people accept from a
+# JPEG; int8 measured 35.9-36.9 dB on var-d2's (random) VQVAE, bf16 autocast 47 dB (DESIGN.md
+# "Low precision"). It catches a broken decoder (an activation scale 2x off: far below), not the
+# 1 % weight errors that only the bit-for-bit weights check sees.
+IMAGE_PSNR_MIN = 30.0
 
 
 def validate(c, data: Dict[str, Any], precision: str, num_scales: int) -> None:
@@ -77,6 +96,28 @@ def validate(c, data: Dict[str, Any], precision: str, num_scales: int) -> None:
     if c.get(cal, "scales", list, "quantization.calibration.scales") != list(range(num_scales)):
         c.fail("quantization.calibration.scales", f"must be every scale 0..{num_scales - 1}")
     c.int_in(cal, "feeds", 1, 1 << 20, "quantization.calibration.feeds")
+    if "decoder" in q:
+        _validate_decoder(c, c.get(q, "decoder", dict, "quantization.decoder"))
+
+
+def _validate_decoder(c, d: Dict[str, Any]) -> None:
+    c.only(d, DECODER_KEYS, "quantization.decoder")
+    if c.get(d, "op_types", list, "quantization.decoder.op_types") != ["Conv"]:
+        c.fail("quantization.decoder.op_types", "must be [\"Conv\"]")
+    c.int_in(d, "weight_axis", 0, 0, "quantization.decoder.weight_axis")
+    nodes = c.int_in(d, "nodes", 1, 1 << 20, "quantization.decoder.nodes")
+    w = c.get(d, "weights", dict, "quantization.decoder.weights")
+    if len(w) != nodes:
+        c.fail("quantization.decoder.weights", f"lists {len(w)} weights for {nodes} quantized convs")
+    for name, param in w.items():
+        if not isinstance(param, str) or not param.startswith("vae."):
+            c.fail(f"quantization.decoder.weights.{name:.60}", "must name a VQVAE parameter (vae.*)")
+    c.get(d, "keep_fp32", dict, "quantization.decoder.keep_fp32")
+    c.int_in(c.get(d, "calibration", dict, "quantization.decoder.calibration"), "latents", 1, 1 << 20,
+             "quantization.decoder.calibration.latents")
+    for key in ("image_psnr_db", "image_psnr_bound"):
+        if not isinstance(d.get(key), (int, float)) or isinstance(d.get(key), bool):
+            c.fail(f"quantization.decoder.{key}", "must be a number (dB)")
 
 
 def tensor_digest(a: np.ndarray) -> str:
@@ -84,22 +125,37 @@ def tensor_digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).reshape(-1)).hexdigest()
 
 
-def requantize(w_nk: np.ndarray, precision: str) -> Tuple[np.ndarray, np.ndarray]:
-    """A parameter W (N, K), float32 -> (stored weight B (K, N) in the precision's type, scale:
-    (N,) float32 for int8, a float32 scalar (shape ()) for fp8), the manifest's scheme (module
-    docstring)."""
-    b = np.ascontiguousarray(np.asarray(w_nk, np.float32).T)
+def requantize(w: np.ndarray, precision: str, op: str = "MatMul") -> Tuple[np.ndarray, np.ndarray]:
+    """A float32 parameter -> (the stored weight in the precision's type, its scale, float32),
+    the manifest's scheme for a weight of `op` (module docstring): MatMul W (N, K) -> B = W^T
+    (K, N), int8 scale (N,); Conv W (O, I, kh, kw) -> as it is, int8 scale (O,); fp8 (MatMul
+    only): one scale for the whole weight, a float32 scalar (shape ())."""
+    if op not in WEIGHT_AXIS:
+        raise ValueError(f"no quantization layout for {op} weights (one of {', '.join(WEIGHT_AXIS)})")
+    if precision not in QUANT_PRECISIONS:
+        raise ValueError(f"no quantization scheme for precision {precision!r} (one of {', '.join(QUANT_PRECISIONS)})")
+    b = np.asarray(w, np.float32)
+    b = np.ascontiguousarray(b.T if op == "MatMul" else b)
     if precision == "fp8":
+        if op != "MatMul":
+            raise ValueError(f"fp8 quantizes MatMul weights only, not {op}")
         import ml_dtypes
         s = np.float32(np.abs(b).max()) / np.float32(FP8_MAX)
         s = np.float32(1.0) if s == 0 else np.float32(s)
         q = np.clip(b / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
         return q, np.asarray(s, np.float32)
-    if precision != "int8":
-        raise ValueError(f"no quantization scheme for precision {precision!r} (one of {', '.join(QUANT_PRECISIONS)})")
+    axis = WEIGHT_AXIS[op]
     qmax = QMAX
-    absmax = np.abs(b).max(axis=0)
+    absmax = np.abs(b).max(axis=tuple(i for i in range(b.ndim) if i != axis))
     scale = (absmax / np.float32(qmax)).astype(np.float32)
     scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
-    q = np.clip(np.rint(b / scale), -qmax, qmax).astype(np.int8)
+    shape = [1] * b.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(b / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two images in [0, 1] (inf when equal)."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))

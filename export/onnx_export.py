@@ -42,7 +42,7 @@ from var_ssg.graphs.weights import WeightSource
 from .decoder_job import DecoderJob, DecoderSpec
 from .dynamo import export_one
 from .lint import lint_files
-from .quantize import SCHEMES, CalibrationConfig
+from .quantize import QUANTIZED_GRAPHS, SCHEMES, CalibrationConfig
 from .quantize_fp8 import MIN_OPSET as FP8_MIN_OPSET
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
@@ -100,6 +100,9 @@ def cache_key(cfg: VARConfig, ec: ExportConfig, weights_id: str) -> str:
     graph_opts = {k: v for k, v in asdict(ec).items() if k != "target" and not k.startswith("trt_")}
     if ec.precision not in QUANTIZED:
         del graph_opts["calibration"]            # only quantized graphs depend on it
+    else:
+        # int8 artifacts of before the int8 decoder are stale; fp8 quantizes the step only
+        graph_opts["quantized"] = list(QUANTIZED_GRAPHS) if ec.precision in SCHEMES else ["step"]
     blob = json.dumps(dict(config=config_to_json(cfg), export=graph_opts, weights=weights_id,
                            format=FORMAT_VERSION, torch=torch.__version__), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -269,7 +272,13 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
         model = export_one(step.module(var_x, vae).eval(), step.example_feeds(step.example_scale()),
                            step.inputs, step.outputs, ec.opset, dynamic_shapes=step.dynamic_shapes())
         if ec.precision in QUANTIZED:
-            model, quant = _quantize(model, var, vae, ec, k_max, scratch, clock)
+            import onnx_ir as ir
+            qdir = tempfile.mkdtemp(prefix="quant-", dir=scratch)
+            clock.start("calibrate")
+            fp32_step = os.path.join(qdir, "fp32.onnx")
+            ir.save(model, fp32_step, external_data="fp32.data")
+            del model                   # on disk while the model's own runs calibrate (DESIGN.md "Low precision")
+            model, quant, f_hats = _quantize(fp32_step, qdir, var, vae, ec, k_max, clock)
         clock.start("write")
         graphs["step"] = _save(model, store, tmp, step.file, step.name)
         del model
@@ -281,6 +290,8 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
             dec_model = job.result()
         except RuntimeError as e:
             raise ExportError(str(e)) from None
+        if quant is not None and ec.precision in SCHEMES:      # int8; fp8 (TensorRT) keeps the fp32 decoder
+            dec_model, quant["decoder"] = _quantize_decoder(dec_model, vae, ec, f_hats, qdir, clock)
         graphs["decoder"] = _save(dec_model, store, tmp, dec.file, dec.name)
         del dec_model
         clock.start("flush")
@@ -320,18 +331,15 @@ def _export_into(var, vae, src, tmp, ec: ExportConfig, key, progress) -> Dict:
     return data
 
 
-def _quantize(model, var, vae, ec: ExportConfig, k_max: int, scratch: str, clock: StageClock):
-    """The fp32 step graph → its QDQ form (export.quantize), calibrated on the model's own runs
-    (export.calibrate). -> (the quantized graph, the manifest's `quantization` record)."""
+def _quantize(src: str, qdir: str, var, vae, ec: ExportConfig, k_max: int, clock: StageClock):
+    """The fp32 step graph at `src` → its QDQ form (export.quantize), calibrated on the model's own
+    runs (export.calibrate), whose feeds are streamed through `qdir` on disk. -> (the quantized
+    graph, the manifest's `quantization` record, the runs' final latents for the decoder)."""
     import onnx_ir as ir
     from .calibrate import calibration_feeds
     from .quantize import quantize_step, scheme
-    qdir = tempfile.mkdtemp(prefix="quant-", dir=scratch)
-    clock.start("calibrate")
-    src = os.path.join(qdir, "fp32.onnx")
-    ir.save(model, src, external_data="fp32.data")
-    del model
-    feeds, record = calibration_feeds(var, vae, ec.transform, k_max, ec.batch, ec.calibration)
+    feeds, f_hats, record = calibration_feeds(var, vae, ec.transform, k_max, ec.batch, ec.calibration,
+                                              os.path.join(qdir, "feeds"))
     clock.start("quantize")
     params = {"var." + n: p.detach().float().numpy() for n, p in var.named_parameters()}
     dst = os.path.join(qdir, "quant.onnx")
@@ -342,12 +350,27 @@ def _quantize(model, var, vae, ec: ExportConfig, k_max: int, scratch: str, clock
     else:
         q = quantize_step(src, dst, ec.precision, params, feeds, qdir, ec.calibration.keep_fp32)
         recipe = scheme(ec.precision)
-    del feeds
+    shutil.rmtree(feeds.root, ignore_errors=True)
     import onnxruntime
     record["keep_fp32"] = list(ec.calibration.keep_fp32)
     info = dict(recipe, tool_version=onnxruntime.__version__, calibration=record, nodes=q.nodes,
                 weights=q.weights)
-    return ir.load(dst), info
+    return ir.load(dst), info, f_hats
+
+
+def _quantize_decoder(model, vae, ec: ExportConfig, f_hats, qdir: str, clock: StageClock):
+    """The fp32 decoder → its QDQ convs (export.quantize.quantize_decoder), calibrated on the
+    calibration runs' final latents. -> (the quantized graph, the manifest's `quantization.decoder`)."""
+    import onnx_ir as ir
+    from .quantize import decoder_scheme, quantize_decoder
+    clock.start("decoder_quantize")
+    ddir = tempfile.mkdtemp(prefix="decoder-", dir=qdir)
+    src, dst = os.path.join(ddir, "fp32.onnx"), os.path.join(ddir, "quant.onnx")
+    ir.save(model, src)
+    del model
+    params = {"vae." + n: p.detach().float().numpy() for n, p in vae.named_parameters()}
+    q = quantize_decoder(src, dst, ec.precision, params, f_hats, ddir)
+    return ir.load(dst), decoder_scheme(q)
 
 
 def _save(model, store: SharedWeights, tmp: str, file: str, name: str) -> Dict:

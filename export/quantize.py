@@ -1,5 +1,5 @@
-"""Low-precision step graphs: the transformer's weight MatMuls in QDQ form (DESIGN.md
-"Low precision"), through onnxruntime.quantization.
+"""Low-precision graphs: the transformer's weight MatMuls and the decoder's convs in QDQ form
+(DESIGN.md "Low precision"), through onnxruntime.quantization.
 
     fp32 step graph (scratch copy, own external data)
       │ prepare      value_info dropped (the quantizer's rewrites contradict it); every Gemm with a
@@ -16,10 +16,25 @@
 The precision's recipe (`SCHEMES`) and the calibration record are written into the manifest
 (`quantization`), so the weights check can re-derive every stored weight and scale from the
 reference's parameters (runtime.weights_check).
+
+The decoder (`quantize_decoder`) takes the same recipe on its convolutions:
+
+    fp32 decoder graph (f_hat -> image, weights inline)
+      │ select       Convs whose weight is a VQVAE parameter, bit for bit, but the first (it reads
+      │              the latent) and the last (it writes the image)
+      │ probe        quantized once on one latent and optimised by ONNX Runtime's CPU: the convs
+      │              it leaves as dequantize + fp32 Conv (not fused into QLinearConv) gain no
+      │              speed and only add error, so they stay fp32 too
+      │ calibrate    MinMax over the calibration rows' final latents (what the decoder reads)
+      │ quantize     QDQ, weights per output channel (Conv weight axis 0), symmetric; activations
+      ▼              per tensor, symmetric; biases stay fp32 (ONNX Runtime fuses them as they are)
+    QDQ decoder: int8 convs; its image's PSNR against the fp32 decoder's on the calibration
+    latents is measured and recorded (the quality gate bounds it on the rows it runs)
 """
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -27,11 +42,14 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from var_ssg.common.errors import ConfigError
-from var_ssg.contract.quantization import tensor_digest
+from var_ssg.contract.quantization import IMAGE_PSNR_MIN, psnr, tensor_digest
+
+log = logging.getLogger(__name__)
 
 
 # precision -> (weight type, activation type) in onnxruntime.quantization's QuantType names
 SCHEMES = {"int8": ("QInt8", "QInt8")}
+QUANTIZED_GRAPHS = ("step", "decoder")      # what a quantized precision quantizes (part of the cache key)
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,15 @@ def scheme(precision: str) -> Dict:
                 weight_granularity="per-channel", weight_axis=1, weight_symmetric=True,
                 activation_granularity="per-tensor", activation_symmetric=True, calibration_method="MinMax",
                 op_types=["MatMul"])
+
+
+def decoder_scheme(q: "QuantizedDecoder") -> Dict:
+    """The manifest's `quantization.decoder`: the same types and granularities as the step's,
+    on Conv weights (per output channel: axis 0), and what the image error measured."""
+    return dict(op_types=["Conv"], weight_axis=0, nodes=q.nodes, weights=q.weights, keep_fp32=q.keep_fp32,
+                calibration=dict(latents=q.feeds), image_psnr_db=round(q.image_psnr_db, 2),
+                image_psnr_latents=min(PSNR_LATENTS, q.feeds),
+                image_psnr_bound=IMAGE_PSNR_MIN)
 
 
 # ------------------------------------------------------------------ graph preparation
@@ -107,15 +134,17 @@ def gemm_to_matmul(model) -> int:
     return n_done
 
 
-def weight_map(model, params: Dict[str, np.ndarray]) -> Dict[str, str]:
-    """MatMul weights (K, N) that are a VAR parameter (N, K) transposed, bit for bit:
-    {initializer name: parameter name}. Only these are quantized."""
+def weight_map(model, params: Dict[str, np.ndarray], op_type: str = "MatMul") -> Dict[str, str]:
+    """Weights of `op_type` nodes that are a parameter, bit for bit: {initializer name: parameter
+    name}. MatMul: B (K, N) is a 2-D parameter (N, K) transposed; Conv: W (O, I, kh, kw) is a 4-D
+    parameter as it is. Only these are quantized."""
     from onnx import numpy_helper
+    ndim, as_stored = {"MatMul": (2, lambda p: p.T), "Conv": (4, lambda p: p)}[op_type]
     by_digest: Dict[str, str] = {}
     dup = set()
     for name, p in params.items():
-        if p.ndim == 2:
-            d = tensor_digest(p.T)
+        if p.ndim == ndim:
+            d = tensor_digest(as_stored(p))
             if d in by_digest:
                 dup.add(d)                # two parameters with the same bytes: neither is named by them
             by_digest.setdefault(d, name)
@@ -124,9 +153,9 @@ def weight_map(model, params: Dict[str, np.ndarray]) -> Dict[str, str]:
     inits = {t.name: t for t in model.graph.initializer}
     out = {}
     for n in model.graph.node:
-        if n.op_type == "MatMul" and n.input[1] in inits and n.input[1] not in out:
+        if n.op_type == op_type and n.input[1] in inits and n.input[1] not in out:
             w = numpy_helper.to_array(inits[n.input[1]])
-            if w.ndim == 2 and w.dtype == np.float32:
+            if w.ndim == ndim and w.dtype == np.float32:
                 hit = by_digest.get(tensor_digest(w))
                 if hit is not None:
                     out[n.input[1]] = hit
@@ -135,7 +164,8 @@ def weight_map(model, params: Dict[str, np.ndarray]) -> Dict[str, str]:
 
 # ------------------------------------------------------------------ quantization
 class _Feeds:
-    """onnxruntime.quantization's CalibrationDataReader over recorded feed dicts."""
+    """onnxruntime.quantization's CalibrationDataReader over recorded feed dicts (a list, or
+    export.calibrate.FeedStore, which reads each from disk only when the quantizer asks for it)."""
 
     def __init__(self, feeds: Iterable[Dict[str, np.ndarray]]):
         self._it = iter(feeds)
@@ -189,3 +219,96 @@ def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarr
             raise ConfigError(f"the quantizer left the weight of {p} unquantized ({w}); it cannot be checked")
         weights[w + "_quantized"] = p
     return Quantized(weights=weights, nodes=len(weights), feeds=len(feeds))
+
+
+# ------------------------------------------------------------------ the decoder
+PSNR_LATENTS = 2      # the export measures the int8 decoder's image error on this many calibration latents
+                      # (each costs two decodes; the quality gate measures it on the rows it runs)
+
+
+@dataclass
+class QuantizedDecoder:
+    weights: Dict[str, str]      # quantized initializer -> VQVAE parameter (vae.*)
+    nodes: int                   # convs quantized
+    keep_fp32: Dict[str, str]    # the weight (vae.*) of each conv that stays fp32 -> why
+    feeds: int                   # calibration latents
+    image_psnr_db: float         # the int8 decoder's image vs the fp32 decoder's, worst of PSNR_LATENTS
+
+
+def _decoder_options(precision: str, convs: Sequence[str]) -> Dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    w_type, a_type = (getattr(QuantType, t) for t in SCHEMES[precision])
+    return dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=w_type, activation_type=a_type,
+                op_types_to_quantize=["Conv"], nodes_to_quantize=list(convs), calibrate_method=CalibrationMethod.MinMax,
+                extra_options=dict(ActivationSymmetric=True, WeightSymmetric=True, CalibTensorRangeSymmetric=False,
+                                   QuantizeBias=False))
+
+
+def _unfused(path: str, convs: Sequence[str], scratch: str) -> List[str]:
+    """The convs of `convs` that ONNX Runtime's CPU leaves as Conv (dequantize + fp32) in the QDQ
+    graph at `path`: the fusion into QLinearConv keeps the node name out of the optimised graph."""
+    import onnx
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED   # the QDQ fusions
+    so.optimized_model_filepath = os.path.join(scratch, "probe-optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    left = {n.name for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node
+            if n.op_type == "Conv"}
+    return [c for c in convs if c in left]
+
+
+def decoder_psnr(src: str, dst: str, f_hats: Sequence[np.ndarray]) -> float:
+    """The worst PSNR (dB, images in [0, 1]) of the decoder `dst`'s image against `src`'s on the
+    same latents, both run by ONNX Runtime's CPU."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    a, b = (ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in (src, dst))
+    name = a.get_inputs()[0].name
+    return min(psnr(a.run(None, {name: f})[0], b.run(None, {name: f})[0]) for f in f_hats)
+
+
+def quantize_decoder(src: str, dst: str, precision: str, params: Dict[str, np.ndarray],
+                     f_hats: Sequence[np.ndarray], scratch: str) -> QuantizedDecoder:
+    """Quantize the fp32 decoder graph `src` (weights inline) into `dst` (module docstring).
+    `params`: the VQVAE's parameters in float32 (vae.*), `f_hats`: the calibration runs' final
+    latents, each a batch as the graph takes it."""
+    import onnx
+    from onnxruntime.quantization import quantize_static
+    if precision not in SCHEMES:
+        raise ConfigError(f"no quantization scheme for precision {precision!r} (one of {', '.join(SCHEMES)})")
+    if not f_hats:
+        raise ConfigError("the decoder's calibration needs at least one latent")
+    model = onnx.load(src)
+    wmap = weight_map(model, params, "Conv")
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in wmap]
+    if len(convs) < 3:
+        raise ConfigError(f"the decoder graph has {len(convs)} convs whose weight is a VQVAE parameter: "
+                          f"nothing to quantize between the first and the last")
+    name = model.graph.input[0].name
+    weight_of = {n.name: n.input[1] for n in model.graph.node if n.name in convs}
+    del model
+    keep = {convs[0]: "the first conv: it reads the latent", convs[-1]: "the last conv: it writes the image"}
+    chosen = convs[1:-1]
+    probe = os.path.join(scratch, "probe.onnx")
+    quantize_static(src, probe, _Feeds([{name: f_hats[0]}]), **_decoder_options(precision, chosen))
+    for c in _unfused(probe, chosen, scratch):
+        keep[c] = "ONNX Runtime's CPU runs it as dequantize + fp32 Conv (not fused into QLinearConv)"
+    chosen = [c for c in chosen if c not in keep]
+    quantize_static(src, dst, _Feeds([{name: f} for f in f_hats]), **_decoder_options(precision, chosen))
+    q = onnx.load(dst, load_external_data=False)
+    stored = {t.name for t in q.graph.initializer}
+    weights = {}
+    for c in chosen:
+        w = weight_of[c]
+        if w + "_quantized" not in stored or w + "_scale" not in stored:
+            raise ConfigError(f"the quantizer left the weight of {wmap[w]} unquantized ({w}); it cannot be checked")
+        weights[w + "_quantized"] = wmap[w]
+    db = decoder_psnr(src, dst, f_hats[:PSNR_LATENTS])
+    if db < IMAGE_PSNR_MIN:
+        log.warning("the int8 decoder's image is %.1f dB from the fp32 decoder's on the calibration latents, below "
+                    "the quality gate's %.0f dB: parity.py will fail these artifacts", db, IMAGE_PSNR_MIN)
+    return QuantizedDecoder(weights=weights, nodes=len(weights), feeds=len(f_hats), image_psnr_db=db,
+                            keep_fp32={wmap[weight_of[c]]: why for c, why in keep.items()})

@@ -55,7 +55,7 @@ BOUNDS = {
 PRIOR_BOUND = 2e-5       # the DSE prior: fp32 in every artifact set, from the backend's own logits
 FHAT_BOUND = 2e-5        # f_hat, teacher-forced: same tokens, fp32 update
 SMOOTH_FHAT_GAIN = 1.0   # more_smooth rows: f_hat bound + this * expm1(2 * gain * d)
-IMAGE_BOUND = 1e-4       # the decoder is fp32 in every artifact set
+IMAGE_BOUND = 1e-4       # an fp32 decoder (int8 artifacts with int8 convs: a PSNR bound instead, runtime.quality)
 ROUND_EPS = 2e-6         # fp32 rounding of a CDF edge or of the top-p mass (K <= 4096 terms)
 P_FLIP = 1e-6            # flip-rate test: a count this unlikely under the expected rate fails
 
@@ -178,7 +178,8 @@ class ParityReport:
                          f"{f['got']}, u {f['u_edge_dist']:.2e} from the reference bin's edge, logits differ by "
                          f"{f['logit_diff']:.2e} -> {f['why']}")
         tail = f"images equal {self.images_equal * 100:.0f}%  PSNR {self.image_psnr:.1f} dB  " \
-            if self.mode == "free-running" else f"image max|d| {self.image_max_abs:.2e}  "
+            if self.mode == "free-running" else \
+            f"image max|d| {self.image_max_abs:.2e}  PSNR {self.image_psnr:.1f} dB  "
         lines.append(tail + "-> " + ("OK" if self.ok else "FAIL: " + "; ".join(self.failures)))
         return "\n".join(lines)
 
@@ -283,8 +284,10 @@ def _tokens_at_scale(rep: ParityReport, run: str, k: int, ref: RunResult, got: R
 
 def compare(ref: RunResult, got: RunResult, backend: str, precision: str, k_max: int, transform: str,
             patch_nums: Sequence[int], mode: str = "teacher-forced", run: str = "rows",
-            rep: Optional[ParityReport] = None) -> ParityReport:
-    """Compare one run of the backend with the reference's (appending to `rep` if given)."""
+            rep: Optional[ParityReport] = None, image_psnr_min: Optional[float] = None) -> ParityReport:
+    """Compare one run of the backend with the reference's (appending to `rep` if given).
+    `image_psnr_min` (a quantized decoder): teacher-forced images must be within this PSNR (dB)
+    of the reference's instead of IMAGE_BOUND."""
     bound = BOUNDS[precision]
     rep = rep or ParityReport(backend=backend, precision=precision, mode=mode)
     ref, got = ref.as_torch(), got.as_torch()
@@ -334,9 +337,16 @@ def compare(ref: RunResult, got: RunResult, backend: str, precision: str, k_max:
     else:
         plain = ~info.smooth         # more_smooth images follow the last scale's soft weights (f_hat check)
         if plain.any():
-            d = (got.images[plain].float().cpu() - ref.images[plain].float().cpu()).abs().max()
-            rep.image_max_abs = max(rep.image_max_abs, float(d))
-        if rep.image_max_abs > IMAGE_BOUND:
+            a, b = ref.images[plain].float().cpu(), got.images[plain].float().cpu()
+            rep.image_max_abs = max(rep.image_max_abs, float((b - a).abs().max()))
+            for i in range(a.shape[0]):          # the worst image's PSNR (images in [0, 1])
+                mse = float((b[i].double() - a[i].double()).pow(2).mean())
+                rep.image_psnr = min(rep.image_psnr, float("inf") if mse == 0 else 10 * math.log10(1.0 / mse))
+        if image_psnr_min is not None:
+            if not rep.image_psnr >= image_psnr_min:
+                rep.failures.append(f"{run}: image PSNR {rep.image_psnr:.1f} dB < {image_psnr_min:g} dB (the int8 "
+                                    f"decoder against the fp32 one, same tokens)")
+        elif rep.image_max_abs > IMAGE_BOUND:
             rep.failures.append(f"{run}: image max|d| {rep.image_max_abs:.2e} > {IMAGE_BOUND:g} (the decoder)")
     return rep
 

@@ -13,11 +13,14 @@ torch.autocast bf16). The gate, per scale: TV(backend) <= GATE_FACTOR * TV(basel
 The token checks of runtime.parity still apply to the backend (every token follows from its
 own logits; the observed flips agree with the count the logit differences predict, the
 Poisson test), as do the fp32 checks of the DSE prior, f_hat and the image on fixed tokens.
+Where the decoder's convs are int8 too (`image_psnr_min`: the manifest's quantization.decoder),
+the image on fixed tokens (the reference's latent, within the f_hat bound) is judged by its
+PSNR against the fp32 decoder's: >= contract.quantization.IMAGE_PSNR_MIN (its reason is there).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -56,6 +59,7 @@ class QualityReport:
     rows: List[Dict] = field(default_factory=list)      # per run and scale: tv, kl, tv_base, kl_base, bound
     parity: ParityReport = None                          # the token, prior, f_hat and image checks
     failures: List[str] = field(default_factory=list)
+    image_psnr_min: Optional[float] = None              # the int8 decoder's image bound (dB); None: fp32 decoder
 
     @property
     def ok(self) -> bool:
@@ -70,22 +74,25 @@ class QualityReport:
             lines.append(f"{r['run']:>5} {r['scale']:>5} {r['tv']:>9.2e} {r['tv_base']:>9.2e} {r['bound']:>9.2e} "
                          f"{r['kl']:>9.2e} {r['kl_base']:>9.2e} {r['flips']:>5} {r['expected_flips']:>8.2f}")
         fails = self.failures + (self.parity.failures if self.parity else [])
-        lines.append(f"image max|d| on fixed tokens {self.parity.image_max_abs:.2e}  -> " +
+        psnr = f", PSNR {self.parity.image_psnr:.1f} dB" + \
+            (f" (bound {self.image_psnr_min:g} dB: int8 decoder)" if self.image_psnr_min is not None else "")
+        lines.append(f"image on fixed tokens: max|d| {self.parity.image_max_abs:.2e}{psnr}  -> " +
                      ("OK" if self.ok else "FAIL: " + "; ".join(fails)))
         return "\n".join(lines)
 
     def to_json(self) -> Dict:
         return dict(backend=self.backend, precision=self.precision, ok=self.ok, gate_factor=GATE_FACTOR,
-                    tv_slack=TV_SLACK, rows=self.rows, failures=self.failures,
+                    tv_slack=TV_SLACK, rows=self.rows, failures=self.failures, image_psnr_min=self.image_psnr_min,
                     parity=self.parity.to_json() if self.parity else None)
 
 
 def run_quality(ref_pipe, base_pipe, pipe, rows: Sequence[Row], precision: str, probe: bool = True,
-                images: bool = True) -> QualityReport:
+                images: bool = True, image_psnr_min: Optional[float] = None) -> QualityReport:
     """`ref_pipe` eager fp32 (the reference), `base_pipe` eager with bf16 autocast (the
-    baseline), `pipe` the backend under test; the rows (and the probe row) teacher-forced."""
+    baseline), `pipe` the backend under test; the rows (and the probe row) teacher-forced.
+    `image_psnr_min`: the artifacts' decoder is int8 (module docstring)."""
     info = pipe.info
-    rep = QualityReport(backend=info.name, precision=precision)
+    rep = QualityReport(backend=info.name, precision=precision, image_psnr_min=image_psnr_min)
     rep.parity = ParityReport(backend=info.name, precision=precision, mode="teacher-forced")
     runs = [("rows", list(rows))]
     if probe:
@@ -96,7 +103,7 @@ def run_quality(ref_pipe, base_pipe, pipe, rows: Sequence[Row], precision: str, 
         forced = dict(keep_logits=True, keep_fhat=True, force_tokens=ref.tokens, force_fhat=ref.f_hats, decode=decode)
         got, base = pipe.run_rows(rs, **forced), base_pipe.run_rows(rs, **forced)
         compare(ref, got, info.name, precision, info.k_max, info.transform, info.cfg.patch_nums, "teacher-forced",
-                name, rep.parity)
+                name, rep.parity, image_psnr_min=image_psnr_min)
         r_ref, r_got, r_base = ref.as_torch(), got.as_torch(), base.as_torch()
         prow = [r for r in rep.parity.rows if r["run"] == name]
         info_ref = run_info(r_ref, len(ref.tokens))

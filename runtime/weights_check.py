@@ -8,7 +8,8 @@ allows), and every parameter the graphs use must be accounted for:
               reference parameter cast to that dtype must give the same bytes;
   quantized   (int8, fp8 artifacts) the stored weight, its scale (per channel for int8, one per
               tensor for fp8) and zero point must equal contract.quantization.requantize of the
-              reference parameter, bit for bit;
+              reference parameter, bit for bit: the step's MatMul weights (channels on axis 1)
+              and, for int8, the decoder's Conv weights (channels on axis 0);
   derived     the few small tensors the exporter folds into other constants (DERIVED below:
               q/v biases concatenated, the attention scale through exp/clamp); they reach the
               logits, which the parity bounds compare.
@@ -91,7 +92,9 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
     params = {f"{m}.{k}": v.detach().cpu() for m, mod in models.items() for k, v in mod.state_dict().items()}
     required = {k for m, mod in models.items() for k, _ in mod.named_parameters(prefix=m)
                 if not k.startswith(UNUSED) and not k.endswith(DERIVED)}
-    quant = (man.data.get("quantization") or {}).get("weights", {})
+    qsec = man.data.get("quantization") or {}
+    quant = {w: (p, "MatMul") for w, p in qsec.get("weights", {}).items()}          # stored -> (parameter, op)
+    quant.update({w: (p, "Conv") for w, p in (qsec.get("decoder") or {}).get("weights", {}).items()})
     companions = {q[:-len("_quantized")] + s for q in quant for s in ("_scale", "_zero_point")}
     rep, seen = WeightsReport(), set()
     reader = _Reader(man)
@@ -112,10 +115,11 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
         inits = {t.name: t for t in g.graph.initializer}
         for t in g.graph.initializer:
             if t.name in quant:
-                rep.compared += _check_quantized(rep, gname, t, inits, quant[t.name], params, reader, man.precision,
+                param, op = quant[t.name]
+                rep.compared += _check_quantized(rep, gname, t, inits, param, op, params, reader, man.precision,
                                                  requantize)
-                _check_dequantize(rep, gname, g.graph, t.name, quant[t.name], man.precision)
-                seen.add(quant[t.name])
+                _check_dequantize(rep, gname, g.graph, t.name, param, op, man.precision)
+                seen.add(param)
                 continue
             if t.name in companions:
                 continue                    # compared with their weight
@@ -144,13 +148,15 @@ def weights_check(man, models: Dict[str, object]) -> WeightsReport:
     return rep
 
 
-def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: str, precision: str) -> None:
+def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: str, op: str,
+                      precision: str) -> None:
     """The stored values are used as the scheme says: one DequantizeLinear reads the weight with its
-    own scale and zero point along axis 1 (the output channels; fp8's one scale per tensor has no
-    axis: its shape is compared with the scheme's), and feeds a MatMul's B input."""
+    own scale and zero point along the output channels' axis (MatMul: 1, Conv: 0; fp8's one scale
+    per tensor has no axis: its shape is compared with the scheme's), and feeds the weight input
+    of a node of that op."""
     import onnx
-    from var_ssg.contract.quantization import LAYOUT
-    want_axis = LAYOUT[precision][2]
+    from var_ssg.contract.quantization import LAYOUT, WEIGHT_AXIS
+    want_axis = WEIGHT_AXIS[op] if LAYOUT[precision][2] is not None else None
     base = name[:-len("_quantized")]
     dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input and n.input[0] == name]
     why = None
@@ -163,13 +169,13 @@ def _check_dequantize(rep: WeightsReport, gname: str, graph, name: str, param: s
             why = f"its DequantizeLinear reads {list(dq.input[1:3])}, not its own scale and zero point"
         elif want_axis is not None and axis != want_axis:
             why = f"its DequantizeLinear runs along axis {axis}, the scheme's output channels are axis {want_axis}"
-        elif not any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] == dq.output[0] for n in graph.node):
-            why = "its DequantizeLinear does not feed a MatMul's weight input"
+        elif not any(n.op_type == op and len(n.input) > 1 and n.input[1] == dq.output[0] for n in graph.node):
+            why = f"its DequantizeLinear does not feed a {op}'s weight input"
     if why:
         rep.failures.append(f"weights: {gname} graph's {name} ({param}): {why}")
 
 
-def _check_quantized(rep: WeightsReport, gname: str, t, inits, param: str, params, reader, precision: str,
+def _check_quantized(rep: WeightsReport, gname: str, t, inits, param: str, op: str, params, reader, precision: str,
                      requantize) -> int:
     base = t.name[:-len("_quantized")]
     if param not in params:
@@ -180,7 +186,7 @@ def _check_quantized(rep: WeightsReport, gname: str, t, inits, param: str, param
         rep.failures.append(f"weights: {gname} graph's {t.name} has no {missing[0]}")
         return 0
     q, s, z = reader.read(t), reader.read(inits[base + "_scale"]), reader.read(inits[base + "_zero_point"])
-    want_q, want_s = requantize(params[param].float().numpy(), precision)
+    want_q, want_s = requantize(params[param].float().numpy(), precision, op)
     what = None
     if q.shape != want_q.shape or s.shape != want_s.shape:
         what = f"shape {list(q.shape)} / scale {list(s.shape)}, the scheme gives {list(want_q.shape)} / {list(want_s.shape)}"

@@ -61,12 +61,85 @@ def test_stored_weights_are_the_scheme_requantized(tmp_path, gemm):
     assert len(act) == 1 and not got[act[0].input[2]].any() and got[act[0].input[1]].size == 1
 
 
+def _three_convs(tmp_path, ws) -> str:
+    """x (1, C, 6, 6) -> Conv(ws[0]) -> Relu -> Conv(ws[1]) -> Relu -> Conv(ws[2]) -> image, weights
+    named as the VQVAE's parameters (vae.c{i}.weight), fp32 biases."""
+    x = oh.make_tensor_value_info("f_hat", onnx.TensorProto.FLOAT, [1, ws[0].shape[1], 6, 6])
+    y = oh.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, ws[-1].shape[0], 6, 6])
+    nodes, inits, prev = [], [], "f_hat"
+    for i, w in enumerate(ws):
+        inits += [numpy_helper.from_array(w, f"vae.c{i}.weight"),
+                  numpy_helper.from_array(np.full(w.shape[0], 0.01 * (i + 1), np.float32), f"vae.c{i}.bias")]
+        out = "image" if i == len(ws) - 1 else f"h{i}"
+        nodes.append(oh.make_node("Conv", [prev, f"vae.c{i}.weight", f"vae.c{i}.bias"], [out + ("" if out == "image" else "_c")],
+                                  name=f"conv{i}", pads=[1, 1, 1, 1]))
+        if out != "image":
+            nodes.append(oh.make_node("Relu", [out + "_c"], [out], name=f"relu{i}"))
+        prev = out
+    m = oh.make_model(oh.make_graph(nodes, "dec", [x], [y], inits), opset_imports=[oh.make_opsetid("", 18)],
+                      ir_version=10)
+    m = onnx.shape_inference.infer_shapes(m)
+    path = str(tmp_path / "dec.onnx")
+    onnx.save(m, path)
+    return path
+
+
+def test_decoder_conv_weights_are_the_scheme_requantized(tmp_path):
+    """quantize_decoder stores contract.quantization.requantize(w, "int8", "Conv") of the middle
+    conv's weight (one scale per output channel, axis 0), keeps the first and last conv fp32
+    and their biases as they are, and measures the image's PSNR against the fp32 graph."""
+    from var_ssg.export.quantize import quantize_decoder
+    rng = np.random.default_rng(1)
+    ws = [(rng.standard_normal((o, i, 3, 3)) * np.linspace(0.05, 1, o)[:, None, None, None]).astype(np.float32)
+          for o, i in ((8, 4), (6, 8), (3, 6))]
+    src = _three_convs(tmp_path, ws)
+    f_hats = [rng.standard_normal((1, 4, 6, 6)).astype(np.float32) for _ in range(3)]
+    params = {f"vae.c{i}.weight": w for i, w in enumerate(ws)}
+    dst = str(tmp_path / "q.onnx")
+    q = quantize_decoder(src, dst, "int8", params, f_hats, str(tmp_path))
+    assert q.weights == {"vae.c1.weight_quantized": "vae.c1.weight"} and q.nodes == 1 and q.feeds == 3
+    assert set(q.keep_fp32) == {"vae.c0.weight", "vae.c2.weight"} and np.isfinite(q.image_psnr_db)
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(dst).graph.initializer}
+    want_q, want_s = requantize(ws[1], "int8", "Conv")
+    assert want_q.shape == (6, 8, 3, 3) and want_s.shape == (6,)
+    assert np.array_equal(got["vae.c1.weight_quantized"], want_q)
+    assert np.array_equal(got["vae.c1.weight_scale"].view(np.uint32), want_s.view(np.uint32))
+    assert not got["vae.c1.weight_zero_point"].any()
+    assert np.array_equal(got["vae.c1.bias"], np.full(6, 0.02, np.float32))        # biases stay fp32
+    assert np.array_equal(got["vae.c0.weight"], ws[0]) and np.array_equal(got["vae.c2.weight"], ws[2])
+
+
+def test_feed_store_streams_what_it_was_given(tmp_path):
+    """Calibration feeds go to disk as they come and are read back one at a time, equal."""
+    from var_ssg.export.calibrate import FeedStore
+    from var_ssg.export.quantize import _Feeds
+    st = FeedStore(str(tmp_path / "f"))
+    feeds = [{"x": np.arange(6, dtype=np.float32).reshape(2, 3) * i, "k": np.array([i], np.int64)} for i in range(3)]
+    for f in feeds:
+        st.add(f)
+    assert len(st) == 3
+    r = _Feeds(st)
+    for f in feeds:
+        g = r.get_next()
+        assert g.keys() == f.keys() and all(np.array_equal(g[n], f[n]) and g[n].dtype == f[n].dtype for n in f)
+    assert r.get_next() is None
+    with pytest.raises(ValueError, match="file name"):
+        st.add({"a/b": np.zeros(1)})
+
+
 def test_requantize_axis_and_rounding():
     w = np.array([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]], np.float32)          # N=2 K=3
     q, s = requantize(w, "int8")
     assert q.shape == (3, 2) and s.shape == (2,)                            # stored B = W^T, a scale per n
     assert s[0] == np.float32(2.0) / np.float32(127) and s[1] == 1.0        # an all-zero channel: scale 1
     assert q[:, 0].tolist() == [64, -127, 32] and not q[:, 1].any()         # 63.5 -> 64 (half to even), 31.75 -> 32
+    c = np.zeros((2, 1, 1, 3), np.float32)                                  # a conv weight O I kh kw
+    c[0, 0, 0] = [1.0, -2.0, 0.5]
+    qc, sc = requantize(c, "int8", "Conv")
+    assert qc.shape == c.shape and sc.shape == (2,) and sc[1] == 1.0         # stored as it is, a scale per O
+    assert qc[0, 0, 0].tolist() == [64, -127, 32] and not qc[1].any()
+    with pytest.raises(ValueError, match="no quantization layout"):
+        requantize(c, "int8", "Gemm")
 
 
 def test_cpu_features_are_read_from_cpuinfo(tmp_path):
@@ -76,6 +149,20 @@ def test_cpu_features_are_read_from_cpuinfo(tmp_path):
                  "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
     assert cpu_features(str(f)) == dict(model="Some Xeon", features=["avx2", "avx512f", "avx512_bf16", "amx_int8"])
     assert cpu_features(str(tmp_path / "none")) == dict(model="unknown", features=[])
+
+
+def test_precision_bench_splits_off_the_decoder():
+    """bench.py --precisions: each of our rows shows the decoder's time (what follows the last
+    scale), the official code's (no per-scale hook) none."""
+    from var_ssg.benchmarks.precision import PrecisionBenchResult, precision_row
+    ours = precision_row("onnxruntime-int8", [(5.0, [0.5, 1.5]), (4.0, [0.5, 1.0]), (6.0, [1.0, 1.0])])
+    assert ours.per_image_s == 5.0 and ours.per_scale_s == [0.5, 1.0] and ours.decoder_s == 3.0
+    off = precision_row("official-bf16-autocast", [(5.0, []), (4.0, [])])
+    assert off.decoder_s is None
+    res = PrecisionBenchResult(model="var-d2", cpu=dict(model="x", features=[]), threads=2,
+                               rows={"onnxruntime-int8": ours, "official-bf16-autocast": off})
+    lines = res.table().splitlines()
+    assert "decoder s" in lines[1] and "3.000" in lines[2] and "3.000" not in lines[3]
 
 
 def test_eager_autocast_runs_the_transformer_in_bf16_and_the_tail_in_fp32(tiny):
@@ -98,15 +185,15 @@ def test_eager_autocast_runs_the_transformer_in_bf16_and_the_tail_in_fp32(tiny):
 
 
 # ------------------------------------------------------------------ artifacts (slow)
-def _plant(src: str, dst: Path, edit) -> str:
-    """A copy of the artifacts with `edit(graph, weights bytearray, manifest)` applied and the
-    hashes rewritten (so only the weights check and parity can notice)."""
+def _plant(src: str, dst: Path, edit, graph: str = "step_all.onnx") -> str:
+    """A copy of the artifacts with `edit(graph, weights bytearray, manifest)` applied to `graph`
+    and the hashes rewritten (so only the weights check and parity can notice)."""
     shutil.copytree(src, dst)
-    g = onnx.load(str(dst / "step_all.onnx"), load_external_data=False)
+    g = onnx.load(str(dst / graph), load_external_data=False)
     raw = bytearray((dst / "weights.bin").read_bytes())
     man = json.loads((dst / "manifest.json").read_text())
     edit(g, raw, man)
-    onnx.save(g, str(dst / "step_all.onnx"))
+    onnx.save(g, str(dst / graph))
     (dst / "weights.bin").write_bytes(bytes(raw))
     write_manifest(str(dst), {k: v for k, v in man.items() if k != "files"})
     return str(dst)
@@ -126,7 +213,8 @@ def _weights_check(d):
 
 
 def _quantized(g, man, param):
-    name = next(n for n, p in man["quantization"]["weights"].items() if p == param)
+    ws = man["quantization"]["weights"] if param.startswith("var.") else man["quantization"]["decoder"]["weights"]
+    name = next(n for n, p in ws.items() if p == param)
     inits = {t.name: t for t in g.graph.initializer}
     base = name[:-len("_quantized")]
     return inits[name], inits[base + "_scale"], inits[base + "_zero_point"]
@@ -222,7 +310,8 @@ def test_weights_check_passes_clean_int8_and_bf16(int8_tiny, artifacts):
         rep = _weights_check(d)
         assert not rep.failures, rep.failures
         assert rep.compared > 100 and "every parameter compared" in rep.summary()
-    assert _weights_check(int8_tiny).quantized == load_manifest(int8_tiny).data["quantization"]["nodes"]
+    q = load_manifest(int8_tiny).data["quantization"]
+    assert _weights_check(int8_tiny).quantized == q["nodes"] + q["decoder"]["nodes"]      # the step's and the decoder's
 
 
 @pytest.mark.slow
@@ -236,6 +325,44 @@ def test_planted_quantizer_bugs_fail_the_weights_check(int8_tiny, tmp_path, plan
     assert len(rep.failures) == 1 and PARAM in rep.failures[0], rep.failures
     import re
     assert re.search(what, rep.failures[0]), rep.failures[0]
+
+
+def _decoder_param(man) -> str:
+    return sorted(man["quantization"]["decoder"]["weights"].values())[0]
+
+
+@pytest.mark.slow
+def test_int8_decoder_is_recorded_and_its_weights_rederived(int8_tiny):
+    man = load_manifest(int8_tiny)
+    d = man.data["quantization"]["decoder"]
+    assert d["op_types"] == ["Conv"] and d["weight_axis"] == 0 and d["nodes"] == len(d["weights"]) > 0
+    assert all(p.startswith("vae.") for p in d["weights"].values())
+    assert "vae.post_quant_conv.weight" in d["keep_fp32"] and "vae.decoder.conv_out.weight" in d["keep_fp32"]
+    assert d["calibration"]["latents"] == 6 and d["image_psnr_bound"] == 30.0 and d["image_psnr_latents"] == 2
+    g = onnx.load(str(Path(int8_tiny) / "decoder.onnx"), load_external_data=False)
+    assert sum(n.op_type == "DequantizeLinear" for n in g.graph.node) >= d["nodes"]
+    rep = _weights_check(int8_tiny)
+    assert not rep.failures and rep.quantized == man.data["quantization"]["nodes"] + d["nodes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plant, what", [("scale", "scales"), ("dq_axis", "along axis 1, the scheme's output "
+                                                                          "channels are axis 0")])
+def test_planted_decoder_conv_bugs_fail_the_weights_check(int8_tiny, tmp_path, plant, what):
+    """A conv weight's scale x 1.01, or its DequantizeLinear along the input channels: the
+    weights check names the VQVAE parameter."""
+    param = _decoder_param(load_manifest(int8_tiny).data)
+
+    def edit(g, raw, man):
+        q, s, _ = _quantized(g, man, param)
+        if plant == "scale":
+            _write(raw, s, _read(raw, s, np.float32) * np.float32(1.01))
+        else:
+            dq = next(n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.name)
+            next(a for a in dq.attribute if a.name == "axis").i = 1
+    d = _plant(int8_tiny, tmp_path / "m", edit, graph="decoder.onnx")
+    rep = _weights_check(d)
+    assert len(rep.failures) == 1 and param in rep.failures[0] and what in rep.failures[0], rep.failures
 
 
 @pytest.mark.slow
@@ -309,3 +436,39 @@ def test_the_gate_passes_var_d2_and_catches_a_wrong_activation_scale(int8_d2, tm
     bad = _gate(_plant(int8_d2, tmp_path / "m", edit), rows)
     assert not bad.ok and any("TV" in f for f in bad.failures), bad.failures
     assert not _weights_check(str(tmp_path / "m")).failures          # invisible to the weights check
+
+
+@pytest.mark.slow
+def test_the_gate_bounds_the_int8_decoders_image(int8_d2, tmp_path):
+    """var-d2's int8 decoder keeps the image on fixed tokens >= 30 dB from the fp32 decoder's; one
+    decoder activation dequantized with twice its scale (no weight: invisible to the weights
+    check, and the sampling distributions do not see the decoder) fails on the image's PSNR."""
+    from var_ssg.runtime.pipeline import Row
+    from var_ssg.runtime.quality import run_quality
+    from var_ssg.runtime.backends import open_backend
+    from var_ssg.runtime.backends.eager import EagerBackend
+    from var_ssg.runtime.pipeline import Pipeline
+    from var_ssg.contract.quantization import IMAGE_PSNR_MIN
+
+    def gate(d):
+        man = load_manifest(d)
+        ref = Pipeline(open_backend("eager", man))
+        base = Pipeline(EagerBackend(ref.backend.var, ref.backend.vae, transform=man.transform, k_max=man.k_max,
+                                     autocast=torch.bfloat16))
+        return run_quality(ref, base, Pipeline(open_backend("onnxruntime", man)), [Row(207, 0)], "int8", probe=False,
+                           image_psnr_min=IMAGE_PSNR_MIN)
+    clean = gate(int8_d2)
+    assert clean.ok, clean.failures + clean.parity.failures
+    assert IMAGE_PSNR_MIN <= clean.parity.image_psnr < 60 and "PSNR" in clean.table()
+
+    def edit(g, raw, man):
+        inits = {t.name: t for t in g.graph.initializer}
+        q_out = {n.output[0] for n in g.graph.node if n.op_type == "QuantizeLinear"}
+        dq = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_out][len(q_out) // 2]
+        s = inits[dq.input[1]]
+        g.graph.initializer.append(numpy_helper.from_array(_read(raw, s, np.float32) * np.float32(2), "planted_scale"))
+        dq.input[1] = "planted_scale"
+    bad = gate(_plant(int8_d2, tmp_path / "m", edit, graph="decoder.onnx"))
+    assert not bad.ok and any("image PSNR" in f for f in bad.parity.failures), bad.parity.failures
+    assert not bad.failures                                          # TV: the step graph is untouched
+    assert not _weights_check(str(tmp_path / "m")).failures
