@@ -134,7 +134,8 @@ def export(a) -> int:
     from var_ssg.tools.progress import StageDisplay
     t0 = time.time()
     cfg = get_infinity_preset(a.model)
-    ec = InfinityExportConfig(precision=a.precision, batch=a.batch, transform=a.dse, opset=a.opset, target=a.target,
+    opset = {} if a.opset is None else dict(opset=a.opset)          # None: the config's own default
+    ec = InfinityExportConfig(precision=a.precision, batch=a.batch, transform=a.dse, target=a.target, **opset,
                               trt_hardware_compatible=a.trt_hardware_compatible,
                               trt_version_compatible=a.trt_version_compatible, trt_tf32=a.trt_tf32)
     check_out(a.out)
