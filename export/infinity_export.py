@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional
 
@@ -42,8 +41,8 @@ from var_ssg.graphs.weights import WeightSource
 
 from .dynamo import export_one
 from .lint import lint_files
-from .onnx_export import ExportResult, StageClock, _existing, _rebuild_engines, _save, _trt_options, _versions, weights_id
-from .publish import ExportError, Transaction, split_out
+from .onnx_export import ExportResult, StageClock, _save, _trt_options, _versions, publish, weights_id
+from .publish import ExportError
 from .store import SharedWeights
 
 log = logging.getLogger(__name__)
@@ -102,31 +101,7 @@ def export_infinity(model: Infinity, vae: BSQVAE, src: WeightSource, out: str, e
     if ec.target == "trt":            # TensorRT and a GPU, or a clear error before a long export
         from .trt_build import this_machine
         machine = this_machine()
-    try:
-        with Transaction(out) as txn:
-            out = txn.out
-            data = _existing(out, key, force)
-            if data is not None:
-                txn.keep()
-                why = None
-                if machine is not None:
-                    from .trt_build import engines_stale
-                    why = engines_stale(data, machine, **_trt_options(ec))
-                if why is None:
-                    log.info("%s is up to date (cache key %s); nothing to do", out, key[:12])
-                    return ExportResult(data, reused=True)
-                log.info("%s: %s; building new engines (the ONNX graphs are reused)", out, why)
-                return ExportResult(_rebuild_engines(out, ec), reused=False)
-            tmp = txn.tmp_dir()
-            old_cache = os.path.join(out, "timing.cache")
-            if ec.target == "trt" and os.path.isfile(old_cache):     # reuse the TensorRT timing cache
-                shutil.copyfile(old_cache, os.path.join(tmp, "timing.cache"))
-            man = _export_into(model, vae, src, tmp, ec, key, progress)
-            txn.commit(tmp)
-            return ExportResult(man, reused=False)
-    except OSError as e:
-        raise ExportError(f"export failed while writing ({e.strerror or e}: {e.filename or ''}); "
-                          f"nothing was written to {split_out(out)[0]}") from None
+    return publish(out, key, force, machine, ec, lambda tmp: _export_into(model, vae, src, tmp, ec, key, progress))
 
 
 def _export_into(model, vae, src, tmp, ec: InfinityExportConfig, key, progress) -> Dict:

@@ -176,6 +176,13 @@ def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: Expo
         from .trt_build import check_precision, this_machine
         machine = this_machine()
         check_precision(ec.precision, machine)
+    return publish(out, key, force, machine, ec, lambda tmp: _export_into(var, vae, src, tmp, ec, key, progress))
+
+
+def publish(out: str, key: str, force: bool, machine, ec, export_into: Callable[[str], Dict]) -> ExportResult:
+    """The export transaction of any model family: reuse `out` when its cache key is `key` (new
+    engines only when they are stale for `machine`), else `export_into(tmp)` writes the artifacts
+    (the manifest returned) into the transaction's folder, swapped in whole (export.publish)."""
     try:
         with Transaction(out) as txn:
             out = txn.out
@@ -195,7 +202,7 @@ def export_artifacts(var: VAR, vae: VQVAE, src: WeightSource, out: str, ec: Expo
             old_cache = os.path.join(out, "timing.cache")
             if ec.target == "trt" and os.path.isfile(old_cache):     # reuse the TensorRT timing cache
                 shutil.copyfile(old_cache, os.path.join(tmp, "timing.cache"))
-            man = _export_into(var, vae, src, tmp, ec, key, progress)
+            man = export_into(tmp)
             txn.commit(tmp)
             return ExportResult(man, reused=False)
     except OSError as e:
