@@ -33,7 +33,7 @@ from var_ssg.contract.manifest import MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET,
 from var_ssg.graphs.config import DSE_TRANSFORMS
 from var_ssg.graphs.infinity import Infinity
 from var_ssg.graphs.infinity_config import ASPECT_TEMPLATES, InfinityConfig
-from var_ssg.graphs.infinity_io import DYNAMIC_AXES, InfinityDecoderIO, InfinityStepIO, InfinityTextIO
+from var_ssg.graphs.infinity_io import DYNAMIC_AXES, InfinityDecoderIO, InfinityStepIO, InfinityTextIO, heads_per_chunk
 from var_ssg.graphs.infinity_step import (InfinityDecoder, InfinityText, InfinityUnifiedStep, example_feeds,
                                   text_example_feeds)
 from var_ssg.graphs.infinity_vae import BSQVAE
@@ -60,6 +60,9 @@ class InfinityExportConfig:
     trt_hardware_compatible: bool = False
     trt_version_compatible: bool = False
     trt_tf32: bool = False
+    # the step graph's self-attention runs in head chunks whose score table at the largest
+    # scale stays within this many bytes (graphs.infinity_io.heads_per_chunk)
+    attn_table_bytes: int = 512 * 2 ** 20
 
     def __post_init__(self):
         if self.precision != "fp32":
@@ -73,6 +76,8 @@ class InfinityExportConfig:
             raise ConfigError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}")
         if self.target not in ("onnx", "trt"):
             raise ConfigError(f"--target must be onnx or trt, got {self.target!r}")
+        if self.attn_table_bytes < 1:
+            raise ConfigError(f"attn_table_bytes must be >= 1, got {self.attn_table_bytes}")
 
 
 def infinity_cache_key(cfg: InfinityConfig, ec: InfinityExportConfig, wid: str) -> str:
@@ -122,7 +127,8 @@ def _export_into(model, vae, src, tmp, ec: InfinityExportConfig, key, progress) 
         dims = _dims(cfg)
         shapes = {name: None for name in step_io.inputs}
         shapes.update({name: {a: dims[d] for a, d in axes.items()} for name, axes in DYNAMIC_AXES.items()})
-        m = export_one(InfinityUnifiedStep(model).eval(), example_feeds(cfg, B, sched, min(3, sched.num_scales - 1),
+        hpc = heads_per_chunk(cfg, B, ec.attn_table_bytes)
+        m = export_one(InfinityUnifiedStep(model, hpc).eval(), example_feeds(cfg, B, sched, min(3, sched.num_scales - 1),
                                                                          ec.transform),
                        step_io.inputs, step_io.outputs, ec.opset, dynamic_shapes=shapes)
         graphs["step"] = _save(m, store, tmp, FILES["step"], "step")
@@ -152,7 +158,7 @@ def _export_into(model, vae, src, tmp, ec: InfinityExportConfig, key, progress) 
         cfg, batch=ec.batch, precision=ec.precision, opset=ec.opset, transform=ec.transform, weights=src.to_json(),
         external_data=dict(file=store.filename, bytes=store.bytes_written, referenced_bytes=store.bytes_referenced,
                            parameter_bytes=param_bytes),
-        graphs=graphs, tools=_versions(), cache_key=key, export=asdict(ec))
+        graphs=graphs, tools=_versions(), cache_key=key, export=dict(asdict(ec), attn_heads_per_chunk=hpc))
     if ec.target == "trt":
         from .trt_build import build_engines
         clock.start("engines")

@@ -138,9 +138,12 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(C))
         self.proj = nn.Linear(C, C)
 
-    def forward(self, x_BnC, rope, past: Optional[Tuple[torch.Tensor, torch.Tensor]], attn_bias=None):
+    def forward(self, x_BnC, rope, past: Optional[Tuple[torch.Tensor, torch.Tensor]], attn_bias=None,
+                heads_per_chunk: int = 0):
         """attn_bias: None (a cached scale: everything visible) or an additive n x n mask (the
-        teacher-forced whole sequence)."""
+        teacher-forced whole sequence). heads_per_chunk > 0: attention over that many heads at a
+        time, concatenated (the same numbers; an exported graph then holds one chunk's score
+        table at a time: DESIGN.md, "Infinity")."""
         B, n, C = x_BnC.shape
         qkv = F.linear(x_BnC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
         q, k, v = qkv.view(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -150,7 +153,13 @@ class SelfAttention(nn.Module):
         new = (k, v)
         if past is not None:
             k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0)
+        H = self.num_heads
+        if 0 < heads_per_chunk < H:
+            o = torch.cat([F.scaled_dot_product_attention(q[:, h:h + heads_per_chunk], k[:, h:h + heads_per_chunk],
+                                                          v[:, h:h + heads_per_chunk], attn_mask=attn_bias, scale=1.0)
+                           for h in range(0, H, heads_per_chunk)], 1)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0)
         return self.proj(o.transpose(1, 2).reshape(B, n, C)), new
 
 
@@ -179,10 +188,10 @@ class CrossAttnBlock(nn.Module):
     def _ada(self, x, scale, shift):
         return F.layer_norm(x.float(), (self.C,), eps=self.eps) * (scale + 1) + shift
 
-    def forward(self, x_BnC, gss_B16C, text_kv, mask_BL, rope, past=None, attn_bias=None):
+    def forward(self, x_BnC, gss_B16C, text_kv, mask_BL, rope, past=None, attn_bias=None, heads_per_chunk: int = 0):
         """-> (x, (k, v) of this scale: B H n c each)."""
         g1, g2, s1, s2, b1, b2 = (self.ada_gss + gss_B16C).unbind(2)                  # B 1 C each
-        a, new = self.sa(self._ada(x_BnC, s1, b1), rope, past, attn_bias)
+        a, new = self.sa(self._ada(x_BnC, s1, b1), rope, past, attn_bias, heads_per_chunk)
         x = x_BnC + a * g1
         x = x + self.ca(self.ca_norm(x), text_kv, mask_BL)
         x = x + self.ffn(self._ada(x, s2, b2)) * g2

@@ -53,6 +53,15 @@ def span(shapes: List[Dict[str, List[int]]], opt: Dict[str, List[int]]) -> Span:
                 [max(s[n][a] for s in shapes) for a in range(len(v))]) for n, v in opt.items()}
 
 
+def heads_per_chunk(cfg: InfinityConfig, batch: int, table_bytes: int) -> int:
+    """How many heads' self-attention an exported step computes at once so that one fp32 score
+    table (2B x heads x n x L at the largest scale of any template) stays within `table_bytes`;
+    0 = every head at once (it fits), else at least 1 (DESIGN.md, "Infinity")."""
+    per_head = max(2 * batch * h * w * s.L * 4 for s in template_schedules(cfg) for h, w in s.hw[-1:])
+    fit = table_bytes // per_head
+    return 0 if fit >= cfg.num_heads else max(1, int(fit))
+
+
 def patch_slices(cfg: InfinityConfig) -> int:
     return 4 if cfg.spatial_patchify else 1
 

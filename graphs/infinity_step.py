@@ -56,14 +56,15 @@ def bit_tail(lg_2BnV, cfg, beta, prior_BnV: Optional[torch.Tensor], noise, tau, 
     return bits, logits, logits_cfg, used
 
 
-def blocks_with_cache(model: Infinity, x, cond, text_kv, mask_BL, rope, past_kv: Optional[torch.Tensor]):
+def blocks_with_cache(model: Infinity, x, cond, text_kv, mask_BL, rope, past_kv: Optional[torch.Tensor],
+                      heads_per_chunk: int = 0):
     """Every block over the cache layout: past_kv (Lp, depth, 2, 2B, H, hd) or None -> (hidden
     states, new_kv (n, depth, 2, 2B, H, hd)). text_kv (depth, 2, 2B, H, Lt, hd)."""
     gss = model.shared_ada_lin(cond).view(-1, 1, 6, model.cfg.width)
     news = []
     for i, blk in enumerate(model.blocks):
         past = None if past_kv is None else (past_kv[:, i, 0].permute(1, 2, 0, 3), past_kv[:, i, 1].permute(1, 2, 0, 3))
-        x, (k, v) = blk(x, gss, (text_kv[i, 0], text_kv[i, 1]), mask_BL, rope, past)
+        x, (k, v) = blk(x, gss, (text_kv[i, 0], text_kv[i, 1]), mask_BL, rope, past, None, heads_per_chunk)
         news.append(torch.stack((k, v), 0))                                  # 2 2B H n hd
     return x, torch.stack(news, 0).permute(4, 0, 1, 2, 3, 5).contiguous()   # n depth 2 2B H hd
 
@@ -93,10 +94,11 @@ class InfinityText(nn.Module):
 class InfinityUnifiedStep(nn.Module):
     """The step graph (module docstring): matrices instead of FFT / interpolate / pixel shuffles."""
 
-    def __init__(self, model: Infinity):
+    def __init__(self, model: Infinity, heads_per_chunk: int = 0):
         super().__init__()
         self.model = model
         self.bits = model.cfg.vae.bits
+        self.heads_per_chunk = heads_per_chunk      # 0: every head's scores at once
 
     def forward(self, cond, text_kv, text_mask2, summed, noise, cfg, tau, top_k, top_p, beta, past_kv, prev_logits,
                 forced, force, scale_first, scale_level, scale_cos, scale_sin, scale_down, scale_up, scale_dse):
@@ -110,7 +112,8 @@ class InfinityUnifiedStep(nn.Module):
         x_word = torch.cat((x_word, x_word), 0)                                  # 2B n C
         x_first = m.first_tokens(cond)                                           # 2B 1 C
         x = torch.where(scale_first > 0.5, x_first, x_word) + m.lvl_embed(scale_level)
-        h, new_kv = blocks_with_cache(m, x, cond, text_kv, text_mask2 > 0.5, (scale_cos, scale_sin), past_kv)
+        h, new_kv = blocks_with_cache(m, x, cond, text_kv, text_mask2 > 0.5, (scale_cos, scale_sin), past_kv,
+                                      self.heads_per_chunk)
         lg = m.logits(h, cond)
         beta = beta * (1 - scale_first)                                          # scale 0 has no prior
         bits, logits, logits_cfg, used = bit_tail(lg, cfg, beta, scale_dse @ prev_logits, noise, tau, top_k, top_p,

@@ -61,8 +61,8 @@ def test_unified_step_equals_reference_and_eager_loop(preset, ratio):
         cond, tkv, m2 = InfinityText(model)(emb, mask.float(), torch.zeros_like(emb), torch.zeros(B, cfg.text_maxlen),
                                             torch.zeros(B))
         fh, fw = cfg.vae_hw(sched.hw[-1])
-        for unified in (False, True):
-            steps, us = build_scale_steps(model, sched, "dct"), InfinityUnifiedStep(model)
+        for unified, hpc in ((False, 0), (True, 0), (True, 1)):     # hpc 1: attention one head at a time
+            steps, us = build_scale_steps(model, sched, "dct"), InfinityUnifiedStep(model, hpc)
             summed = torch.zeros(B, fh * fw, cfg.vae.bits)
             past = torch.zeros(0, cfg.depth, 2, 2 * B, cfg.num_heads, cfg.head_dim)
             prev = torch.zeros(B, 1, cfg.V)
@@ -143,6 +143,42 @@ def test_ort_bits_equal_eager_on_seeds_and_ratios(inf_art):
         assert all(np.array_equal(x, y) for x, y in zip(a.bits, b.bits)), (seed, ratio)
         assert a.images.shape == b.images.shape == (1, 3, *cfg.image_size(cfg.schedule(ratio)))
         assert np.abs(a.images - b.images).max() <= 1e-5
+
+
+def test_head_chunked_attention_export(tmp_path):
+    """A step graph whose score tables would exceed the export's budget computes self-attention
+    a head at a time (one Softmax per head and block, recorded in the manifest) and gives the
+    same bits as eager; the budget that fits keeps one Softmax per block. ONNX Runtime's weight
+    pre-packing is kept for weights that are a small share of memory, and skipped for
+    infinity-2b's 8.7 GB on a 24 GB machine."""
+    import onnx
+    from var_ssg.export.infinity_export import InfinityExportConfig, export_infinity
+    from var_ssg.graphs.infinity_io import heads_per_chunk
+    from var_ssg.graphs.weights import WeightSource
+    from var_ssg.runtime.backends.infinity_ort import prepack_fits
+    from var_ssg.runtime.infinity import PromptRow, open_infinity
+    cfg = get_infinity_preset(TINY)
+    assert heads_per_chunk(cfg, 1, 512 * 2 ** 20) == 0 and heads_per_chunk(cfg, 1, 1) == 1
+    assert heads_per_chunk(get_infinity_preset("infinity-2b"), 1, 512 * 2 ** 20) == 1
+    assert prepack_fits(10 ** 6, 24 * 2 ** 30) and not prepack_fits(8_659 * 2 ** 20, 24 * 2 ** 30)
+    model, vae = random_infinity(cfg, 0)
+    out = str(tmp_path / "chunked")
+    export_infinity(model, vae, WeightSource(kind="random", seed=0), out, InfinityExportConfig(attn_table_bytes=1))
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    assert man["export"]["attn_heads_per_chunk"] == 1
+    step = onnx.load(os.path.join(out, "step_all.onnx"), load_external_data=False)
+    def in_self_attention(n):
+        return any(p.key == "pkg.torch.onnx.class_hierarchy" and "infinity.SelfAttention" in p.value
+                   for p in n.metadata_props)
+    softmax = [in_self_attention(n) for n in step.graph.node if n.op_type == "Softmax"]
+    assert sum(softmax) == cfg.depth * cfg.num_heads and len(softmax) == sum(softmax) + cfg.depth + 1   # + CA, sampler
+    ort_pipe, _ = open_infinity(artifacts=out)
+    eager, _ = open_infinity(artifacts=out, backend="eager")
+    assert ort_pipe.backend.prepack
+    emb, mask = _text(cfg, B=1, lens=(6,), seed=2)
+    row = PromptRow(emb[0].numpy(), mask[0].numpy(), seed=5, cfg=3.0, ssg_beta="0.5")
+    a, b = ort_pipe.run([row], 0.75), eager.run([row], 0.75)
+    assert all(np.array_equal(x, y) for x, y in zip(a.bits, b.bits))
 
 
 @pytest.mark.slow

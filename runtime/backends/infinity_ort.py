@@ -5,7 +5,9 @@ per-scale constants come in the feeds (runtime.infinity computes them from the s
 the CPU, inputs and outputs are bound by address and the KV cache slice is written in place."""
 from __future__ import annotations
 
-from typing import Dict
+import logging
+import os
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -14,10 +16,34 @@ from var_ssg.contract.manifest import Manifest
 from .base import InfinityInfo
 from .ort import OrtSessions
 
+log = logging.getLogger(__name__)
+
+
+# ONNX Runtime's CPU pre-packs every MatMul weight into a second, private copy at session
+# start; the original stays memory-mapped from weights.bin. Above this share of the machine's
+# memory the copy is skipped (DESIGN.md, "Infinity"): infinity-2b's 8.7 GB of fp32 weights beside
+# its 11 GB KV cache at 1024 px would not fit 24 GB twice.
+PREPACK_MAX_SHARE = 0.25
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def prepack_fits(weights_bytes: int, memory: int) -> bool:
+    return weights_bytes <= PREPACK_MAX_SHARE * memory
+
 
 class InfinityOrtBackend:
-    def __init__(self, man: Manifest, threads: int = 0, prepack: bool = True):
+    def __init__(self, man: Manifest, threads: int = 0, prepack: Optional[bool] = None):
         self.man = man
+        if prepack is None:
+            wbytes = os.path.getsize(man.path(man.data["external_data"]["file"]))
+            prepack = prepack_fits(wbytes, physical_memory())
+            if not prepack:
+                log.info("weights %.1f GB > %d%% of memory: ONNX Runtime's weight pre-packing is off",
+                         wbytes / 1e9, round(100 * PREPACK_MAX_SHARE))
+        self.prepack = prepack
         self.sessions = OrtSessions(man, device="cpu", threads=threads, prepack=prepack).result()
         self._in = {n: [i["name"] for i in man.graph(n)["inputs"]] for n in ("text", "step", "decoder")}
         self._dtypes = {n: {i["name"]: np.dtype(i["dtype"]) for i in man.graph(n)["inputs"]} for n in self._in}
