@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 
 # ONNX Runtime's CPU pre-packs every MatMul weight into a second, private copy at session
-# start; the original stays memory-mapped from weights.bin. Above this share of the machine's
-# memory the copy is skipped (DESIGN.md, "Infinity"): infinity-2b's 8.7 GB of fp32 weights beside
-# its 11 GB KV cache at 1024 px would not fit 24 GB twice.
+# start (the original stays memory-mapped from weights.bin) and keeps freed activations in its
+# arena. Above this share of the machine's memory both are off (DESIGN.md, "Infinity"):
+# infinity-2b's 8.7 GB of fp32 weights beside its 11 GB KV cache at 1024 px would not fit 24 GB
+# twice.
 PREPACK_MAX_SHARE = 0.25
 
 
@@ -41,10 +42,10 @@ class InfinityOrtBackend:
             wbytes = os.path.getsize(man.path(man.data["external_data"]["file"]))
             prepack = prepack_fits(wbytes, physical_memory())
             if not prepack:
-                log.info("weights %.1f GB > %d%% of memory: ONNX Runtime's weight pre-packing is off",
-                         wbytes / 1e9, round(100 * PREPACK_MAX_SHARE))
+                log.info("weights %.1f GB > %d%% of memory: ONNX Runtime's weight pre-packing and memory "
+                         "arena are off", wbytes / 1e9, round(100 * PREPACK_MAX_SHARE))
         self.prepack = prepack
-        self.sessions = OrtSessions(man, device="cpu", threads=threads, prepack=prepack).result()
+        self.sessions = OrtSessions(man, device="cpu", threads=threads, prepack=prepack, arena=prepack).result()
         self._in = {n: [i["name"] for i in man.graph(n)["inputs"]] for n in ("text", "step", "decoder")}
         self._dtypes = {n: {i["name"]: np.dtype(i["dtype"]) for i in man.graph(n)["inputs"]} for n in self._in}
         self.info = InfinityInfo(name="onnxruntime", cfg=man.cfg, transform=man.transform, batch=man.batch)

@@ -52,8 +52,9 @@ class OrtSessions:
     background thread; `result()` waits for them and raises what a build raised."""
 
     def __init__(self, man: Manifest, device: str = "cpu", threads: int = 0, prepack: bool = True,
-                 trt_provider: bool = False, session_cache: bool = False):
+                 trt_provider: bool = False, session_cache: bool = False, arena: bool = True):
         ort = import_ort()
+        self._arena = arena
         self.ort, self.man, self.device = ort, man, device
         self.graphs = GRAPHS_OF[man.family]
         self.options = (device, threads, prepack, trt_provider, session_cache)
@@ -122,6 +123,7 @@ class OrtSessions:
             so.intra_op_num_threads = self._threads
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = self._arena       # off: freed activations go back to the system
         return so, path, self._share(so, path, name, values)
 
     def _claim(self, name: str) -> bool:
