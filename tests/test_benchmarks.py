@@ -433,3 +433,33 @@ def test_gpu_check_sh_without_a_gpu_skips_every_row_with_its_reason(tmp_path):
     assert all(row[-1].strip().startswith("skipped: no CUDA device visible to PyTorch") for row in rows)
     assert r.stdout.strip().splitlines()[-1].startswith("summary: 0 measured, 14 skipped, 0 failed")
     assert log.read_text() == r.stdout and time.time() - t < 60
+
+
+# ------------------------------------------------------------------ Infinity's bench
+@pytest.mark.slow
+def test_bench_on_infinity_artifacts(tmp_path, capsys):
+    """bench.py on Infinity artifacts: both backends alternate, per-scale medians of the aspect
+    ratio's schedule, the decoder's share, the JSON and the summary line; Infinity without
+    artifacts, or with VAR-only options, is refused with what to do."""
+    from var_ssg.tools.commands import bench, export
+    from var_ssg.benchmarks.infinity_bench import InfinityBenchConfig
+    from var_ssg.graphs.infinity_config import get_infinity_preset
+    art = str(tmp_path / "inf")
+    assert export.main(["--model", "infinity-tiny", "--random-init", "0", "--out", art]) == 0
+    js = tmp_path / "b.json"
+    assert bench.main(["--artifacts", art, "--repeats", "1", "--aspect-ratio", "3:4", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(js.read_text())
+    K = get_infinity_preset("infinity-tiny").schedule(0.75).num_scales
+    assert r["model"] == "infinity-tiny" and r["schedule"][2] == [3, 4] and set(r["backends"]) == {"eager", "onnxruntime"}
+    for t in r["backends"].values():
+        assert len(t["per_scale_s"]) == K and len(t["runs_s"]) == 1 and t["decode_s"] > 0
+        assert sum(t["per_scale_s"]) + t["decode_s"] == pytest.approx(t["runs_s"][0], rel=1e-6)
+    ratio = r["backends"]["onnxruntime"]["per_image_s"] / r["backends"]["eager"]["per_image_s"]
+    assert out.strip().splitlines()[-1].endswith(f"onnxruntime/eager={ratio:.2f}")
+    with pytest.raises(ConfigError, match="then --artifacts DIR"):
+        bench.main(["--model", "infinity-tiny", "--random-init", "0"])
+    with pytest.raises(ConfigError, match="the batch is the exported one"):
+        bench.main(["--artifacts", art, "--batch", "2"])
+    with pytest.raises(ConfigError, match="runs eager and onnxruntime"):
+        InfinityBenchConfig(artifacts=art, backends=("tensorrt",))

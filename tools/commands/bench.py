@@ -9,6 +9,9 @@ torch.fft, peak memory, and a last `summary:` line. The work is benchmarks.bench
       eager-fp32,eager-bf16-autocast,onnxruntime-fp32,onnxruntime-int8,official-bf16-autocast --official ~/VAR
                           (precisions side by side, the CPU's features printed: benchmarks.precision)
 
+  python scripts/bench.py --artifacts build/inf-tiny --aspect-ratio 3:4   (Infinity artifacts:
+                          eager and onnxruntime, random T5 states: benchmarks.infinity_bench)
+
 On a GPU (--device cuda) it also prints the roofline floor and each backend's distance from it.
 """
 from __future__ import annotations
@@ -60,10 +63,14 @@ def main(argv=None) -> int:
                         "eager-fp32, eager-bf16, eager-bf16-autocast, onnxruntime-fp32, onnxruntime-int8, "
                         "official-fp32, official-bf16-autocast")
     p.add_argument("--official", metavar="DIR", help="a FoundationVision/VAR checkout, for the official-* rows")
+    p.add_argument("--aspect-ratio", default="1:1", help="Infinity artifacts: the schedule's aspect ratio H:W")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     a = p.parse_args(argv)
     check_outputs(("--json", a.json, None), ("--plot", a.plot, ".png"), inputs=(a.artifacts, a.ckpt, a.vae_ckpt))
+    from var_ssg.runtime.infinity import is_infinity
+    if is_infinity(a.model, a.artifacts):
+        return _infinity(a)
     if a.precisions is not None:
         return _precisions(a)
     from var_ssg.benchmarks.bench import BenchConfig, per_scale_figure, run_bench
@@ -102,4 +109,28 @@ def _precisions(a) -> int:
     res = run_precision_bench(cfg, progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(res.table())
     write_json(a.json, dict(asdict(res), argv=sys.argv[1:]), indent=2)
+    return 0
+
+
+def _infinity(a) -> int:
+    from var_ssg.benchmarks.infinity_bench import InfinityBenchConfig, run_infinity_bench
+    from var_ssg.graphs.infinity_config import parse_aspect_ratio
+    if not a.artifacts:
+        raise ConfigError(f"Infinity benches exported artifacts: run scripts/export.py --model {a.model} "
+                          f"--random-init 0 --out DIR (or with its checkpoints), then --artifacts DIR")
+    if a.batch or a.precisions is not None or a.plot or a.device != "cpu":
+        raise ConfigError("on Infinity artifacts the bench takes --backends, --repeats, --aspect-ratio and --json "
+                          "(the batch is the exported one; CPU only)")
+    cfg = InfinityBenchConfig(artifacts=a.artifacts, backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()),
+                              repeats=a.repeats, aspect_ratio=parse_aspect_ratio(a.aspect_ratio))
+    r = run_infinity_bench(cfg, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"model {r.model} batch {r.batch} schedule {'-'.join(f'{h}x{w}' for h, w in r.schedule)} "
+          f"repeats {r.repeats} torch threads {r.threads}")
+    for n, t in r.backends.items():
+        print(f"{n:12s} per image {t.per_image_s * 1000:9.1f} ms  (runs {', '.join(f'{x:.2f}' for x in t.runs_s)} s)  "
+              f"decoder {t.decode_s * 1000:.1f} ms")
+        print(f"{'':12s} per scale ms: " + " ".join(f"{x * 1000:.1f}" for x in t.per_scale_s))
+    print(f"peak RSS {r.peak_rss_gib:.2f} GiB (all backends in one process)")
+    write_json(a.json, dict(r.to_json(), argv=sys.argv[1:]), indent=2)
+    print(r.summary())
     return 0
