@@ -4,6 +4,9 @@ and 11.4 Python bindings through the strict fake of tests/trt_real (execution by
 ONNX Runtime's bits on several seeds and two aspect ratios, CUDA-graph capture and replay,
 schedule switches, parity.py --backends onnxruntime,tensorrt, and planted bugs that must fail
 (tests/trt_real/scenarios.py: infinity_backend_runs). The clear errors without TensorRT run here."""
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
@@ -60,3 +63,78 @@ def test_infinity_tensorrt_clear_errors_here(inf_onnx):
         pytest.skip("TensorRT and a GPU are present")
     with pytest.raises(ConfigError, match="TensorRT is not installed: pip install|needs an NVIDIA GPU"):
         open_infinity(artifacts=inf_onnx, backend="tensorrt", device="cuda")
+
+
+class RangedEngine:
+    """An engine's I/O as TensorRT reports it, with (min, opt, max) per profile."""
+
+    def __init__(self, tensors, n_profiles):
+        self.t, self.num_optimization_profiles, self.num_io_tensors = tensors, n_profiles, len(tensors)
+
+    def get_tensor_name(self, i):
+        return list(self.t)[i]
+
+    def get_tensor_mode(self, n):
+        return SimpleNamespace(name=self.t[n][0])
+
+    def get_tensor_dtype(self, n):
+        return SimpleNamespace(name="FLOAT")
+
+    def get_tensor_shape(self, n):
+        return self.t[n][1]
+
+    def get_tensor_profile_shape(self, n, k):
+        return self.t[n][2][k]
+
+
+GRAPH = dict(inputs=[dict(name="x", shape=["n", 4], dtype="float32"), dict(name="c", shape=[2], dtype="float32")],
+             outputs=[dict(name="y", shape=["n", 4], dtype="float32")])
+ENTRY = dict(profile_scales=[1, 0], profiles=[{"x": [2, 4]}, {"x": [5, 4]}],           # per scale: opt
+             profile_min=[{"x": [1, 4]}, {"x": [3, 4]}], profile_max=[{"x": [2, 4]}, {"x": [8, 4]}])
+
+
+def test_ranged_engine_io_is_checked_per_profile_in_profile_scales_order():
+    """check_ranged_engine_io (Infinity's engines): engine profile i holds scale profile_scales[i]'s
+    (min, opt, max); symbolic dimensions may be anything; static ones must be the graph's."""
+    from var_ssg.runtime.backends.trt import check_ranged_engine_io
+    ranges = [[[3, 4], [5, 4], [8, 4]], [[1, 4], [2, 4], [2, 4]]]          # engine profile 0 = scale 1
+
+    def engine(**change):
+        t = dict(x=("INPUT", (-1, 4), ranges), c=("INPUT", (2,), None), y=("OUTPUT", (-1, 4), None))
+        t.update(change)
+        return RangedEngine(t, 2)
+    check_ranged_engine_io(engine(), "s.plan", GRAPH, ENTRY)
+    check_ranged_engine_io(engine(y=("OUTPUT", (7, 4), None)), "s.plan", GRAPH, ENTRY)   # symbolic: any
+    bad = [(engine(x=("INPUT", (-1, 4), ranges[::-1])), r"x has \(min, opt, max\) shapes .* in profile 0"),
+           (engine(c=("INPUT", (3,), None)), r"c has shape \[3\] in the engine"),
+           (engine(y=("OUTPUT", (-1, 5), None)), r"y has shape \[-1, 5\]"),
+           (engine(c=("INPUT", (-1,), [[[2]] * 3] * 2)), "c is dynamic in the engine .* but in no profile"),
+           (RangedEngine(engine().t, 1), "1 optimization profiles, the manifest has 2")]
+    for e, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            check_ranged_engine_io(e, "s.plan", GRAPH, ENTRY)
+    # a static engine (the text engine): one default profile, every shape the graph's
+    check_ranged_engine_io(RangedEngine(dict(c=("INPUT", (2,), None), y=("OUTPUT", (3, 4), None)), 1), "t.plan",
+                           dict(inputs=GRAPH["inputs"][1:], outputs=GRAPH["outputs"]), dict(profiles=[]))
+
+
+@pytest.mark.gpu
+def test_infinity_tensorrt_matches_onnxruntime_on_gpu(tmp_path):
+    if not (torch.cuda.is_available() and _have_trt()):
+        pytest.skip("needs an NVIDIA GPU and TensorRT")
+    from var_ssg.runtime.infinity import PromptRow, open_infinity
+    from var_ssg.tools.commands.export import main
+    out = str(tmp_path / "a")
+    assert main(["--model", INF, "--random-init", "0", "--out", out, "--target", "trt"]) == 0
+    ort, _ = open_infinity(artifacts=out)
+    trt, _ = open_infinity(artifacts=out, backend="tensorrt", device="cuda")
+    cfg = ort.info.cfg
+    g = torch.Generator().manual_seed(0)
+    row = PromptRow(torch.randn(cfg.text_maxlen, cfg.text_dim, generator=g).numpy(),
+                    (torch.arange(cfg.text_maxlen) < 5).float().numpy(), seed=1, cfg=3.0, ssg_beta="0.5")
+    for ratio in (1.0, 0.75):
+        a = ort.run([row], ratio)
+        for _ in range(3):              # plain run, CUDA graph capture, replay
+            b = trt.run([row], ratio)
+            assert all(np.array_equal(x, y) for x, y in zip(a.bits, b.bits)), ratio
+            assert np.abs(a.images - b.images).max() <= 1e-3

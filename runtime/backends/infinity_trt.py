@@ -128,7 +128,7 @@ class InfinityTrtBackend(TrtRunner):
         self.fed.clear()
         self.sched, self._sched = key, sched
 
-    def _bind_step(self, k: int, feeds: Dict[str, object], kv_out: torch.Tensor, text: Dict[str, torch.Tensor]):
+    def _bind_step(self, k: int, kv_out: torch.Tensor, text: Dict[str, torch.Tensor]):
         sched = self._sched
         prof = self.step_io.profile(sched, k)
         Lp = prof["past_kv"][0]
@@ -144,6 +144,8 @@ class InfinityTrtBackend(TrtRunner):
             tensors[name] = kv_out if name == "new_kv" else torch.empty(shape, dtype=self.out_dtypes["step"][name],
                                                                         device="cuda")
         self._bind_static(k, self.step_contexts[k], tensors, {n: s for n, s in prof.items() if n in self.dynamic})
+        for name in [key for key in self.fed if key[0] == k]:     # new static tensors: constants not there yet
+            del self.fed[name]
 
     def step(self, sched, k: int, feeds: Dict[str, object], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.kv is None or not isinstance(kv_out, torch.Tensor) or \
@@ -153,7 +155,7 @@ class InfinityTrtBackend(TrtRunner):
         self._use_schedule(sched)
         text = self._text_tensors()
         if k not in self.bound:
-            self._bind_step(k, feeds, kv_out, text)
+            self._bind_step(k, kv_out, text)
         t = self.bound[k]
         for name in ("past_kv", "new_kv"):
             given = kv_out if name == "new_kv" else feeds[name]
