@@ -1,7 +1,8 @@
 """TensorRT backend for Infinity artifacts exported with `--target trt` (DESIGN.md "Infinity"):
 text.plan, step_all.plan and decoder.plan, run with VAR's TensorRT machinery
 (runtime.backends.trt: the checks before loading, `TrtRunner`'s static bindings and CUDA graphs,
-one USER_MANAGED context per step profile sharing one scratch buffer). The interface is
+one USER_MANAGED context per step profile); the text, step and decoder contexts all share one
+scratch buffer (they run one after another on one stream). The interface is
 InfinityOrtBackend's (encode, step(sched, k, feeds, kv_out), decode, alloc_kv, host).
 
 * Profiles: the step engine has one profile per scale, each spanning that scale's shapes over
@@ -55,12 +56,17 @@ class InfinityTrtBackend(TrtRunner):
         self.man, self.trt, self.cfg, self.B = man, trt, man.cfg, man.batch
         self.K = self.cfg.schedule(1.0).num_scales
         order = check_profile_scales(engines["step"].get("profile_scales"), self.K)    # engine profile -> scale
-        eng = {}
-        for name in ("text", "step", "decoder"):
+        loaded, profiles = {}, dict(text=0, step=self.K, decoder=0)
+        for name in profiles:
             path = man.path(engines[name]["file"])
             e = deserialize(rt, path, sec)
             check_ranged_engine_io(e, path, man.graph(name), engines[name])
-            eng[name] = _Engine(trt, e, path, self.K if name == "step" else 0, self.stream)
+            loaded[name] = (e, path)
+        # the three engines run one after another on one stream: one scratch buffer for all
+        size = max(_Engine.scratch_size(e, profiles[name]) for name, (e, _) in loaded.items())
+        self.scratch = torch.empty(size, dtype=torch.uint8, device="cuda")
+        eng = {name: _Engine(trt, e, path, profiles[name], self.stream, scratch=self.scratch)
+               for name, (e, path) in loaded.items()}
         self.text_engine, self.step_engine, self.dec_engine = eng["text"], eng["step"], eng["decoder"]
         self.step_contexts = {k: eng["step"].contexts[i] for i, k in enumerate(order)}    # scale -> its context
         self.dtypes = {g: {n: torch_dtype(dt) for n, dt in man.input_dtypes(g).items()} for g in ("text", "step")}

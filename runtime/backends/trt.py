@@ -129,19 +129,29 @@ def _check_io(engine, path: str, inputs: List[Dict], outputs: List[Dict], n_prof
 class _Engine:
     """One deserialized engine, a context per profile sharing `scratch`, static I/O tensors."""
 
-    def __init__(self, trt, engine, path: str, n_profiles: int, stream: torch.cuda.Stream):
+    def __init__(self, trt, engine, path: str, n_profiles: int, stream: torch.cuda.Stream,
+                 scratch: Optional[torch.Tensor] = None):
+        """`scratch`: a buffer shared with other engines run on the same stream (at least
+        `scratch_size` bytes); default: one of this engine's own."""
         self.engine = engine
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         n = max(n_profiles, 1)
         self.contexts = [self.engine.create_execution_context(strategy) for _ in range(n)]
-        size = max(int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(n))
-        self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
+        size = self.scratch_size(engine, n_profiles)
+        if scratch is not None and scratch.numel() < size:
+            raise RuntimeError(f"{path}: a shared scratch buffer of {scratch.numel()} bytes for an engine that needs {size}")
+        self.scratch = torch.empty(size, dtype=torch.uint8, device="cuda") if scratch is None else scratch
         for i, ctx in enumerate(self.contexts):
             if n_profiles and not ctx.set_optimization_profile_async(i, stream.cuda_stream):
                 raise ConfigError(f"{path}: TensorRT refused to select optimization profile {i}; the engine does "
                                   f"not belong to these artifacts: re-export with --target trt --force")
             ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
         stream.synchronize()
+
+    @staticmethod
+    def scratch_size(engine, n_profiles: int) -> int:
+        """Bytes of device memory the engine's largest profile needs (at least 1)."""
+        return max(1, max(int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(max(n_profiles, 1))))
 
 
 def open_tensorrt(man: Manifest, device: str):

@@ -491,6 +491,9 @@ def infinity_backend_runs(art_dir: str, t5_dir: str, work: str):
     order = json.load(open(os.path.join(out, "manifest.json")))["engines"]["step"]["profile_scales"]
     assert order == [K - 1] + list(range(K - 1))
     assert all(be.step_contexts[k] is be.step_engine.contexts[i] for i, k in enumerate(order))
+    # one scratch buffer for the three engines' contexts (they run in sequence on one stream)
+    ctxs = be.text_engine.contexts + be.step_engine.contexts + be.dec_engine.contexts
+    assert len(ctxs) == K + 2 and {c._m.memory for c in ctxs} == {(be.scratch.data_ptr(), be.scratch.numel())}
     plan = [(1.0, 0), (1.0, 1), (1.0, 2), (0.75, 3), (0.75, 4), (0.75, 5), (1.0, 6)]
     runs = []
     for (ratio, seed), row in zip(plan, _inf_rows(cfg, [s for _, s in plan])):
