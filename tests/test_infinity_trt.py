@@ -51,6 +51,18 @@ def test_infinity_tensorrt_backend_under_real_bindings(version, inf_onnx, t5_dir
 
 
 @pytest.mark.slow
+@real_bindings
+def test_infinity_tensorrt_backend_batch_2_under_real_bindings(tmp_path):
+    """Batch-2 artifacts: two rows, then one row padded to two, on two aspect ratios (TensorRT 11:
+    what batch changes is shapes, which every version handles alike)."""
+    from var_ssg.tools.commands.export import main
+    art = str(tmp_path / "b2")
+    assert main(["--model", INF, "--random-init", "0", "--batch", "2", "--out", art]) == 0
+    r = run_under_real_trt("11", "tests.trt_real.scenarios:infinity_backend_batch", art, str(tmp_path))
+    assert r["B"] == 2 and [s[0] for s in r["shapes"]] == [2, 1, 2]
+
+
+@pytest.mark.slow
 def test_infinity_tensorrt_clear_errors_here(inf_onnx):
     """Without TensorRT (this process): open_infinity says to install it; --device cpu is refused
     before anything loads; an unknown backend names the three."""

@@ -139,7 +139,8 @@ class _Engine:
         self.contexts = [self.engine.create_execution_context(strategy) for _ in range(n)]
         size = self.scratch_size(engine, n_profiles)
         if scratch is not None and scratch.numel() < size:
-            raise RuntimeError(f"{path}: a shared scratch buffer of {scratch.numel()} bytes for an engine that needs {size}")
+            raise RuntimeError(f"{path}: a shared scratch buffer of {scratch.numel()} bytes for an engine that "
+                               f"needs {size}")
         self.scratch = torch.empty(size, dtype=torch.uint8, device="cuda") if scratch is None else scratch
         for i, ctx in enumerate(self.contexts):
             if n_profiles and not ctx.set_optimization_profile_async(i, stream.cuda_stream):

@@ -434,8 +434,10 @@ def _inf_engines(art_dir: str, work: str) -> str:
     def no_onnx_export(*a, **kw):
         raise AssertionError("the ONNX graphs are up to date: only the engines may be built")
     infinity_export._export_into = no_onnx_export
+    import json
+    batch = json.load(open(os.path.join(art_dir, "manifest.json")))["batch"]
     try:
-        assert main(["--model", INF, "--random-init", "0", "--out", out, "--target", "trt"]) == 0
+        assert main(["--model", INF, "--random-init", "0", "--batch", str(batch), "--out", out, "--target", "trt"]) == 0
     finally:
         infinity_export._export_into = onnx_export
     return out
@@ -503,7 +505,8 @@ def infinity_backend_runs(art_dir: str, t5_dir: str, work: str):
         b = ort.run([row], ratio, keep_logits=True)
         for k in range(K):
             assert np.array_equal(a.bits[k], b.bits[k]), (ratio, seed, k)
-            assert np.abs(a.logits[k] - b.logits[k]).max() <= 1e-5 and np.abs(a.logits_cfg[k] - b.logits_cfg[k]).max() <= 1e-5
+            assert np.abs(a.logits[k] - b.logits[k]).max() <= 1e-5
+            assert np.abs(a.logits_cfg[k] - b.logits_cfg[k]).max() <= 1e-5
         assert a.images.shape == b.images.shape == (1, 3, *cfg.image_size(cfg.schedule(ratio)))
         assert np.abs(a.images - b.images).max() <= 1e-5 and np.abs(a.summed - b.summed).max() <= 1e-5
         runs.append(dict(ratio=ratio, graphs=sorted(be.graphs), replays=sum(g.replays for g in be.graphs.values())))
@@ -574,3 +577,24 @@ def infinity_backend_runs(art_dir: str, t5_dir: str, work: str):
         infinity_trt.InfinityTrtBackend._bind_static = bind
     return dict(version=MACHINE.version, runs=runs, K=K, planted_bits_differ=differ, planted_failures=len(fails),
                 errors=errors)
+
+
+def infinity_backend_batch(art_dir: str, work: str):
+    """The Infinity TensorRT backend on batch-B artifacts: B rows at 3:4, then fewer rows than B
+    (padded by the pipeline) at 1:1, each run's bits equal to ONNX Runtime's."""
+    import numpy as np
+    from var_ssg.runtime.infinity import open_infinity
+    out = _inf_engines(art_dir, work)
+    ort, _ = open_infinity(artifacts=out)
+    trt, _ = open_infinity(artifacts=out, backend="tensorrt", device="cuda")
+    cfg, B = trt.info.cfg, trt.info.batch
+    assert B >= 2 and tuple(trt.backend.kv.shape if trt.backend.kv is not None else ()) == ()
+    rows = _inf_rows(cfg, list(range(10, 10 + B)))
+    shapes = []
+    for ratio, n in ((0.75, B), (1.0, B - 1), (0.75, B)):
+        a, b = trt.run(rows[:n], ratio, keep_logits=True), ort.run(rows[:n], ratio, keep_logits=True)
+        assert len(a.bits[0]) == n and all(np.array_equal(x, y) for x, y in zip(a.bits, b.bits)), (ratio, n)
+        assert np.abs(a.images - b.images).max() <= 1e-5
+        shapes.append(list(a.images.shape))
+    assert trt.backend.kv.shape[3] == 2 * B                     # (L, depth, 2, 2B, heads, head_dim)
+    return dict(version=MACHINE.version, B=B, shapes=shapes)
