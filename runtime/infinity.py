@@ -199,14 +199,16 @@ def open_infinity(artifacts: Optional[str] = None, backend: Optional[str] = None
                   ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, random_init: Optional[int] = None,
                   transform: str = "dct", device: str = "cpu", threads: int = 0,
                   verify: str = "stamp") -> Tuple[InfinityPipeline, str]:
-    """(pipeline, weights note): artifacts on onnxruntime (default) or eager (the weights the
-    manifest names), or a preset's weights on eager."""
+    """(pipeline, weights note): artifacts on onnxruntime (default), tensorrt (artifacts exported
+    with --target trt; on the GPU) or eager (the weights the manifest names), or a preset's
+    weights on eager."""
     name = backend or ("onnxruntime" if artifacts else "eager")
-    if name not in ("eager", "onnxruntime"):
-        raise ConfigError(f"--backend {name}: Infinity runs on eager and onnxruntime (export --target trt builds its "
-                          f"TensorRT engines; no TensorRT runtime backend runs them yet)")
+    if name not in ("eager", "onnxruntime", "tensorrt"):
+        raise ConfigError(f"--backend {name}: Infinity runs on eager, onnxruntime and tensorrt")
     if device != "cpu" and name == "onnxruntime":
         raise ConfigError("Infinity on onnxruntime runs on --device cpu here (CUDA is not wired for it yet)")
+    if name == "tensorrt" and device != "cuda":
+        raise ConfigError(f"--backend tensorrt runs Infinity's engines on the GPU: pass --device cuda, not {device}")
     if artifacts:
         from var_ssg.contract.manifest import load_manifest
         man = load_manifest(artifacts, verify=verify)
@@ -218,6 +220,9 @@ def open_infinity(artifacts: Optional[str] = None, backend: Optional[str] = None
         if name == "onnxruntime":
             from .backends.infinity_ort import InfinityOrtBackend
             be = InfinityOrtBackend(man, threads=threads)
+        elif name == "tensorrt":
+            from .backends.infinity_trt import InfinityTrtBackend
+            be = InfinityTrtBackend(man, device=device)
         else:
             from .backends.infinity_eager import InfinityEagerBackend
             be = InfinityEagerBackend.from_manifest(man, device=device)

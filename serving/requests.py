@@ -278,9 +278,11 @@ def check_text_encoder(opts: ServeOptions, man) -> None:
         raise ConfigError(f"{man.root} holds Infinity artifacts ({cfg.name}): serving prompts needs its T5 text "
                           f"encoder, pass --text-encoder DIR (a local folder with the tokenizer and encoder, "
                           f"{cfg.t5 or 'width ' + str(cfg.text_dim)}); nothing is downloaded")
-    if opts.backend not in ("onnxruntime", "eager"):
-        raise ConfigError(f"--backend {opts.backend}: Infinity runs on eager and onnxruntime (TensorRT is not "
-                          f"built for it yet)")
+    if opts.backend not in ("onnxruntime", "eager", "tensorrt"):
+        raise ConfigError(f"--backend {opts.backend}: Infinity runs on eager, onnxruntime and tensorrt")
+    if opts.backend == "tensorrt" and not man.data.get("engines"):
+        raise ConfigError(f"{man.root} has no TensorRT engines (exported without --target trt): re-export with "
+                          f"scripts/export.py --model {cfg.name} ... --target trt on the GPU that serves them")
     if opts.backend == "onnxruntime" and opts.device != "cpu":
         raise ConfigError("Infinity on onnxruntime runs on --device cpu here (CUDA is not wired for it yet)")
     if opts.session_cache:

@@ -97,7 +97,7 @@ def test_options_refused_before_ray_starts(inf_art, artifacts, t5_dir, tmp_path,
     from var_ssg.serving.requests import ServeOptions, preflight
     with pytest.raises(ConfigError, match="pass --text-encoder DIR"):
         preflight(ServeOptions(artifacts=inf_art))
-    with pytest.raises(ConfigError, match="Infinity runs on eager and onnxruntime"):
+    with pytest.raises(ConfigError, match="has no TensorRT engines .exported without --target trt."):
         preflight(ServeOptions(artifacts=inf_art, backend="tensorrt", device="cuda", text_encoder=t5_dir))
     with pytest.raises(ConfigError, match="cannot load its tokenizer"):
         preflight(ServeOptions(artifacts=inf_art, text_encoder=str(tmp_path)))

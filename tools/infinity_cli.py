@@ -182,7 +182,8 @@ def parity(a, seeds: Sequence[int]) -> int:
     top_p = DEFAULT_TOP_P if a.top_p is None else a.top_p
     runs, fails = [], []
     for name in others:
-        pipe, _ = open_infinity(artifacts=a.artifacts, backend=name, device=a.device)
+        # --device is the reference's (and onnxruntime's); TensorRT's engines run on the GPU
+        pipe, _ = open_infinity(artifacts=a.artifacts, backend=name, device="cuda" if name == "tensorrt" else a.device)
         B = pipe.info.batch or len(a.prompt)
         for seed in seeds:
             for i in range(0, len(a.prompt), B):

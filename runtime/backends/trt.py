@@ -71,6 +71,28 @@ def check_engine_io(engine, path: str, inputs: List[Dict], outputs: List[Dict],
                     profiles: List[Dict[str, list]], output_shapes: List[Dict[str, list]]) -> None:
     """The engine's I/O tensors are the manifest's: names, direction, dtype, and per profile the
     shapes (inputs: min = opt = max = the manifest's; outputs: every static dimension)."""
+    _check_io(engine, path, inputs, outputs, len(profiles), lambda k, name: [list(profiles[k][name])] * 3,
+              lambda k, name, mode: list((profiles if mode == "INPUT" else output_shapes)[k][name]))
+
+
+def check_ranged_engine_io(engine, path: str, graph: Dict, entry: Dict) -> None:
+    """check_engine_io for engines whose profiles span shapes (Infinity's: the manifest's
+    `engines[name]` profile_min / profiles (opt) / profile_max, one per engine profile in
+    `profile_scales` order; none for a static engine). A dimension the graph declares symbolic
+    may be anything where the engine reports it static."""
+    order = entry.get("profile_scales") or []
+    ranges = [[entry[key][k] for key in ("profile_min", "profiles", "profile_max")] for k in order]
+    declared = {t["name"]: [d if isinstance(d, int) else -1 for d in t["shape"]]
+                for t in graph["inputs"] + graph["outputs"]}
+    _check_io(engine, path, graph["inputs"], graph["outputs"], max(len(ranges), 1),
+              lambda k, name: [list(r[name]) for r in ranges[k]] if ranges and name in ranges[k][1] else None,
+              lambda k, name, mode: declared[name])
+
+
+def _check_io(engine, path: str, inputs: List[Dict], outputs: List[Dict], n_profiles: int, want_range, want_static):
+    """want_range(profile, input) -> [min, opt, max] (None: in no profile) for the inputs the engine
+    has dynamic; want_static(profile, name, mode) -> the shape every static dimension must have
+    (-1: any)."""
     def fail(what):
         raise ConfigError(f"{path}: {what}; the engine does not belong to these artifacts: re-export with "
                           f"--target trt --force")
@@ -79,8 +101,8 @@ def check_engine_io(engine, path: str, inputs: List[Dict], outputs: List[Dict],
     want.update({t["name"]: ("OUTPUT", t) for t in outputs})
     if sorted(have) != sorted(want):
         fail(f"engine tensors {sorted(have)} differ from the manifest's {sorted(want)}")
-    if engine.num_optimization_profiles != len(profiles):
-        fail(f"{engine.num_optimization_profiles} optimization profiles, the manifest has {len(profiles)}")
+    if engine.num_optimization_profiles != n_profiles:
+        fail(f"{engine.num_optimization_profiles} optimization profiles, the manifest has {n_profiles}")
     for name, (mode, t) in want.items():
         got_mode, got_dt = _enum_name(engine.get_tensor_mode(name)), _enum_name(engine.get_tensor_dtype(name))
         if got_mode != mode:
@@ -89,26 +111,37 @@ def check_engine_io(engine, path: str, inputs: List[Dict], outputs: List[Dict],
         if got_dt != t["dtype"]:
             fail(f"{name} is {got_dt} in the engine, {t['dtype']} in the manifest")
         static = list(engine.get_tensor_shape(name))           # -1 = dynamic
-        for k in range(len(profiles)):
-            expect = list((profiles if mode == "INPUT" else output_shapes)[k][name])
+        for k in range(n_profiles):
             if mode == "INPUT" and -1 in static:
+                expect = want_range(k, name)
+                if expect is None:
+                    fail(f"{name} is dynamic in the engine ({static}) but in no profile of the manifest")
                 got = [list(s) for s in engine.get_tensor_profile_shape(name, k)]
-                if got != [expect] * 3:
-                    fail(f"{name} has (min, opt, max) shapes {got} in profile {k}, the manifest says {expect}")
-            elif len(static) != len(expect) or any(g not in (-1, e) for g, e in zip(static, expect)):
+                if got != expect:
+                    fail(f"{name} has (min, opt, max) shapes {got} in profile {k}, the manifest says "
+                         f"{expect[0] if expect[0] == expect[1] == expect[2] else expect}")
+                continue
+            expect = want_static(k, name, mode)
+            if len(static) != len(expect) or any(e != -1 and g not in (-1, e) for g, e in zip(static, expect)):
                 fail(f"{name} has shape {static} in the engine, the manifest says {expect} (profile {k})")
 
 
 class _Engine:
     """One deserialized engine, a context per profile sharing `scratch`, static I/O tensors."""
 
-    def __init__(self, trt, engine, path: str, n_profiles: int, stream: torch.cuda.Stream):
+    def __init__(self, trt, engine, path: str, n_profiles: int, stream: torch.cuda.Stream,
+                 scratch: Optional[torch.Tensor] = None):
+        """`scratch`: a buffer shared with other engines run on the same stream (at least
+        `scratch_size` bytes); default: one of this engine's own."""
         self.engine = engine
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         n = max(n_profiles, 1)
         self.contexts = [self.engine.create_execution_context(strategy) for _ in range(n)]
-        size = max(int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(n))
-        self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
+        size = self.scratch_size(engine, n_profiles)
+        if scratch is not None and scratch.numel() < size:
+            raise RuntimeError(f"{path}: a shared scratch buffer of {scratch.numel()} bytes for an engine that "
+                               f"needs {size}")
+        self.scratch = torch.empty(size, dtype=torch.uint8, device="cuda") if scratch is None else scratch
         for i, ctx in enumerate(self.contexts):
             if n_profiles and not ctx.set_optimization_profile_async(i, stream.cuda_stream):
                 raise ConfigError(f"{path}: TensorRT refused to select optimization profile {i}; the engine does "
@@ -116,59 +149,56 @@ class _Engine:
             ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
         stream.synchronize()
 
+    @staticmethod
+    def scratch_size(engine, n_profiles: int) -> int:
+        """Bytes of device memory the engine's largest profile needs (at least 1)."""
+        return max(1, max(int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(max(n_profiles, 1))))
 
-class TrtBackend:
-    def __init__(self, man: Manifest, device: str = "cuda", cuda_graphs: bool = True):
-        trt = import_tensorrt()
-        engines = man.engines
-        sec = man.data["tensorrt"]
-        if device != "cuda" or not torch.cuda.is_available():
-            raise ConfigError("the tensorrt backend needs an NVIDIA GPU visible to PyTorch (--device cuda)")
-        props = torch.cuda.get_device_properties(0)
-        check_compat(sec, trt.__version__, props.name, f"{props.major}.{props.minor}")
-        self.man, self.trt, self.cuda_graphs = man, trt, cuda_graphs
-        self.K = len(engines["step"]["profiles"])
-        order = check_profile_scales(engines["step"].get("profile_scales"), self.K)    # engine profile -> scale
+
+def open_tensorrt(man: Manifest, device: str):
+    """(tensorrt, the manifest's `tensorrt` section, a Runtime that may load its engines), after
+    the checks every TensorRT backend makes before loading: TensorRT installed (>= 10.8), a GPU,
+    engines in the manifest (artifacts exported without --target trt have none), the engines built
+    for this TensorRT version and GPU (contract.tensorrt.check_compat)."""
+    trt = import_tensorrt()
+    man.engines                             # noqa: B018 - raises the clear error when there are none
+    sec = man.data["tensorrt"]
+    if device != "cuda" or not torch.cuda.is_available():
+        raise ConfigError("the tensorrt backend needs an NVIDIA GPU visible to PyTorch (--device cuda)")
+    props = torch.cuda.get_device_properties(0)
+    check_compat(sec, trt.__version__, props.name, f"{props.major}.{props.minor}")
+    return trt, sec, make_runtime(trt, sec)
+
+
+class TrtRunner:
+    """What the TensorRT backends share (VAR's TrtBackend, Infinity's InfinityTrtBackend): one
+    stream; per key (a scale, or a negative key for the decoder / text engine) a context whose
+    inputs and outputs are bound once to static tensors (`bound`); runs as the module docstring
+    says (first plain, second captured into a CUDA graph, then replayed; a failed capture runs
+    plainly from then on)."""
+    NAMES = {-1: "the decoder", -2: "the text encoder"}
+
+    def __init__(self, cuda_graphs: bool = True):
+        self.cuda_graphs = cuda_graphs
         self.stream = torch.cuda.Stream()
-        rt = make_runtime(trt, sec)
-        step, dec = man.graph("step"), man.graph("decoder")
-        path = man.path(engines["step"]["file"])
-        e = deserialize(rt, path, sec)
-        check_engine_io(e, path, step["inputs"], step["outputs"], [step["profiles"][k] for k in order],
-                        [step["output_shapes"][k] for k in order])
-        eng = _Engine(trt, e, path, self.K, self.stream)
-        self.step_contexts = {k: eng.contexts[i] for i, k in enumerate(order)}        # scale -> its context
-        self.step_engine = eng
-        path = man.path(engines["decoder"]["file"])
-        e = deserialize(rt, path, sec)
-        check_engine_io(e, path, dec["inputs"], dec["outputs"], [{i["name"]: i["shape"] for i in dec["inputs"]}],
-                        [{o["name"]: o["shape"] for o in dec["outputs"]}])
-        self.dec_engine = _Engine(trt, e, path, 0, self.stream)
-        self.consts = [{n: to_torch(a, "cuda") for n, a in c.items()} for c in man.scale_consts()]
-        self.dynamic = set(man.graph("step")["dynamic_inputs"])
-        self.in_dtype = {n: torch_dtype(dt) for n, dt in man.input_dtypes("step").items()}
-        self.kv: Optional[torch.Tensor] = None
-        self.bound: Dict[int, Dict[str, torch.Tensor]] = {}     # scale (or -1: decoder) -> static tensors
+        self.bound: Dict[int, Dict[str, torch.Tensor]] = {}     # key -> static tensors
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.no_graph: set = set()                              # keys whose capture failed: plain runs
         self.runs: Dict[int, int] = {}
-        self.info = BackendInfo(name="tensorrt", cfg=man.cfg, k_max=man.k_max, transform=man.transform,
-                                kv_dtype=man.kv_dtype, batch=man.batch, device="cuda")
-        self.source_note = man.source_note
 
-    # the pipeline asks for the cache: one persistent buffer, so bound addresses stay valid
-    def alloc_kv(self, shape, dtype: str) -> torch.Tensor:
-        dtype = torch_dtype(dtype)
-        if self.kv is None or tuple(self.kv.shape) != tuple(shape) or self.kv.dtype != dtype:
-            self.kv = torch.empty(shape, dtype=dtype, device="cuda")
-            self.bound.clear()
-            self.graphs.clear()
-            self.no_graph.clear()
-            self.runs.clear()
-        return self.kv
+    def _what(self, key: int) -> str:
+        return self.NAMES.get(key, f"scale {key}")
+
+    def _forget(self, keys=None) -> None:
+        """Drop the bindings, CUDA graphs and run counts of `keys` (default: all): their next run
+        binds again, runs plainly, and captures on the run after."""
+        for d in (self.bound, self.graphs, self.runs):
+            for key in list(d if keys is None else keys):
+                d.pop(key, None)
+        self.no_graph -= set(self.no_graph if keys is None else keys)
 
     def _bind_static(self, key: int, ctx, tensors: Dict[str, torch.Tensor], shaped: Dict[str, list]):
-        what = "the decoder" if key < 0 else f"scale {key}"
+        what = self._what(key)
         for name, shape in shaped.items():
             if not ctx.set_input_shape(name, tuple(shape)):
                 raise ConfigError(f"TensorRT refused the shape {list(shape)} of {name} for {what} (outside the engine's "
@@ -195,7 +225,7 @@ class TrtBackend:
             return g
         except Exception as e:      # noqa: BLE001 - any capture failure means "run without a graph"
             log.warning("CUDA graph capture failed for %s (%s: %s); it runs without a CUDA graph from now on",
-                        "the decoder" if key < 0 else f"scale {key}", type(e).__name__, e)
+                        self._what(key), type(e).__name__, e)
             return None
 
     def _execute(self, key: int, ctx):
@@ -214,6 +244,44 @@ class TrtBackend:
                 return
             self.no_graph.add(key)
         self._run_plain(ctx)
+
+
+class TrtBackend(TrtRunner):
+    def __init__(self, man: Manifest, device: str = "cuda", cuda_graphs: bool = True):
+        trt, sec, rt = open_tensorrt(man, device)
+        engines = man.engines
+        super().__init__(cuda_graphs)
+        self.man, self.trt = man, trt
+        self.K = len(engines["step"]["profiles"])
+        order = check_profile_scales(engines["step"].get("profile_scales"), self.K)    # engine profile -> scale
+        step, dec = man.graph("step"), man.graph("decoder")
+        path = man.path(engines["step"]["file"])
+        e = deserialize(rt, path, sec)
+        check_engine_io(e, path, step["inputs"], step["outputs"], [step["profiles"][k] for k in order],
+                        [step["output_shapes"][k] for k in order])
+        eng = _Engine(trt, e, path, self.K, self.stream)
+        self.step_contexts = {k: eng.contexts[i] for i, k in enumerate(order)}        # scale -> its context
+        self.step_engine = eng
+        path = man.path(engines["decoder"]["file"])
+        e = deserialize(rt, path, sec)
+        check_engine_io(e, path, dec["inputs"], dec["outputs"], [{i["name"]: i["shape"] for i in dec["inputs"]}],
+                        [{o["name"]: o["shape"] for o in dec["outputs"]}])
+        self.dec_engine = _Engine(trt, e, path, 0, self.stream)
+        self.consts = [{n: to_torch(a, "cuda") for n, a in c.items()} for c in man.scale_consts()]
+        self.dynamic = set(man.graph("step")["dynamic_inputs"])
+        self.in_dtype = {n: torch_dtype(dt) for n, dt in man.input_dtypes("step").items()}
+        self.kv: Optional[torch.Tensor] = None
+        self.info = BackendInfo(name="tensorrt", cfg=man.cfg, k_max=man.k_max, transform=man.transform,
+                                kv_dtype=man.kv_dtype, batch=man.batch, device="cuda")
+        self.source_note = man.source_note
+
+    # the pipeline asks for the cache: one persistent buffer, so bound addresses stay valid
+    def alloc_kv(self, shape, dtype: str) -> torch.Tensor:
+        dtype = torch_dtype(dtype)
+        if self.kv is None or tuple(self.kv.shape) != tuple(shape) or self.kv.dtype != dtype:
+            self.kv = torch.empty(shape, dtype=dtype, device="cuda")
+            self._forget()
+        return self.kv
 
     def step(self, k: int, feeds: Dict[str, object], kv_out: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.kv is None or kv_out.untyped_storage().data_ptr() != self.kv.untyped_storage().data_ptr():

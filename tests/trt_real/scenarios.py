@@ -420,3 +420,181 @@ def infinity_fresh_export(work: str):
                                                                                         ["profiles"]), 1]
     assert "engines" in man.data["export"]["stage_seconds"]
     return dict(version=MACHINE.version, files=sorted(man.data["files"]))
+
+
+def _inf_engines(art_dir: str, work: str) -> str:
+    """A copy of Infinity ONNX artifacts with their engines built (`export.py --target trt` on
+    up-to-date graphs: only the engines are built)."""
+    from var_ssg.export import infinity_export
+    from var_ssg.tools.commands.export import main
+    out = os.path.join(work, "trt")
+    shutil.copytree(art_dir, out)
+    onnx_export = infinity_export._export_into
+
+    def no_onnx_export(*a, **kw):
+        raise AssertionError("the ONNX graphs are up to date: only the engines may be built")
+    infinity_export._export_into = no_onnx_export
+    import json
+    batch = json.load(open(os.path.join(art_dir, "manifest.json")))["batch"]
+    try:
+        assert main(["--model", INF, "--random-init", "0", "--batch", str(batch), "--out", out, "--target", "trt"]) == 0
+    finally:
+        infinity_export._export_into = onnx_export
+    return out
+
+
+def _inf_rows(cfg, seeds, lens=(6, 2)):
+    import numpy as np
+    from var_ssg.runtime.infinity import PromptRow
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(2, cfg.text_maxlen, cfg.text_dim, generator=g).numpy()
+    mask = (torch.arange(cfg.text_maxlen)[None, :] < torch.tensor(lens)[:, None]).numpy().astype(np.float32)
+    K = cfg.schedule(1.0).num_scales
+    return [PromptRow(emb[i % 2], mask[i % 2], seed=s, cfg=tuple(1.0 + 0.5 * k for k in range(K)), tau=0.8,
+                      ssg_beta="linear:0.2,0.6", neg_text=emb[1 - i % 2] if i % 3 == 2 else None,
+                      neg_mask=mask[1 - i % 2] if i % 3 == 2 else None) for i, s in enumerate(seeds)]
+
+
+def infinity_backend_runs(art_dir: str, t5_dir: str, work: str):
+    """runtime.backends.infinity_trt on engines built by `export.py --target trt`: its bits are ONNX
+    Runtime's (logits and images within 1e-5) on several seeds and two aspect ratios, through plain
+    runs, CUDA-graph capture and replay, and schedule switches (which bind again); the text K/V
+    and the KV cache are bound in place; scripts/parity.py --backends onnxruntime,tensorrt is OK
+    and scripts/generate.py --backend tensorrt writes ONNX Runtime's bits. Planted bugs: a step
+    context on the wrong profile is refused, a binding mix-up (cfg <-> tau) changes the bits and
+    fails parity.py. Artifacts without engines, or --device cpu, are clear errors."""
+    import json
+    import numpy as np
+    from var_ssg.common.errors import ConfigError
+    from var_ssg.runtime.backends import infinity_trt
+    from var_ssg.runtime.backends.infinity_trt import DECODER, TEXT, InfinityTrtBackend
+    from var_ssg.runtime.infinity import open_infinity
+    from var_ssg.tools.commands.generate import main as generate
+    from var_ssg.tools.commands.parity import main as parity
+    from tests.trt_real import fake_cuda
+
+    errors = {}
+    for dev in ("cuda", "cpu"):
+        try:
+            open_infinity(artifacts=art_dir, backend="tensorrt", device=dev)
+            raise AssertionError(f"tensorrt opened ONNX-only artifacts on {dev}")
+        except ConfigError as e:
+            errors[dev] = str(e)
+    assert "has no TensorRT engines: re-export with --target trt" in errors["cuda"], errors
+    assert "pass --device cuda" in errors["cpu"], errors
+
+    out = _inf_engines(art_dir, work)
+    ort, _ = open_infinity(artifacts=out)
+    trt, note = open_infinity(artifacts=out, backend="tensorrt", device="cuda")
+    be: InfinityTrtBackend = trt.backend
+    assert trt.info.name == "tensorrt" and trt.info.device == "cuda" and "seed 0" in note
+    cfg = trt.info.cfg
+    K = cfg.schedule(1.0).num_scales
+    order = json.load(open(os.path.join(out, "manifest.json")))["engines"]["step"]["profile_scales"]
+    assert order == [K - 1] + list(range(K - 1))
+    assert all(be.step_contexts[k] is be.step_engine.contexts[i] for i, k in enumerate(order))
+    # one scratch buffer for the three engines' contexts (they run in sequence on one stream)
+    ctxs = be.text_engine.contexts + be.step_engine.contexts + be.dec_engine.contexts
+    assert len(ctxs) == K + 2 and {c._m.memory for c in ctxs} == {(be.scratch.data_ptr(), be.scratch.numel())}
+    plan = [(1.0, 0), (1.0, 1), (1.0, 2), (0.75, 3), (0.75, 4), (0.75, 5), (1.0, 6)]
+    runs = []
+    for (ratio, seed), row in zip(plan, _inf_rows(cfg, [s for _, s in plan])):
+        n = len(MACHINE.executions)
+        a = trt.run([row], ratio, keep_logits=True)
+        assert len(MACHINE.executions) - n == K + 2, (ratio, seed)          # text, every scale, decoder
+        b = ort.run([row], ratio, keep_logits=True)
+        for k in range(K):
+            assert np.array_equal(a.bits[k], b.bits[k]), (ratio, seed, k)
+            assert np.abs(a.logits[k] - b.logits[k]).max() <= 1e-5
+            assert np.abs(a.logits_cfg[k] - b.logits_cfg[k]).max() <= 1e-5
+        assert a.images.shape == b.images.shape == (1, 3, *cfg.image_size(cfg.schedule(ratio)))
+        assert np.abs(a.images - b.images).max() <= 1e-5 and np.abs(a.summed - b.summed).max() <= 1e-5
+        runs.append(dict(ratio=ratio, graphs=sorted(be.graphs), replays=sum(g.replays for g in be.graphs.values())))
+        for k in range(K):                     # text K/V and the cache are bound in place, not copied
+            t = be.bound[k]
+            assert t["text_kv"] is be.bound[TEXT]["text_kv"] and t["cond"] is be.bound[TEXT]["cond"]
+            Lp = t["past_kv"].shape[0]
+            assert t["past_kv"].data_ptr() == (be.kv.data_ptr() if Lp else 0)          # empty: no address
+            assert t["new_kv"].data_ptr() == be.kv[Lp].data_ptr()
+    steps = list(range(K))
+    want = [[], [TEXT, DECODER] + steps, [TEXT, DECODER] + steps,         # 1:1: plain, capture, replay
+            [TEXT], [TEXT, DECODER] + steps, [TEXT, DECODER] + steps,     # 3:4 binds again: plain, capture, replay
+            [TEXT]]                                                       # back to 1:1: binds again, plain
+    assert [r["graphs"] for r in runs] == [sorted(w) for w in want], runs
+    assert set(fake_cuda.STATE.capture_modes) == {"thread_local"}
+    # the KV cache is the backend's: a cache of the pipeline's own making is refused
+    try:
+        be.step(cfg.schedule(1.0), 0, {}, torch.empty(1))
+        raise AssertionError("a foreign KV cache was taken")
+    except ConfigError as e:
+        assert "owns the KV cache" in str(e)
+
+    # planted: a step context on the profile of the same index as its scale (not profile_scales)
+    wrong, _ = open_infinity(artifacts=out, backend="tensorrt", device="cuda")
+    wrong.backend.step_contexts = {k: wrong.backend.step_engine.contexts[k] for k in range(K)}
+    try:
+        wrong.run(_inf_rows(cfg, [0])[:1], 1.0)
+        raise AssertionError("a step context on the wrong profile ran")
+    except ConfigError as e:
+        assert "TensorRT refused the shape" in str(e) and "for scale 0 (outside the engine's profile)" in str(e), str(e)
+
+    # scripts: generate --backend tensorrt writes ONNX Runtime's bits; parity is OK
+    toks = {}
+    for name, extra in (("onnxruntime", []), ("tensorrt", ["--device", "cuda"])):
+        js = os.path.join(work, f"{name}.json")
+        assert generate(["--artifacts", out, "--backend", name, *extra, "--prompt", "a cat", "--text-encoder", t5_dir,
+                         "--seed", "3", "--aspect-ratio", "3:4", "--out", os.path.join(work, f"{name}.png"),
+                         "--save-tokens", js]) == 0
+        toks[name] = json.load(open(js))["bits"]
+    assert toks["tensorrt"] == toks["onnxruntime"]
+    par = ["--artifacts", out, "--backends", "onnxruntime,tensorrt", "--prompt", "a cat on the chair", "--text-encoder",
+           t5_dir, "--seeds", "0-1", "--ssg-beta", "0.5", "--aspect-ratio", "3:4"]
+    ok = os.path.join(work, "ok.json")
+    assert parity(par + ["--json", ok]) == 0
+    backends = [r["backend"] for r in json.load(open(ok))["runs"]]
+    assert backends == ["onnxruntime"] * 2 + ["tensorrt"] * 2, backends
+
+    # planted: a binding mix-up (the step's cfg and tau inputs swapped): other bits, parity fails
+    bind = InfinityTrtBackend._bind_static
+
+    def swapped(self, key, ctx, tensors, shaped):
+        bind(self, key, ctx, tensors, shaped)
+        if key >= 0:                # the engine reads cfg where tau is copied, and tau where cfg is
+            assert ctx.set_tensor_address("cfg", tensors["tau"].data_ptr())
+            assert ctx.set_tensor_address("tau", tensors["cfg"].data_ptr())
+    infinity_trt.InfinityTrtBackend._bind_static = swapped
+    try:
+        mixed, _ = open_infinity(artifacts=out, backend="tensorrt", device="cuda")
+        row = _inf_rows(cfg, [0])[0]
+        a, b = mixed.run([row], 1.0), ort.run([row], 1.0)
+        differ = sum(int((x != y).sum()) for x, y in zip(a.bits, b.bits))
+        assert differ > 0
+        bad = os.path.join(work, "bad.json")
+        assert parity(par + ["--json", bad]) == 1
+        fails = json.load(open(bad))["failures"]
+        assert fails and all(f.startswith("tensorrt") for f in fails), fails
+    finally:
+        infinity_trt.InfinityTrtBackend._bind_static = bind
+    return dict(version=MACHINE.version, runs=runs, K=K, planted_bits_differ=differ, planted_failures=len(fails),
+                errors=errors)
+
+
+def infinity_backend_batch(art_dir: str, work: str):
+    """The Infinity TensorRT backend on batch-B artifacts: B rows at 3:4, then fewer rows than B
+    (padded by the pipeline) at 1:1, each run's bits equal to ONNX Runtime's."""
+    import numpy as np
+    from var_ssg.runtime.infinity import open_infinity
+    out = _inf_engines(art_dir, work)
+    ort, _ = open_infinity(artifacts=out)
+    trt, _ = open_infinity(artifacts=out, backend="tensorrt", device="cuda")
+    cfg, B = trt.info.cfg, trt.info.batch
+    assert B >= 2 and tuple(trt.backend.kv.shape if trt.backend.kv is not None else ()) == ()
+    rows = _inf_rows(cfg, list(range(10, 10 + B)))
+    shapes = []
+    for ratio, n in ((0.75, B), (1.0, B - 1), (0.75, B)):
+        a, b = trt.run(rows[:n], ratio, keep_logits=True), ort.run(rows[:n], ratio, keep_logits=True)
+        assert len(a.bits[0]) == n and all(np.array_equal(x, y) for x, y in zip(a.bits, b.bits)), (ratio, n)
+        assert np.abs(a.images - b.images).max() <= 1e-5
+        shapes.append(list(a.images.shape))
+    assert trt.backend.kv.shape[3] == 2 * B                     # (L, depth, 2, 2B, heads, head_dim)
+    return dict(version=MACHINE.version, B=B, shapes=shapes)
