@@ -181,6 +181,69 @@ def test_head_chunked_attention_export(tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(a.bits, b.bits))
 
 
+def test_self_attention_head_chunks_of_any_size():
+    """Head-chunked self-attention gives the unchunked numbers for chunk sizes that do not divide
+    the heads (8 heads in chunks of 3: 3 + 3 + 2), larger than the heads, with an empty past and
+    with an additive mask."""
+    import dataclasses
+    from var_ssg.graphs.infinity import SelfAttention
+    cfg = dataclasses.replace(get_infinity_preset(TINY), num_heads=8)
+    torch.manual_seed(0)
+    sa = SelfAttention(cfg).eval()
+    for p in sa.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    B, n, Lp, hd = 2, 5, 7, cfg.head_dim
+    x, rope = torch.randn(B, n, cfg.width), (torch.randn(n, hd // 2), torch.randn(n, hd // 2))
+    past = (torch.randn(B, 8, Lp, hd), torch.randn(B, 8, Lp, hd))
+    empty = (torch.zeros(B, 8, 0, hd), torch.zeros(B, 8, 0, hd))
+    bias = torch.zeros(n, n + Lp)
+    bias[:, -2:] = float("-inf")
+    with torch.no_grad():
+        for pst, b in ((past, None), (empty, None), (past, bias)):
+            ref, _ = sa(x, rope, pst, b)
+            for hpc in (1, 3, 5, 7, 8, 9):
+                assert torch.equal(sa(x, rope, pst, b, hpc)[0], ref), (hpc, pst[0].shape[2], b is not None)
+
+
+@pytest.mark.slow
+def test_ort_without_prepacking_and_arena_and_the_cache_freed_before_decode(inf_art, monkeypatch):
+    """Weights above PREPACK_MAX_SHARE of memory (physical memory faked small): every session has
+    pre-packing and the memory arena off, with the default's bits and images. The KV cache the
+    pipeline allocated is gone when the decoder runs (DESIGN.md, "Infinity")."""
+    import weakref
+    from var_ssg.runtime.backends import infinity_ort
+    from var_ssg.runtime.infinity import PromptRow, open_infinity
+    default, _ = open_infinity(artifacts=inf_art)
+    assert default.backend.prepack
+    assert default.backend.sessions["step"].get_session_options().enable_cpu_mem_arena
+    monkeypatch.setattr(infinity_ort, "physical_memory", lambda: 1024)
+    small, _ = open_infinity(artifacts=inf_art)
+    assert not small.backend.prepack
+    for name, sess in small.backend.sessions.items():
+        so = sess.get_session_options()
+        assert not so.enable_cpu_mem_arena and so.get_session_config_entry("session.disable_prepacking") == "1", name
+    cfg = small.info.cfg
+    emb, mask = _text(cfg, B=1, lens=(5,), seed=3)
+    row = PromptRow(emb[0].numpy(), mask[0].numpy(), seed=2, cfg=3.0, ssg_beta="0.5")
+    be, kv_alive = small.backend, []
+    alloc, decode = be.alloc_kv, be.decode
+
+    def tracked_alloc(shape):
+        kv = alloc(shape)
+        kv_alive.append(weakref.ref(kv))
+        return kv
+
+    def checked_decode(summed):
+        freed = bool(kv_alive) and kv_alive[-1]() is None
+        assert freed, "the KV cache is still alive when the decoder runs"
+        return decode(summed)
+    monkeypatch.setattr(be, "alloc_kv", tracked_alloc)
+    monkeypatch.setattr(be, "decode", checked_decode)
+    a, b = small.run([row], 0.75), default.run([row], 0.75)
+    assert all(np.array_equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert np.abs(a.images - b.images).max() <= 1e-6
+
+
 @pytest.mark.slow
 def test_parity_catches_planted_bugs(inf_art):
     """Teacher-forced parity passes as exported; a backend whose text mask is dropped (padding
