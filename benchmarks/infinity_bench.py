@@ -46,7 +46,7 @@ class InfinityBenchConfig:
 class InfinityTiming:
     per_image_s: float
     per_scale_s: List[float]         # scale 0 includes the text graph
-    decode_s: float                  # the rest of the run: the decoder (and the copies out)
+    decode_s: float                  # median of each run's rest: the decoder (and the copies out)
     runs_s: List[float]
 
 
@@ -99,7 +99,7 @@ def run_infinity_bench(config: InfinityBenchConfig,
         if progress:
             progress(f"warm-up {n}")
         timed_run(pipe, rows, config.aspect_ratio)
-    res: Dict[str, Dict[str, list]] = {n: dict(total=[], per=[]) for n in pipes}
+    res: Dict[str, Dict[str, list]] = {n: dict(total=[], per=[], rest=[]) for n in pipes}
     for r in range(config.repeats):                     # alternate the backends every round
         for n, pipe in pipes.items():
             if progress:
@@ -107,11 +107,14 @@ def run_infinity_bench(config: InfinityBenchConfig,
             t, per = timed_run(pipe, rows, config.aspect_ratio)
             res[n]["total"].append(t)
             res[n]["per"].append(per)
+            res[n]["rest"].append(t - sum(per))         # this run's decoder (and copies out)
     out = {}
     for n, d in res.items():
         tot = statistics.median(d["total"])
         per = [statistics.median(x) for x in zip(*d["per"])]
-        out[n] = InfinityTiming(per_image_s=tot / B, per_scale_s=per, decode_s=max(0.0, tot - sum(per)),
+        # the decoder's median over the runs (not the median total less the per-scale medians:
+        # medians do not add, and that difference may even be negative)
+        out[n] = InfinityTiming(per_image_s=tot / B, per_scale_s=per, decode_s=statistics.median(d["rest"]),
                                 runs_s=d["total"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     return InfinityBenchResult(artifacts=config.artifacts, model=cfg.name, batch=B, schedule=list(sched.hw),

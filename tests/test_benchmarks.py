@@ -463,3 +463,32 @@ def test_bench_on_infinity_artifacts(tmp_path, capsys):
         bench.main(["--artifacts", art, "--batch", "2"])
     with pytest.raises(ConfigError, match="runs eager and onnxruntime"):
         InfinityBenchConfig(artifacts=art, backends=("tensorrt",))
+
+
+def test_infinity_bench_decoder_time_is_the_median_of_each_runs_rest(monkeypatch):
+    """The Infinity bench's decoder time is the median over runs of (run - its scales), not the
+    median run less the per-scale medians (medians do not add): on a fake clock, runs of
+    (scale 0, decoder) = (2, 1), (1, 5), (6, 0) give a decoder of 1 (the other way: 6 - 2 = 4)."""
+    from types import SimpleNamespace
+    from var_ssg.benchmarks import infinity_bench
+    from var_ssg.graphs.infinity_config import get_infinity_preset
+    from var_ssg.runtime import infinity as rt
+    cfg = get_infinity_preset("infinity-tiny")
+    K = cfg.schedule(1.0).num_scales
+    clock = [0.0]
+    plan = [(0, 0), (2, 1), (1, 5), (6, 0)]          # the warm-up, then three runs
+
+    class FakePipe:
+        info = SimpleNamespace(cfg=cfg, batch=1)
+
+        def run(self, rows, ratio, progress=None):
+            s0, dec = plan.pop(0)
+            for k in range(K):
+                clock[0] += s0 if k == 0 else 0
+                progress(k)
+            clock[0] += dec
+    monkeypatch.setattr(rt, "open_infinity", lambda artifacts, backend: (FakePipe(), ""))
+    monkeypatch.setattr(infinity_bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    r = infinity_bench.run_infinity_bench(infinity_bench.InfinityBenchConfig(artifacts="x", backends=("eager",)))
+    t = r.backends["eager"]
+    assert t.runs_s == [3, 6, 6] and t.per_scale_s == [2] + [0] * (K - 1) and t.decode_s == 1
