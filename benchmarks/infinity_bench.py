@@ -91,8 +91,12 @@ def run_infinity_bench(config: InfinityBenchConfig,
     import torch
     from var_ssg.runtime.infinity import open_infinity
     pipes = {n: open_infinity(artifacts=config.artifacts, backend=n)[0] for n in config.backends}
-    info = next(iter(pipes.values())).info
-    cfg, B = info.cfg, info.batch or 1
+    cfg = next(iter(pipes.values())).info.cfg
+    # the exported batch, whichever backend comes first (eager's info has none: it takes any)
+    B = next((p.info.batch for p in pipes.values() if p.info.batch), None)
+    if B is None:
+        from var_ssg.contract.filecheck import read_manifest
+        B = int(read_manifest(config.artifacts)["batch"])
     sched = cfg.schedule(config.aspect_ratio)
     rows = _rows(cfg, B, config.text_tokens, config.ssg_beta)
     for n, pipe in pipes.items():                       # warm-up

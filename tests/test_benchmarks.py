@@ -492,3 +492,33 @@ def test_infinity_bench_decoder_time_is_the_median_of_each_runs_rest(monkeypatch
     r = infinity_bench.run_infinity_bench(infinity_bench.InfinityBenchConfig(artifacts="x", backends=("eager",)))
     t = r.backends["eager"]
     assert t.runs_s == [3, 6, 6] and t.per_scale_s == [2] + [0] * (K - 1) and t.decode_s == 1
+
+
+def test_infinity_bench_runs_the_exported_batch_whatever_the_backend_order(monkeypatch, tmp_path):
+    """On batch-2 artifacts every backend runs two rows and the time per image is a run's half,
+    with eager (whose info has no batch) listed first, second or alone."""
+    from types import SimpleNamespace
+    from var_ssg.benchmarks import infinity_bench
+    from var_ssg.graphs.infinity_config import get_infinity_preset
+    from var_ssg.runtime import infinity as rt
+    cfg = get_infinity_preset("infinity-tiny")
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(batch=2)))
+    clock, seen = [0.0], []
+
+    class FakePipe:
+        def __init__(self, backend):
+            self.backend, self.info = backend, SimpleNamespace(cfg=cfg, batch=None if backend == "eager" else 2)
+
+        def run(self, rows, ratio, progress=None):
+            seen.append((self.backend, len(rows)))
+            clock[0] += 1
+            progress(0)
+            clock[0] += 1
+    monkeypatch.setattr(rt, "open_infinity", lambda artifacts, backend: (FakePipe(backend), ""))
+    monkeypatch.setattr(infinity_bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    for backends in (("eager", "onnxruntime"), ("onnxruntime", "eager"), ("eager",)):
+        seen.clear()
+        r = infinity_bench.run_infinity_bench(infinity_bench.InfinityBenchConfig(artifacts=str(tmp_path),
+                                                                                backends=backends, repeats=1))
+        assert r.batch == 2 and {n for _, n in seen} == {2}, (backends, seen)
+        assert all(t.per_image_s == 1.0 for t in r.backends.values()), backends
