@@ -33,7 +33,8 @@ from var_ssg.contract.manifest import MANIFEST, MAX_BATCH, MAX_OPSET, MIN_OPSET,
 from var_ssg.graphs.config import DSE_TRANSFORMS
 from var_ssg.graphs.infinity import Infinity
 from var_ssg.graphs.infinity_config import ASPECT_TEMPLATES, InfinityConfig
-from var_ssg.graphs.infinity_io import DYNAMIC_AXES, InfinityDecoderIO, InfinityStepIO, InfinityTextIO, heads_per_chunk
+from var_ssg.graphs.infinity_io import (DYNAMIC_AXES, InfinityDecoderIO, InfinityStepIO, InfinityTextIO,
+                                        heads_per_chunk, table_bytes)
 from var_ssg.graphs.infinity_step import (InfinityDecoder, InfinityText, InfinityUnifiedStep, example_feeds,
                                   text_example_feeds)
 from var_ssg.graphs.infinity_vae import BSQVAE
@@ -76,13 +77,15 @@ class InfinityExportConfig:
             raise ConfigError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}")
         if self.target not in ("onnx", "trt"):
             raise ConfigError(f"--target must be onnx or trt, got {self.target!r}")
-        if self.attn_table_bytes < 1:
-            raise ConfigError(f"attn_table_bytes must be >= 1, got {self.attn_table_bytes}")
+        if not isinstance(self.attn_table_bytes, int) or self.attn_table_bytes < 1:
+            raise ConfigError(f"attn_table_bytes must be an integer >= 1, got {self.attn_table_bytes!r}")
 
 
 def infinity_cache_key(cfg: InfinityConfig, ec: InfinityExportConfig, wid: str) -> str:
     """The graphs' key; the TensorRT options make the engines' key (as VAR's cache_key)."""
-    graph_opts = {k: v for k, v in asdict(ec).items() if k != "target" and not k.startswith("trt_")}
+    graph_opts = {k: v for k, v in asdict(ec).items() if k not in ("target", "attn_table_bytes")
+                  and not k.startswith("trt_")}
+    graph_opts["attn_heads_per_chunk"] = heads_per_chunk(cfg, ec.batch, ec.attn_table_bytes)   # what the graph holds
     blob = json.dumps(dict(family="infinity", config=infinity_config_to_json(cfg), export=graph_opts, weights=wid,
                            format=FORMAT_VERSION, torch=torch.__version__), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -128,6 +131,10 @@ def _export_into(model, vae, src, tmp, ec: InfinityExportConfig, key, progress) 
         shapes = {name: None for name in step_io.inputs}
         shapes.update({name: {a: dims[d] for a, d in axes.items()} for name, axes in DYNAMIC_AXES.items()})
         hpc = heads_per_chunk(cfg, B, ec.attn_table_bytes)
+        if hpc and table_bytes(cfg, B, hpc) > ec.attn_table_bytes:
+            log.warning("one head's attention scores at the largest scale take %.2f GiB (batch %d), over the "
+                        "%.2f GiB budget: the step graph computes one head at a time", table_bytes(cfg, B, 1) / 2 ** 30,
+                        B, ec.attn_table_bytes / 2 ** 30)
         m = export_one(InfinityUnifiedStep(model, hpc).eval(), example_feeds(cfg, B, sched, min(3, sched.num_scales - 1),
                                                                          ec.transform),
                        step_io.inputs, step_io.outputs, ec.opset, dynamic_shapes=shapes)

@@ -53,13 +53,17 @@ def span(shapes: List[Dict[str, List[int]]], opt: Dict[str, List[int]]) -> Span:
                 [max(s[n][a] for s in shapes) for a in range(len(v))]) for n, v in opt.items()}
 
 
-def heads_per_chunk(cfg: InfinityConfig, batch: int, table_bytes: int) -> int:
+def heads_per_chunk(cfg: InfinityConfig, batch: int, budget: int) -> int:
     """How many heads' self-attention an exported step computes at once so that one fp32 score
-    table (2B x heads x n x L at the largest scale of any template) stays within `table_bytes`;
+    table (2B x heads x n x L at the largest scale of any template) stays within `budget` bytes;
     0 = every head at once (it fits), else at least 1 (DESIGN.md, "Infinity")."""
-    per_head = max(2 * batch * h * w * s.L * 4 for s in template_schedules(cfg) for h, w in s.hw[-1:])
-    fit = table_bytes // per_head
+    fit = budget // table_bytes(cfg, batch, 1)
     return 0 if fit >= cfg.num_heads else max(1, int(fit))
+
+
+def table_bytes(cfg: InfinityConfig, batch: int, heads: int) -> int:
+    """Bytes of one fp32 self-attention score table over `heads` heads at the largest scale."""
+    return max(2 * batch * heads * h * w * s.L * 4 for s in template_schedules(cfg) for h, w in s.hw[-1:])
 
 
 def patch_slices(cfg: InfinityConfig) -> int:

@@ -65,8 +65,11 @@ def blocks_with_cache(model: Infinity, x, cond, text_kv, mask_BL, rope, past_kv:
     for i, blk in enumerate(model.blocks):
         past = None if past_kv is None else (past_kv[:, i, 0].permute(1, 2, 0, 3), past_kv[:, i, 1].permute(1, 2, 0, 3))
         x, (k, v) = blk(x, gss, (text_kv[i, 0], text_kv[i, 1]), mask_BL, rope, past, None, heads_per_chunk)
-        news.append(torch.stack((k, v), 0))                                  # 2 2B H n hd
-    return x, torch.stack(news, 0).permute(4, 0, 1, 2, 3, 5).contiguous()   # n depth 2 2B H hd
+        # each block's K/V goes straight to the cache's layout (n 2 2B H hd), so the one Concat
+        # below is the graph's last op and writes the bound cache slice: no whole-scale copy
+        # before a transpose (4.3 GB at infinity-2b's last scale; DESIGN.md, "Infinity")
+        news.append(torch.stack((k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)), 1))
+    return x, torch.stack(news, 1)                                            # n depth 2 2B H hd
 
 
 class InfinityText(nn.Module):

@@ -459,8 +459,11 @@ def test_bench_on_infinity_artifacts(tmp_path, capsys):
     assert out.strip().splitlines()[-1].endswith(f"onnxruntime/eager={ratio:.2f}")
     with pytest.raises(ConfigError, match="then --artifacts DIR"):
         bench.main(["--model", "infinity-tiny", "--random-init", "0"])
-    with pytest.raises(ConfigError, match="the batch is the exported one"):
-        bench.main(["--artifacts", art, "--batch", "2"])
+    for extra in (["--batch", "2"], ["--model", "var-d2"], ["--random-init", "0"], ["--peak-tflops", "1"]):
+        with pytest.raises(ConfigError, match="the batch is the exported one"):
+            bench.main(["--artifacts", art] + extra)
+    with pytest.raises(ConfigError, match="--aspect-ratio is for Infinity"):
+        bench.main(["--model", "var-d2", "--random-init", "0", "--aspect-ratio", "3:4"])
     with pytest.raises(ConfigError, match="runs eager and onnxruntime"):
         InfinityBenchConfig(artifacts=art, backends=("tensorrt",))
 

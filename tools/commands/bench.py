@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     from var_ssg.runtime.infinity import is_infinity
     if is_infinity(a.model, a.artifacts):
         return _infinity(a)
+    if a.aspect_ratio != "1:1":
+        raise ConfigError("--aspect-ratio is for Infinity artifacts; VAR draws square images")
     if a.precisions is not None:
         return _precisions(a)
     from var_ssg.benchmarks.bench import BenchConfig, per_scale_figure, run_bench
@@ -118,7 +120,8 @@ def _infinity(a) -> int:
     if not a.artifacts:
         raise ConfigError(f"Infinity benches exported artifacts: run scripts/export.py --model {a.model} "
                           f"--random-init 0 --out DIR (or with its checkpoints), then --artifacts DIR")
-    if a.batch or a.precisions is not None or a.plot or a.device != "cpu":
+    if (a.batch or a.precisions is not None or a.plot or a.device != "cpu" or a.model or a.ckpt or a.vae_ckpt
+            or a.random_init is not None or a.official or a.peak_tflops or a.bandwidth_gbs):
         raise ConfigError("on Infinity artifacts the bench takes --backends, --repeats, --aspect-ratio and --json "
                           "(the batch is the exported one; CPU only)")
     cfg = InfinityBenchConfig(artifacts=a.artifacts, backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()),
