@@ -9,7 +9,8 @@ of a quantized weight from its fp32 parameter (DESIGN.md "Low precision").
                     weights: {stored int8 initializer: VAR parameter},
                     decoder: {op_types: ["Conv"], weight_axis: 0, nodes, weights: {...: vae.*},
                               keep_fp32: {vae.* conv weight: why}, calibration: {latents},
-                              image_psnr_db, image_psnr_latents, image_psnr_bound}}
+                              image_psnr_db, image_psnr_latents, image_psnr_bound,
+                              fan_out: [dequantized tensors given one identity Max reader]}}
                                                        (absent: the decoder is fp32)
 
 `requantize(w, precision, op)` is what the weights check compares the stored weights against,
@@ -42,7 +43,7 @@ QUANT_KEYS = ("tool", "tool_version", "format", "weight_type", "activation_type"
               "nodes", "calibration", "weights", "decoder")
 CALIBRATION_KEYS = ("method", "rows", "ssg_beta", "batch", "scales", "feeds", "keep_fp32")
 DECODER_KEYS = ("op_types", "weight_axis", "nodes", "weights", "keep_fp32", "calibration", "image_psnr_db",
-                "image_psnr_latents", "image_psnr_bound")
+                "image_psnr_latents", "image_psnr_bound", "fan_out")
 # the op a quantized weight feeds -> the stored weight's output-channel axis (DequantizeLinear's axis)
 WEIGHT_AXIS = {"MatMul": 1, "Conv": 0}
 # The image error an int8 decoder may add, teacher-forced (the same latent into both decoders):
@@ -118,6 +119,8 @@ def _validate_decoder(c, d: Dict[str, Any]) -> None:
     for key in ("image_psnr_db", "image_psnr_bound"):
         if not isinstance(d.get(key), (int, float)) or isinstance(d.get(key), bool):
             c.fail(f"quantization.decoder.{key}", "must be a number (dB)")
+    if "fan_out" in d and not all(isinstance(t, str) for t in c.get(d, "fan_out", list, "quantization.decoder.fan_out")):
+        c.fail("quantization.decoder.fan_out", "must list tensor names")
 
 
 def tensor_digest(a: np.ndarray) -> str:
