@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 # precision -> (weight type, activation type) in onnxruntime.quantization's QuantType names
 SCHEMES = {"int8": ("QInt8", "QInt8")}
 QUANTIZED_GRAPHS = ("step", "decoder")      # what a quantized precision quantizes (part of the cache key)
+DECODER_RECIPE = "fan-out"      # the int8 decoder's graph recipe (part of the cache key: int8 artifacts of before
+                                # the fan-out have 7 convs unfused, 1.3-1.4x slower; they are re-exported)
 
 
 @dataclass(frozen=True)

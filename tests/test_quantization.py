@@ -529,3 +529,16 @@ def test_the_gate_bounds_the_int8_decoders_image(int8_d2, tmp_path):
     assert not bad.ok and any("image PSNR" in f for f in bad.parity.failures), bad.parity.failures
     assert not bad.failures                                          # TV: the step graph is untouched
     assert not _weights_check(str(tmp_path / "m")).failures
+
+
+def test_the_decoder_recipe_is_part_of_the_int8_cache_key(monkeypatch):
+    """int8 artifacts written before the decoder's fan-out (DESIGN.md "Low precision") are stale:
+    the recipe is in int8's graph key, and only in int8's."""
+    from var_ssg.export import onnx_export
+    from var_ssg.graphs.config import get_preset
+    cfg = get_preset("var-d2")
+    keys = lambda: {p: onnx_export.cache_key(cfg, onnx_export.ExportConfig(precision=p), "w") for p in ("fp32", "int8")}
+    before = keys()
+    monkeypatch.setattr(onnx_export, "DECODER_RECIPE", "another")
+    after = keys()
+    assert before["int8"] != after["int8"] and before["fp32"] == after["fp32"]
