@@ -42,7 +42,7 @@ from var_ssg.graphs.weights import WeightSource
 from .decoder_job import DecoderJob, DecoderSpec
 from .dynamo import export_one
 from .lint import lint_files
-from .quantize import QUANTIZED_GRAPHS, SCHEMES, CalibrationConfig
+from .quantize import DECODER_RECIPE, QUANTIZED_GRAPHS, SCHEMES, CalibrationConfig
 from .quantize_fp8 import MIN_OPSET as FP8_MIN_OPSET
 from .publish import ExportError, OutBusy, OutTaken, Transaction, check_out, split_out  # noqa: F401 (public here too)
 from .store import SharedWeights
@@ -103,6 +103,8 @@ def cache_key(cfg: VARConfig, ec: ExportConfig, weights_id: str) -> str:
     else:
         # int8 artifacts of before the int8 decoder are stale; fp8 quantizes the step only
         graph_opts["quantized"] = list(QUANTIZED_GRAPHS) if ec.precision in SCHEMES else ["step"]
+        if ec.precision in SCHEMES:
+            graph_opts["decoder_recipe"] = DECODER_RECIPE
     blob = json.dumps(dict(config=config_to_json(cfg), export=graph_opts, weights=weights_id,
                            format=FORMAT_VERSION, torch=torch.__version__), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -24,10 +24,12 @@ The decoder (`quantize_decoder`) takes the same recipe on its convolutions:
       │              the latent) and the last (it writes the image)
       │ probe        quantized once on one latent and optimised by ONNX Runtime's CPU: the convs
       │              it leaves as dequantize + fp32 Conv (not fused into QLinearConv) gain no
-      │              speed and only add error, so they stay fp32 too
+      │              speed and only add error, so they stay fp32 too (none, with the fan-outs)
       │ calibrate    MinMax over the calibration rows' final latents (what the decoder reads)
       │ quantize     QDQ, weights per output channel (Conv weight axis 0), symmetric; activations
-      ▼              per tensor, symmetric; biases stay fp32 (ONNX Runtime fuses them as they are)
+      │              per tensor, symmetric; biases stay fp32 (ONNX Runtime fuses them as they are)
+      │ fan out      a DequantizeLinear read by several nodes gets one reader, an identity
+      ▼              Max(x); quantized convs among its readers get their own Q/DQ pair on it
     QDQ decoder: int8 convs; its image's PSNR against the fp32 decoder's on the calibration
     latents is measured and recorded (the quality gate bounds it on the rows it runs)
 """
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 # precision -> (weight type, activation type) in onnxruntime.quantization's QuantType names
 SCHEMES = {"int8": ("QInt8", "QInt8")}
 QUANTIZED_GRAPHS = ("step", "decoder")      # what a quantized precision quantizes (part of the cache key)
+DECODER_RECIPE = "fan-out"      # the int8 decoder's graph recipe (part of the cache key: int8 artifacts of before
+                                # the fan-out have 7 convs unfused, 1.3-1.4x slower; they are re-exported)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ def decoder_scheme(q: "QuantizedDecoder") -> Dict:
     return dict(op_types=["Conv"], weight_axis=0, nodes=q.nodes, weights=q.weights, keep_fp32=q.keep_fp32,
                 calibration=dict(latents=q.feeds), image_psnr_db=round(q.image_psnr_db, 2),
                 image_psnr_latents=min(PSNR_LATENTS, q.feeds),
-                image_psnr_bound=IMAGE_PSNR_MIN)
+                image_psnr_bound=IMAGE_PSNR_MIN, fan_out=q.fan_out)
 
 
 # ------------------------------------------------------------------ graph preparation
@@ -233,6 +237,7 @@ class QuantizedDecoder:
     keep_fp32: Dict[str, str]    # the weight (vae.*) of each conv that stays fp32 -> why
     feeds: int                   # calibration latents
     image_psnr_db: float         # the int8 decoder's image vs the fp32 decoder's, worst of PSNR_LATENTS
+    fan_out: List[str]           # the dequantized tensors given one reader (fan_out)
 
 
 def _decoder_options(precision: str, convs: Sequence[str]) -> Dict:
@@ -259,6 +264,66 @@ def _unfused(path: str, convs: Sequence[str], scratch: str) -> List[str]:
     return [c for c in convs if c in left]
 
 
+def fan_out(model) -> List[str]:
+    """Give every activation DequantizeLinear that several nodes read one reader, an identity
+    Max(x) (one input) that they read instead; a QDQ conv among them (its weight dequantized)
+    gets its own QuantizeLinear/DequantizeLinear pair on the Max, with the same scale and zero
+    point (exact: the values are already on that grid). Why: ONNX Runtime's CPU gives such a DQ
+    one copy per reader, its Q then has two readers, its int8 -> uint8 conversion skips that
+    pair and the convs on either side keep mixed types, unfused (DESIGN.md "Low precision").
+    In place; returns the tensors fanned out. The fp32 function is unchanged."""
+    import copy
+    import onnx
+    g = model.graph
+    made_by = {o: n for n in g.node for o in n.output}
+    readers: Dict[str, List[Tuple[object, int]]] = {}
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            readers.setdefault(i, []).append((n, k))
+    outputs = {o.name for o in g.output}
+    after: Dict[int, list] = {}
+    done = []
+    for dq in g.node:
+        t = dq.output[0] if dq.op_type == "DequantizeLinear" else None
+        q = made_by.get(dq.input[0]) if t else None
+        if q is None or q.op_type != "QuantizeLinear" or len(readers.get(t, ())) < 2 or t in outputs \
+                or len(readers[q.output[0]]) != 1:
+            continue
+        fan = t + "_fan_out"
+        extra = [onnx.helper.make_node("Max", [t], [fan], name=dq.name + "_fan_out")]
+        for n, k in readers[t]:
+            src = fan
+            w = made_by.get(n.input[1]) if n.op_type == "Conv" and k == 0 and len(n.input) > 1 else None
+            if w is not None and w.op_type == "DequantizeLinear":      # a QDQ conv: its own pair
+                q2, dq2 = copy.deepcopy(q), copy.deepcopy(dq)
+                q2.name, dq2.name = f"{n.name}_fan_out_q", f"{n.name}_fan_out_dq"
+                q2.input[0], q2.output[0] = fan, f"{fan}_{n.name}_q"
+                dq2.input[0], dq2.output[0] = q2.output[0], f"{fan}_{n.name}"
+                extra += [q2, dq2]
+                src = dq2.output[0]
+            n.input[k] = src
+        after[id(dq)] = extra
+        done.append(t)
+    nodes = []
+    for n in g.node:
+        nodes.append(n)
+        nodes.extend(after.get(id(n), ()))
+    del g.node[:]
+    g.node.extend(nodes)
+    return done
+
+
+def _quantize_fanned(src: str, dst: str, feeds, options: Dict) -> List[str]:
+    """quantize_static, then fan_out on the result (rewritten in place at `dst`)."""
+    import onnx
+    from onnxruntime.quantization import quantize_static
+    quantize_static(src, dst, feeds, **options)
+    model = onnx.load(dst)
+    fanned = fan_out(model)
+    onnx.save(model, dst)
+    return fanned
+
+
 def decoder_psnr(src: str, dst: str, f_hats: Sequence[np.ndarray]) -> float:
     """The worst PSNR (dB, images in [0, 1]) of the decoder `dst`'s image against `src`'s on the
     same latents, both run by ONNX Runtime's CPU."""
@@ -276,7 +341,6 @@ def quantize_decoder(src: str, dst: str, precision: str, params: Dict[str, np.nd
     `params`: the VQVAE's parameters in float32 (vae.*), `f_hats`: the calibration runs' final
     latents, each a batch as the graph takes it."""
     import onnx
-    from onnxruntime.quantization import quantize_static
     if precision not in SCHEMES:
         raise ConfigError(f"no quantization scheme for precision {precision!r} (one of {', '.join(SCHEMES)})")
     if not f_hats:
@@ -293,11 +357,11 @@ def quantize_decoder(src: str, dst: str, precision: str, params: Dict[str, np.nd
     keep = {convs[0]: "the first conv: it reads the latent", convs[-1]: "the last conv: it writes the image"}
     chosen = convs[1:-1]
     probe = os.path.join(scratch, "probe.onnx")
-    quantize_static(src, probe, _Feeds([{name: f_hats[0]}]), **_decoder_options(precision, chosen))
+    _quantize_fanned(src, probe, _Feeds([{name: f_hats[0]}]), _decoder_options(precision, chosen))
     for c in _unfused(probe, chosen, scratch):
         keep[c] = "ONNX Runtime's CPU runs it as dequantize + fp32 Conv (not fused into QLinearConv)"
     chosen = [c for c in chosen if c not in keep]
-    quantize_static(src, dst, _Feeds([{name: f} for f in f_hats]), **_decoder_options(precision, chosen))
+    fanned = _quantize_fanned(src, dst, _Feeds([{name: f} for f in f_hats]), _decoder_options(precision, chosen))
     q = onnx.load(dst, load_external_data=False)
     stored = {t.name for t in q.graph.initializer}
     weights = {}
@@ -311,4 +375,4 @@ def quantize_decoder(src: str, dst: str, precision: str, params: Dict[str, np.nd
         log.warning("the int8 decoder's image is %.1f dB from the fp32 decoder's on the calibration latents, below "
                     "the quality gate's %.0f dB: parity.py will fail these artifacts", db, IMAGE_PSNR_MIN)
     return QuantizedDecoder(weights=weights, nodes=len(weights), feeds=len(f_hats), image_psnr_db=db,
-                            keep_fp32={wmap[weight_of[c]]: why for c, why in keep.items()})
+                            keep_fp32={wmap[weight_of[c]]: why for c, why in keep.items()}, fan_out=fanned)

@@ -109,6 +109,63 @@ def test_decoder_conv_weights_are_the_scheme_requantized(tmp_path):
     assert np.array_equal(got["vae.c0.weight"], ws[0]) and np.array_equal(got["vae.c2.weight"], ws[2])
 
 
+def _residual_convs(tmp_path, ws) -> str:
+    """f_hat -> conv0 -> conv1 -> h1; h1 + conv2(h1) -> conv3 -> image: conv1's output is read by
+    a conv and an Add (as a VQVAE conv_in's or upsample conv's output is), weights named as the
+    VQVAE's parameters."""
+    x = oh.make_tensor_value_info("f_hat", onnx.TensorProto.FLOAT, [1, ws[0].shape[1], 6, 6])
+    y = oh.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, ws[-1].shape[0], 6, 6])
+    inits = [numpy_helper.from_array(w, f"vae.c{i}.weight") for i, w in enumerate(ws)]
+    inits += [numpy_helper.from_array(np.full(w.shape[0], 0.01 * (i + 1), np.float32), f"vae.c{i}.bias")
+              for i, w in enumerate(ws)]
+    conv = lambda i, a, b: oh.make_node("Conv", [a, f"vae.c{i}.weight", f"vae.c{i}.bias"], [b], name=f"conv{i}",
+                                        pads=[1, 1, 1, 1])
+    nodes = [conv(0, "f_hat", "h0"), conv(1, "h0", "h1"), conv(2, "h1", "h2"),
+             oh.make_node("Add", ["h1", "h2"], ["s"], name="residual"), conv(3, "s", "image")]
+    m = oh.make_model(oh.make_graph(nodes, "dec", [x], [y], inits), opset_imports=[oh.make_opsetid("", 18)],
+                      ir_version=10)
+    path = str(tmp_path / "res.onnx")
+    onnx.save(m, path)
+    return path
+
+
+def test_decoder_fan_out_lets_onnxruntime_fuse_every_conv(tmp_path):
+    """A dequantized activation read by two nodes (a conv and the residual Add) gets one reader,
+    an identity Max, and the conv its own Q/DQ pair with the same scale and zero point: the
+    function is the same, and ONNX Runtime's CPU fuses both convs into QLinearConv, which it
+    does not do without the fan-out (DESIGN.md "Low precision")."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import quantize_static
+    from var_ssg.export.quantize import _Feeds, _decoder_options, _unfused, quantize_decoder
+    rng = np.random.default_rng(2)
+    ws = [(rng.standard_normal((o, i, 3, 3)) * 0.3).astype(np.float32) for o, i in ((8, 4), (8, 8), (8, 8), (3, 8))]
+    src = _residual_convs(tmp_path, ws)
+    f_hats = [rng.standard_normal((1, 4, 6, 6)).astype(np.float32) for _ in range(3)]
+    params = {f"vae.c{i}.weight": w for i, w in enumerate(ws)}
+    plain = str(tmp_path / "plain.onnx")          # the tool's graph as it comes, for comparison
+    quantize_static(src, plain, _Feeds([{"f_hat": f} for f in f_hats]), **_decoder_options("int8", ["conv1", "conv2"]))
+    assert _unfused(plain, ["conv1", "conv2"], str(tmp_path)) == ["conv1", "conv2"]
+    dst = str(tmp_path / "q.onnx")
+    q = quantize_decoder(src, dst, "int8", params, f_hats, str(tmp_path))
+    assert q.nodes == 2 and set(q.keep_fp32) == {"vae.c0.weight", "vae.c3.weight"}
+    assert _unfused(dst, ["conv1", "conv2"], str(tmp_path)) == []
+    m = onnx.load(dst)
+    assert len(q.fan_out) == 1
+    readers = [n for n in m.graph.node if q.fan_out[0] in n.input]
+    assert [(n.op_type, list(n.input)) for n in readers] == [("Max", q.fan_out[0:1])]
+    made_by = {o: n for n in m.graph.node for o in n.output}
+    conv2 = next(n for n in m.graph.node if n.name == "conv2")
+    dq2, fan_dq = made_by[conv2.input[0]], made_by[q.fan_out[0]]
+    q2, fan_q = made_by[dq2.input[0]], made_by[fan_dq.input[0]]
+    assert (dq2.op_type, q2.op_type) == ("DequantizeLinear", "QuantizeLinear") and q2.input[0] == readers[0].output[0]
+    assert q2.input[1:] == fan_q.input[1:] and dq2.input[1:] == fan_dq.input[1:]      # the same scale and zero point
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL        # the graphs as written
+    a, b = (ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in (plain, dst))
+    for f in f_hats:
+        assert np.array_equal(a.run(None, {"f_hat": f})[0], b.run(None, {"f_hat": f})[0])
+
+
 def test_feed_store_streams_what_it_was_given(tmp_path):
     """Calibration feeds go to disk as they come and are read back one at a time, equal."""
     from var_ssg.export.calibrate import FeedStore
@@ -472,3 +529,16 @@ def test_the_gate_bounds_the_int8_decoders_image(int8_d2, tmp_path):
     assert not bad.ok and any("image PSNR" in f for f in bad.parity.failures), bad.parity.failures
     assert not bad.failures                                          # TV: the step graph is untouched
     assert not _weights_check(str(tmp_path / "m")).failures
+
+
+def test_the_decoder_recipe_is_part_of_the_int8_cache_key(monkeypatch):
+    """int8 artifacts written before the decoder's fan-out (DESIGN.md "Low precision") are stale:
+    the recipe is in int8's graph key, and only in int8's."""
+    from var_ssg.export import onnx_export
+    from var_ssg.graphs.config import get_preset
+    cfg = get_preset("var-d2")
+    keys = lambda: {p: onnx_export.cache_key(cfg, onnx_export.ExportConfig(precision=p), "w") for p in ("fp32", "int8")}
+    before = keys()
+    monkeypatch.setattr(onnx_export, "DECODER_RECIPE", "another")
+    after = keys()
+    assert before["int8"] != after["int8"] and before["fp32"] == after["fp32"]
