@@ -69,7 +69,7 @@ class CalibrationConfig:
     range by `clip_rule` instead of MinMax (export.clip): "mse" (the bound minimising int8's
     squared error over the calibration values), "pQ" (the Q-th percentile of |x|, e.g.
     "p99.99") or "minmax" (no clipping). The default clips fc2's input (GELU's long tail;
-    DESIGN.md "Why var-d16 misses the gate in int8" in "Low precision" has the measurements).
+    DESIGN.md "Low precision" has the measurements).
     int8 only: fp8 keeps MinMax ranges."""
     classes: Tuple[int, ...] = (207, 1, 360, 980, 88, 417)
     seed: int = 0
