@@ -1,5 +1,5 @@
-"""Clipped activation ranges for the int8 step graph (DESIGN.md "Low precision", the
-paragraph on why var-d16 missed the gate): MinMax gives an activation with a long tail (fc2's input, GELU's
+"""Clipped activation ranges for the int8 step graph (DESIGN.md "Low precision", the paragraph
+on why var-d16 missed the gate): MinMax gives an activation with a long tail (fc2's input, GELU's
 output) a static step twice as coarse, relative to its typical value, as the other inputs get.
 A clipped range trades a few saturated tail values for a finer step on all the others.
 
