@@ -68,14 +68,16 @@ class CalibrationConfig:
     `clip`: VAR parameters (patterns as keep_fp32) whose quantized MatMul's input gets its int8
     range by `clip_rule` instead of MinMax (export.clip): "mse" (the bound minimising int8's
     squared error over the calibration values), "pQ" (the Q-th percentile of |x|, e.g.
-    "p99.99") or "minmax" (no clipping). The default clips fc2's input (GELU's long tail;
-    DESIGN.md "Low precision" has the measurements).
+    "p99.99") or "minmax" (no clipping). The default clips the input of every quantized
+    MatMul by "mse" (fc2's, GELU's long tail, most: DESIGN.md "Low precision" has the
+    measurements); the MatMuls' outputs keep MinMax (clipped, scale 0 got worse).
     int8 only: fp8 keeps MinMax ranges."""
     classes: Tuple[int, ...] = (207, 1, 360, 980, 88, 417)
     seed: int = 0
     guidance: Tuple[float, ...] = (4.0, 1.5, 2.5, 1.0)
     keep_fp32: Tuple[str, ...] = ("head.*", "*ada_lin.*", "word_embed.*")
-    clip: Tuple[str, ...] = ("blocks.*.ffn.fc2.weight",)
+    clip: Tuple[str, ...] = ("blocks.*.attn.mat_qkv.weight", "blocks.*.attn.proj.weight", "blocks.*.ffn.fc1.weight",
+                             "blocks.*.ffn.fc2.weight")
     clip_rule: str = "mse"
 
     def __post_init__(self):
