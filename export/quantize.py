@@ -44,7 +44,7 @@ import numpy as np
 from var_ssg.common.errors import ConfigError
 from var_ssg.contract.quantization import IMAGE_PSNR_MIN, psnr, tensor_digest
 
-from .clip import AbsHistogram, clip_bound
+from .clip import AbsHistogram, activation_histograms, clip_bound, saturated
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,10 @@ class Quantized:
     weights: Dict[str, str]      # quantized initializer (as the graph stores it) -> VAR parameter
     nodes: int                   # weights quantized (one MatMul each in VAR's graphs)
     feeds: int                   # calibration feeds (scales x runs)
-    clipped: Dict[str, Dict] = field(default_factory=dict)   # activation -> its clipped range (clip_record)
+    clipped: Dict[str, Dict] = field(default_factory=dict)   # activation -> its clipped range (clip_ranges)
+
+
+QMAX_ACT = 127              # int8 activations, symmetric: scale = bound / 127
 
 
 def _matches(param: str, patterns: Sequence[str]) -> bool:
@@ -207,7 +210,6 @@ def clip_ranges(prepared: str, inputs: Dict[str, str], feeds: Sequence[Dict[str,
     """{activation: {parameter, amax, range, saturated}} for the MatMul inputs `inputs` (activation
     -> the VAR parameter its MatMul multiplies), their symmetric bound by `rule`, from one pass of
     the prepared graph over the calibration feeds (export.clip)."""
-    from .clip import activation_histograms, clip_bound, saturated
     hists = activation_histograms(prepared, sorted(inputs), feeds)
     out = {}
     for t, h in hists.items():
@@ -240,9 +242,6 @@ def check_clipped(path: str, clipped: Dict[str, Dict]) -> None:
         if got is None or not abs(got - want) <= 1e-6 * want:
             raise ConfigError(f"the quantizer did not apply the clipped range of {r['parameter']}'s input {t}: scale "
                               f"{got} instead of {r['range']:.6g} / {QMAX_ACT} = {want:.6g}")
-
-
-QMAX_ACT = 127              # int8 activations, symmetric: scale = bound / 127
 
 
 def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarray],
