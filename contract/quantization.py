@@ -5,7 +5,10 @@ of a quantized weight from its fp32 parameter (DESIGN.md "Low precision").
                     weight_granularity: "per-channel" (int8) | "per-tensor" (fp8),
                     weight_axis: 1 (int8) | null (fp8), weight_symmetric: true,
                     activation_granularity: "per-tensor", activation_symmetric: true,
-                    calibration_method, op_types, nodes, calibration: {...},
+                    calibration_method, op_types, nodes,
+                    calibration: {method, rows, ssg_beta, batch, scales, feeds, keep_fp32,
+                                  clip, clip_rule, clipped: {activation: {parameter, amax,
+                                                                          range, saturated}}},
                     weights: {stored int8 initializer: VAR parameter},
                     decoder: {op_types: ["Conv"], weight_axis: 0, nodes, weights: {...: vae.*},
                               keep_fp32: {vae.* conv weight: why}, calibration: {latents},
@@ -41,7 +44,9 @@ LAYOUT = {"int8": ("QInt8", "per-channel", 1), "fp8": ("QFLOAT8E4M3FN", "per-ten
 QUANT_KEYS = ("tool", "tool_version", "format", "weight_type", "activation_type", "weight_granularity", "weight_axis",
               "weight_symmetric", "activation_granularity", "activation_symmetric", "calibration_method", "op_types",
               "nodes", "calibration", "weights", "decoder")
-CALIBRATION_KEYS = ("method", "rows", "ssg_beta", "batch", "scales", "feeds", "keep_fp32")
+CALIBRATION_KEYS = ("method", "rows", "ssg_beta", "batch", "scales", "feeds", "keep_fp32", "clip", "clip_rule",
+                    "clipped")
+CLIPPED_KEYS = ("parameter", "amax", "range", "saturated")
 DECODER_KEYS = ("op_types", "weight_axis", "nodes", "weights", "keep_fp32", "calibration", "image_psnr_db",
                 "image_psnr_latents", "image_psnr_bound", "fan_out")
 # the op a quantized weight feeds -> the stored weight's output-channel axis (DequantizeLinear's axis)
@@ -97,8 +102,28 @@ def validate(c, data: Dict[str, Any], precision: str, num_scales: int) -> None:
     if c.get(cal, "scales", list, "quantization.calibration.scales") != list(range(num_scales)):
         c.fail("quantization.calibration.scales", f"must be every scale 0..{num_scales - 1}")
     c.int_in(cal, "feeds", 1, 1 << 20, "quantization.calibration.feeds")
+    _validate_clipped(c, cal)
     if "decoder" in q:
         _validate_decoder(c, c.get(q, "decoder", dict, "quantization.decoder"))
+
+
+def _validate_clipped(c, cal: Dict[str, Any]) -> None:
+    """calibration.clipped: {activation: {parameter: var.*, amax, range, saturated}}, each range in
+    (0, amax]: the int8 range the quantizer was handed for that MatMul input (scale = range / 127)
+    instead of MinMax's max|x| = amax, by calibration.clip_rule (absent: artifacts from before)."""
+    if "clipped" not in cal:
+        return
+    c.get(cal, "clip_rule", str, "quantization.calibration.clip_rule")
+    for t, r in c.get(cal, "clipped", dict, "quantization.calibration.clipped").items():
+        where = f"quantization.calibration.clipped.{t:.60}"
+        c.only(c.get(cal["clipped"], t, dict, where), CLIPPED_KEYS, where)
+        if not str(r.get("parameter", "")).startswith("var."):
+            c.fail(where + ".parameter", "must name a VAR parameter (var.*)")
+        nums = [r.get(k) for k in ("amax", "range", "saturated")]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in nums):
+            c.fail(where, "amax, range and saturated must be numbers")
+        elif not 0 < r["range"] <= r["amax"] or not 0 <= r["saturated"] <= 1:
+            c.fail(where, f"range {r['range']} must be in (0, amax = {r['amax']}] and saturated in [0, 1]")
 
 
 def _validate_decoder(c, d: Dict[str, Any]) -> None:

@@ -356,12 +356,16 @@ def _quantize(src: str, qdir: str, var, vae, ec: ExportConfig, k_max: int, clock
         from .quantize_fp8 import quantize_step_fp8, scheme as fp8_scheme
         q = quantize_step_fp8(src, dst, params, feeds, qdir, ec.calibration.keep_fp32)
         recipe = fp8_scheme()
+        clip, rule = (), "minmax"           # float8's step is relative: its MinMax range keeps the tail
     else:
-        q = quantize_step(src, dst, ec.precision, params, feeds, qdir, ec.calibration.keep_fp32)
+        cc = ec.calibration
+        q = quantize_step(src, dst, ec.precision, params, feeds, qdir, cc.keep_fp32, cc.clip, cc.clip_rule)
         recipe = scheme(ec.precision)
+        clip, rule = cc.clip, cc.clip_rule
     shutil.rmtree(feeds.root, ignore_errors=True)
     import onnxruntime
     record["keep_fp32"] = list(ec.calibration.keep_fp32)
+    record.update(clip=list(clip), clip_rule=rule, clipped=q.clipped)
     info = dict(recipe, tool_version=onnxruntime.__version__, calibration=record, nodes=q.nodes,
                 weights=q.weights)
     return ir.load(dst), info, f_hats

@@ -38,13 +38,15 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from var_ssg.common.errors import ConfigError
 from var_ssg.contract.quantization import IMAGE_PSNR_MIN, psnr, tensor_digest
+
+from .clip import AbsHistogram, activation_histograms, clip_bound, saturated
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +68,28 @@ class CalibrationConfig:
     fuse those QDQ MatMuls and would dequantize their weights at every scale) and word_embed
     (its input, the downsampled f_hat, has one static int8 range for every scale: quantized, it
     alone moved var-d2's sampling distributions 6x as far as bf16 does at scale 1; DESIGN.md
-    "Low precision")."""
+    "Low precision").
+    `clip`: VAR parameters (patterns as keep_fp32) whose quantized MatMul's input gets its int8
+    range by `clip_rule` instead of MinMax (export.clip): "mse" (the bound minimising int8's
+    squared error over the calibration values), "pQ" (the Q-th percentile of |x|, e.g.
+    "p99.99") or "minmax" (no clipping). The default clips the input of every quantized
+    MatMul by "mse" (fc2's, GELU's long tail, most: DESIGN.md "Low precision" has the
+    measurements); the MatMuls' outputs keep MinMax (clipped, scale 0 got worse).
+    int8 only: fp8 keeps MinMax ranges."""
     classes: Tuple[int, ...] = (207, 1, 360, 980, 88, 417)
     seed: int = 0
     guidance: Tuple[float, ...] = (4.0, 1.5, 2.5, 1.0)
     keep_fp32: Tuple[str, ...] = ("head.*", "*ada_lin.*", "word_embed.*")
+    clip: Tuple[str, ...] = ("blocks.*.attn.mat_qkv.weight", "blocks.*.attn.proj.weight", "blocks.*.ffn.fc1.weight",
+                             "blocks.*.ffn.fc2.weight")
+    clip_rule: str = "mse"
 
     def __post_init__(self):
         if not self.classes:
             raise ConfigError("calibration needs at least one class")
         if not self.guidance:
             raise ConfigError("calibration needs at least one guidance value")
+        clip_bound(AbsHistogram(), self.clip_rule)          # a bad rule fails here, before any export work
 
     def rows(self, num_classes: int) -> List[Tuple[int, int, float]]:
         return [(int(c) % num_classes if c >= 0 else -1, self.seed + i, float(self.guidance[i % len(self.guidance)]))
@@ -186,13 +199,63 @@ class Quantized:
     weights: Dict[str, str]      # quantized initializer (as the graph stores it) -> VAR parameter
     nodes: int                   # weights quantized (one MatMul each in VAR's graphs)
     feeds: int                   # calibration feeds (scales x runs)
+    clipped: Dict[str, Dict] = field(default_factory=dict)   # activation -> its clipped range (clip_ranges)
+
+
+QMAX_ACT = 127              # int8 activations, symmetric: scale = bound / 127
+
+
+def _matches(param: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(param[len("var."):], x) for x in patterns)
+
+
+def clip_ranges(prepared: str, inputs: Dict[str, str], feeds: Sequence[Dict[str, np.ndarray]],
+                rule: str) -> Dict[str, Dict]:
+    """{activation: {parameter, amax, range, saturated}} for the MatMul inputs `inputs` (activation
+    -> the VAR parameter its MatMul multiplies), their symmetric bound by `rule`, from one pass of
+    the prepared graph over the calibration feeds (export.clip)."""
+    hists = activation_histograms(prepared, sorted(inputs), feeds)
+    out = {}
+    for t, h in hists.items():
+        c = clip_bound(h, rule)
+        if not c > 0:
+            raise ConfigError(f"the input of {inputs[t]} is 0 on every calibration feed: no int8 range to clip")
+        out[t] = dict(parameter=inputs[t], amax=h.amax, range=c, saturated=saturated(h, c))
+    return out
+
+
+def activation_scales(path: str) -> Dict[str, float]:
+    """{activation: its QuantizeLinear's scale} of the QDQ graph at `path` (weights excluded: their
+    QuantizeLinear is folded into stored int8 values)."""
+    import onnx
+    from onnx import numpy_helper
+    g = onnx.load(path, load_external_data=False).graph
+    inits = {t.name: t for t in g.initializer}
+    base = os.path.dirname(os.path.abspath(path))
+    return {n.input[0]: float(numpy_helper.to_array(inits[n.input[1]], base)) for n in g.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in inits}
+
+
+def check_clipped(path: str, clipped: Dict[str, Dict]) -> None:
+    """Every clipped activation of the QDQ graph at `path` is quantized with scale range / 127
+    (float32, as the quantizer computes it): the override was applied, not the MinMax range."""
+    scales = activation_scales(path)
+    for t, r in clipped.items():
+        want = np.float32(2.0 * np.float32(r["range"]) / (2 * QMAX_ACT))
+        got = scales.get(t)
+        if got is None or not abs(got - want) <= 1e-6 * want:
+            raise ConfigError(f"the quantizer did not apply the clipped range of {r['parameter']}'s input {t}: scale "
+                              f"{got} instead of {r['range']:.6g} / {QMAX_ACT} = {want:.6g}")
 
 
 def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarray],
-                  feeds: Sequence[Dict[str, np.ndarray]], scratch: str, keep_fp32: Sequence[str] = ()) -> Quantized:
+                  feeds: Sequence[Dict[str, np.ndarray]], scratch: str, keep_fp32: Sequence[str] = (),
+                  clip: Sequence[str] = (), clip_rule: str = "minmax") -> Quantized:
     """Quantize the fp32 step graph `src` (external data beside it) into `dst` (external data
     `<dst>.data`). `params`: the VAR parameters in float32 (the weights to match), `feeds`: the
-    graph's inputs of every calibration scale."""
+    graph's inputs of every calibration scale. `clip`, `clip_rule`: the MatMuls (their VAR
+    parameters, as keep_fp32) whose input gets a range by `clip_rule` instead of MinMax
+    (CalibrationConfig; export.clip); the quantizer takes it as a tensor override."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     if precision not in SCHEMES:
@@ -200,21 +263,32 @@ def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarr
     model = onnx.load(src)
     del model.graph.value_info[:]
     gemm_to_matmul(model)
-    wmap = {w: p for w, p in weight_map(model, params).items()
-            if not any(fnmatch.fnmatchcase(p[len("var."):], x) for x in keep_fp32)}
+    wmap = {w: p for w, p in weight_map(model, params).items() if not _matches(p, keep_fp32)}
     if not wmap:
         raise ConfigError("the step graph has no MatMul whose weight is a VAR parameter: nothing to quantize")
     nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in wmap]
+    to_clip = {n.input[0]: wmap[n.input[1]] for n in model.graph.node
+               if n.op_type == "MatMul" and n.input[1] in wmap and _matches(wmap[n.input[1]], clip)}
+    for x in clip:
+        if not any(_matches(p, (x,)) for p in to_clip.values()):
+            raise ConfigError(f"clip pattern {x!r} names no quantized MatMul's weight (VAR parameter names after "
+                              f"'var.', e.g. blocks.0.ffn.fc2.weight; keep_fp32 ones are not quantized); "
+                              f"leave it out of CalibrationConfig.clip")
     prepared = os.path.join(scratch, "prepared.onnx")
     onnx.save(model, prepared, save_as_external_data=True, location="prepared.data", size_threshold=1024)
     del model
+    clipped = clip_ranges(prepared, to_clip, feeds, clip_rule) if to_clip and clip_rule != "minmax" else {}
     w_type, a_type = (getattr(QuantType, t) for t in SCHEMES[precision])
     quantize_static(prepared, dst, _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=w_type, activation_type=a_type, op_types_to_quantize=["MatMul"],
                     nodes_to_quantize=nodes, use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
                     extra_options=dict(ActivationSymmetric=True, WeightSymmetric=True, MatMulConstBOnly=True,
                                        QDQOpTypePerChannelSupportToAxis={"MatMul": 1},
-                                       CalibTensorRangeSymmetric=False))
+                                       CalibTensorRangeSymmetric=False,
+                                       TensorQuantOverrides={t: [dict(rmin=np.float32(-r["range"]),
+                                                                        rmax=np.float32(r["range"]))]
+                                                             for t, r in clipped.items()}))
+    check_clipped(dst, clipped)
     q = onnx.load(dst, load_external_data=False)
     stored = {t.name for t in q.graph.initializer}
     weights = {}
@@ -222,7 +296,7 @@ def quantize_step(src: str, dst: str, precision: str, params: Dict[str, np.ndarr
         if w + "_quantized" not in stored or w + "_scale" not in stored:
             raise ConfigError(f"the quantizer left the weight of {p} unquantized ({w}); it cannot be checked")
         weights[w + "_quantized"] = p
-    return Quantized(weights=weights, nodes=len(weights), feeds=len(feeds))
+    return Quantized(weights=weights, nodes=len(weights), feeds=len(feeds), clipped=clipped)
 
 
 # ------------------------------------------------------------------ the decoder
