@@ -1,4 +1,4 @@
-"""This process's age, for start-up reports (the server's replicas, generate.py)."""
+"""This process's age, for start-up reports (the server's replicas, generate.py), and the machine's memory."""
 from __future__ import annotations
 
 import os
@@ -15,3 +15,8 @@ def process_age_s() -> Optional[float]:
         return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -347,3 +347,19 @@ def test_cli_generate_both_backends_and_parity(inf_art, t5_dir, tmp_path, capsys
     assert "is up to date" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="holds other artifacts; pass --force"):
         export(["--model", TINY, "--random-init", "1", "--out", inf_art])
+
+
+def test_export_refuses_a_model_that_cannot_fit_before_loading(tmp_path, monkeypatch):
+    """infinity-8b's fp32 export would hold 33.7 GB of weights: on a 24 GB machine export.py says
+    so at once (exit 2, nothing written) instead of being killed for memory; infinity-2b fits."""
+    import var_ssg.common.proc as proc
+    from var_ssg.tools.commands.export import main
+    from var_ssg.tools.infinity_cli import check_export_memory
+    monkeypatch.setattr(proc, "physical_memory", lambda: 24 * 2 ** 30)
+    out = tmp_path / "a8"
+    with pytest.raises(ConfigError, match=r"infinity-8b holds its 33.7 GB of fp32 weights .* about 42 GB at peak"):
+        main(["--model", "infinity-8b", "--random-init", "0", "--out", str(out)])
+    assert not out.exists() and not list(tmp_path.iterdir())
+    check_export_memory(get_infinity_preset("infinity-2b"), 24 * 2 ** 30)
+    with pytest.raises(ConfigError, match="infinity-2b holds its 9.1 GB"):
+        check_export_memory(get_infinity_preset("infinity-2b"), 8 * 2 ** 30)

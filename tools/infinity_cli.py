@@ -124,10 +124,30 @@ def generate(a, backend: Optional[str]) -> int:
     return 0
 
 
+# an Infinity export holds the fp32 weights in memory and peaks at about this multiple of their
+# size (infinity-2b: 10.05 GiB for 8.7 GB of weights)
+EXPORT_PEAK_PER_WEIGHT_BYTE = 1.25
+
+
+def check_export_memory(cfg, memory: int) -> None:
+    """Refuse, before anything is loaded, an export that cannot fit this machine (infinity-8b's
+    33.5 GB of fp32 weights on a 24 GB machine) instead of being killed for memory midway."""
+    from var_ssg.graphs.infinity_weights import meta_models
+    model, vae = meta_models(cfg)
+    weights = 4 * (sum(p.numel() for p in model.parameters()) +
+                   sum(p.numel() for n, p in vae.named_parameters() if n.startswith("decoder.")))
+    need = EXPORT_PEAK_PER_WEIGHT_BYTE * weights
+    if need > memory:
+        raise ConfigError(f"exporting {cfg.name} holds its {weights / 1e9:.1f} GB of fp32 weights in memory, about "
+                          f"{need / 1e9:.0f} GB at peak; this machine has {memory / 1e9:.0f} GB: export on a machine "
+                          f"with more memory (the artifacts then run anywhere they fit)")
+
+
 def export(a) -> int:
     """`scripts/export.py --model infinity-*`."""
     import resource
     from var_ssg.export.infinity_export import InfinityExportConfig, export_infinity
+    from var_ssg.common.proc import physical_memory
     from var_ssg.export.publish import check_out
     from var_ssg.graphs.infinity_config import get_infinity_preset
     from var_ssg.graphs.infinity_weights import load_infinity
@@ -139,6 +159,7 @@ def export(a) -> int:
                               trt_hardware_compatible=a.trt_hardware_compatible,
                               trt_version_compatible=a.trt_version_compatible, trt_tf32=a.trt_tf32)
     check_out(a.out)
+    check_export_memory(cfg, physical_memory())
     with StageDisplay(f"export {cfg.name}") as stages:
         stages("weights")
         model, vae, src = load_infinity(cfg, a.ckpt, a.vae_ckpt, a.random_init)

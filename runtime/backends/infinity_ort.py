@@ -11,6 +11,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from var_ssg.common.proc import physical_memory
 from var_ssg.contract.manifest import Manifest
 
 from .base import InfinityInfo
@@ -25,10 +26,6 @@ log = logging.getLogger(__name__)
 # infinity-2b's 8.7 GB of fp32 weights beside its 11 GB KV cache at 1024 px would not fit 24 GB
 # twice.
 PREPACK_MAX_SHARE = 0.25
-
-
-def physical_memory() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def prepack_fits(weights_bytes: int, memory: int) -> bool:
