@@ -145,6 +145,7 @@ def test_ort_bits_equal_eager_on_seeds_and_ratios(inf_art):
         assert np.abs(a.images - b.images).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_head_chunked_attention_export(tmp_path):
     """A step graph whose score tables would exceed the export's budget computes self-attention
     a head at a time (one Softmax per head and block, recorded in the manifest) and gives the
