@@ -87,13 +87,7 @@ def validate(c, data: Dict[str, Any], precision: str, num_scales: int) -> None:
     c.get(q, "tool_version", str, "quantization.tool_version")
     c.get(q, "calibration_method", str, "quantization.calibration_method")
     c.get(q, "op_types", list, "quantization.op_types")
-    nodes = c.int_in(q, "nodes", 1, 1 << 20, "quantization.nodes")
-    w = c.get(q, "weights", dict, "quantization.weights")
-    if len(w) != nodes:
-        c.fail("quantization.weights", f"lists {len(w)} weights for {nodes} quantized MatMuls")
-    for name, param in w.items():
-        if not isinstance(param, str) or not param.startswith("var."):
-            c.fail(f"quantization.weights.{name:.60}", "must name a VAR parameter (var.*)")
+    _validate_weights(c, q, "quantization", "MatMuls", "var.", "a VAR parameter")
     cal = c.get(q, "calibration", dict, "quantization.calibration")
     c.only(cal, CALIBRATION_KEYS, "quantization.calibration")
     rows = c.get(cal, "rows", list, "quantization.calibration.rows")
@@ -105,6 +99,18 @@ def validate(c, data: Dict[str, Any], precision: str, num_scales: int) -> None:
     _validate_clipped(c, cal)
     if "decoder" in q:
         _validate_decoder(c, c.get(q, "decoder", dict, "quantization.decoder"))
+
+
+def _validate_weights(c, sec: Dict[str, Any], where: str, ops: str, prefix: str, what: str) -> None:
+    """sec.nodes and sec.weights {stored int8 tensor: parameter}: one weight per quantized op,
+    each naming a parameter under `prefix`."""
+    nodes = c.int_in(sec, "nodes", 1, 1 << 20, f"{where}.nodes")
+    w = c.get(sec, "weights", dict, f"{where}.weights")
+    if len(w) != nodes:
+        c.fail(f"{where}.weights", f"lists {len(w)} weights for {nodes} quantized {ops}")
+    for name, param in w.items():
+        if not isinstance(param, str) or not param.startswith(prefix):
+            c.fail(f"{where}.weights.{name:.60}", f"must name {what} ({prefix}*)")
 
 
 def _validate_clipped(c, cal: Dict[str, Any]) -> None:
@@ -131,13 +137,7 @@ def _validate_decoder(c, d: Dict[str, Any]) -> None:
     if c.get(d, "op_types", list, "quantization.decoder.op_types") != ["Conv"]:
         c.fail("quantization.decoder.op_types", "must be [\"Conv\"]")
     c.int_in(d, "weight_axis", 0, 0, "quantization.decoder.weight_axis")
-    nodes = c.int_in(d, "nodes", 1, 1 << 20, "quantization.decoder.nodes")
-    w = c.get(d, "weights", dict, "quantization.decoder.weights")
-    if len(w) != nodes:
-        c.fail("quantization.decoder.weights", f"lists {len(w)} weights for {nodes} quantized convs")
-    for name, param in w.items():
-        if not isinstance(param, str) or not param.startswith("vae."):
-            c.fail(f"quantization.decoder.weights.{name:.60}", "must name a VQVAE parameter (vae.*)")
+    _validate_weights(c, d, "quantization.decoder", "convs", "vae.", "a VQVAE parameter")
     c.get(d, "keep_fp32", dict, "quantization.decoder.keep_fp32")
     c.int_in(c.get(d, "calibration", dict, "quantization.decoder.calibration"), "latents", 1, 1 << 20,
              "quantization.decoder.calibration.latents")
